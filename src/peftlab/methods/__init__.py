@@ -1,0 +1,1 @@
+"""One module per PEFT method; each registers itself with :mod:`peftlab.registry`."""

@@ -1,0 +1,299 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+A frozen layer ``h = W x`` becomes ``h = W x + s * B A dropout(x)`` with ``A: (r, in)``,
+``B: (out, r)`` and ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA, Kalajdzievic 2023,
+https://arxiv.org/abs/2312.03732). ``B`` starts at zero, so the wrapped model equals the base
+model until training moves it. Because ``B A`` is a plain matrix, it can be merged into ``W``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab import functional as Fn
+from peftlab.config import LayerConfig, PeftType
+from peftlab.errors import PeftConfigError, TargetModuleError
+from peftlab.layers import AdaptedLayer, LayerAdapter
+from peftlab.registry import MethodSpec, register
+from peftlab.targeting import linear_types, pattern_value
+
+# Default targets per model type (the attention query/value projections, as in the paper).
+LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "vit": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+}
+
+InitMode = Literal[True, False, "gaussian"]
+
+
+@dataclass
+class LoraConfig(LayerConfig):
+    """LoRA settings.
+
+    Args:
+        r: rank of the update ``B A``; more rank, more capacity and parameters.
+        lora_alpha: numerator of the scaling; keeping alpha fixed while changing r changes
+            the effective learning rate of the adapter, which is why rsLoRA exists.
+        lora_dropout: dropout on the adapter's input only (the base path is untouched).
+        fan_in_fan_out: the base layer stores weights as (in, out); forced on for GPT-2 Conv1D.
+        bias: "none", "all" (train every bias in the model) or "lora_only" (biases of adapted layers).
+        use_rslora: scale by alpha / sqrt(r) so the update's size does not shrink with rank.
+        init_lora_weights: True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
+            or False (both random: the model changes at init; for tests only).
+        rank_pattern / alpha_pattern: per-module overrides, keyed by a regex matched against
+            the end of the module name (e.g. ``{"value": 16}``).
+    """
+
+    peft_type = PeftType.LORA
+    unsupported_peft_fields = {
+        "use_dora": False,
+        "lora_bias": False,
+        "layer_replication": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "megatron_config": None,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "use_qalora": False,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "use_bdlora": None,
+        "kasa_config": None,
+        "lora_ga_config": None,
+        "monteclora_config": None,
+        "velora_config": None,
+        "ensure_weight_tying": False,
+    }
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise PeftConfigError(f"LoraConfig: r must be a positive integer, got {self.r!r}; try r=8.")
+        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
+            raise PeftConfigError(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}.")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise PeftConfigError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise PeftConfigError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise PeftConfigError(
+                f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
+            )
+        for key, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise PeftConfigError(f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {rank!r}.")
+
+    def extra_trainable_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Biases trained and saved with the adapter, keyed by their path in the model."""
+        if self.bias == "none":
+            return {}
+        from peftlab.layers import ModulesToSave
+
+        skip = {
+            id(p)
+            for m in model.modules()
+            if isinstance(m, (AdaptedLayer, ModulesToSave))
+            for p in (m.adapters if isinstance(m, AdaptedLayer) else m).parameters()
+        }
+        if self.bias == "all":
+            return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and id(p) not in skip}
+        return {
+            f"{name}.base_layer.bias": m.base_layer.bias
+            for name, m in model.named_modules()
+            if isinstance(m, AdaptedLayer) and adapter_name in m.adapters and getattr(m.base_layer, "bias", None) is not None
+        }
+
+
+class LoraLinear(LayerAdapter):
+    """LoRA for ``nn.Linear`` and GPT-2 ``Conv1D``: ``out + s * B(A(dropout(x)))``.
+
+    Shapes: x (..., in) -> A -> (..., r) -> B -> (..., out).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, fan_in_fan_out: bool
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def reset(self, init: InitMode) -> None:
+        if init is False:
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return out + delta.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
+        return Fn.transpose_if(delta, self.fan_in_fan_out)
+
+    def merge_into(self, base_layer: nn.Module) -> None:
+        weight = base_layer.weight
+        weight.data += self.delta_weight().to(weight.dtype)
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        weight = base_layer.weight
+        weight.data -= self.delta_weight().to(weight.dtype)
+
+
+class LoraEmbedding(LayerAdapter):
+    """LoRA for ``nn.Embedding``: ``out + s * embed(ids, A^T) @ B^T``; A (r, num), B (dim, r).
+
+    Here A starts at zero and B random (the lookup table is A, so zeroing it gives identity).
+    """
+
+    def __init__(self, base: nn.Embedding, r: int, scaling: float) -> None:
+        super().__init__()
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.zeros(base.embedding_dim, r))
+        self.scaling = scaling
+        self._lookup = dict(
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+
+    def reset(self, init: InitMode) -> None:
+        if init is False:
+            nn.init.normal_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+            return
+        nn.init.zeros_(self.lora_embedding_A)
+        nn.init.normal_(self.lora_embedding_B)
+
+    def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(x, self.lora_embedding_A.T, **self._lookup)  # (..., r)
+        return out + (rows @ self.lora_embedding_B.T * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return Fn.lora_embedding_delta(self.lora_embedding_A, self.lora_embedding_B, self.scaling)
+
+    def merge_into(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+class LoraConv2d(LayerAdapter):
+    """LoRA for ``nn.Conv2d``: A is a conv with the base's kernel into r channels, B a 1x1 conv."""
+
+    def __init__(self, base: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Conv2d(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation, bias=False
+        )
+        self.lora_B = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+
+    def reset(self, init: InitMode) -> None:
+        if init is False:
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_channels)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        return out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return Fn.lora_conv2d_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def merge_into(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+
+
+def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> LayerAdapter:
+    """Build the LoRA adapter that fits ``base``'s layer type."""
+    r = int(pattern_value(config.rank_pattern, module_name, config.r))
+    alpha = float(pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
+    scaling = Fn.lora_scaling(r, alpha, config.use_rslora)
+    adapter: LayerAdapter
+    if isinstance(base, nn.Embedding):
+        adapter = LoraEmbedding(base, r, scaling)
+    elif isinstance(base, nn.Conv2d):
+        if base.groups != 1:
+            raise TargetModuleError(f"LoRA: {module_name} is a grouped Conv2d (groups={base.groups}); exclude it.")
+        adapter = LoraConv2d(base, r, scaling, config.lora_dropout)
+    elif isinstance(base, linear_types()):
+        is_conv1d = not isinstance(base, nn.Linear)
+        if is_conv1d:
+            # transformers' Conv1D stores weight as (in, out): fan_in_fan_out must be on.
+            if not config.fan_in_fan_out:
+                warnings.warn(f"LoRA: {module_name} is a Conv1D; using fan_in_fan_out=True for it.", stacklevel=4)
+            in_features, out_features = base.weight.shape
+        else:
+            if config.fan_in_fan_out:
+                warnings.warn(f"LoRA: {module_name} is nn.Linear; using fan_in_fan_out=False for it.", stacklevel=4)
+            in_features, out_features = base.in_features, base.out_features
+        adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=is_conv1d)
+    else:
+        raise TargetModuleError(
+            f"LoRA cannot adapt {module_name} ({type(base).__name__}); it adapts nn.Linear, Conv1D, "
+            f"nn.Embedding and nn.Conv2d. Target that module's linear sublayers instead."
+        )
+    adapter.reset(config.init_lora_weights)
+    return adapter
+
+
+register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS))

@@ -1,0 +1,75 @@
+"""Method registry: a method's name -> its config class and its adapter factory.
+
+Adding a method is one ``register(...)`` call in its own module under ``methods/``; the rest
+of the library looks methods up here and never names them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from peftlab.errors import PeftConfigError
+
+if TYPE_CHECKING:
+    from peftlab.config import PeftConfig
+    from peftlab.layers import LayerAdapter
+
+# (base layer, config, adapter name, module path) -> the adapter module for that layer.
+AdapterFactory = Callable[[nn.Module, "PeftConfig", str, str], "LayerAdapter"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the library needs to know about one layer-adapting method.
+
+    Args:
+        config_cls: the method's config dataclass (its ``peft_type`` is the registry key).
+        make_adapter: builds the adapter module for one target layer.
+        default_targets: model_type -> target module names used when target_modules is None.
+        resolve_config: fills model-dependent defaults into a (copied) config before injection.
+    """
+
+    config_cls: type["PeftConfig"]
+    make_adapter: AdapterFactory
+    default_targets: dict[str, list[str]] = field(default_factory=dict)
+    resolve_config: Callable[["PeftConfig", nn.Module], "PeftConfig"] | None = None
+
+
+_METHODS: dict[str, MethodSpec] = {}
+# Modules that register the built-in methods; imported lazily on first lookup.
+_BUILTIN_MODULES = ("peftlab.methods.lora", "peftlab.methods.ia3")
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    key = spec.config_cls.peft_type.value
+    if key in _METHODS and _METHODS[key] is not spec:
+        raise PeftConfigError(f"method {key} is registered twice")
+    _METHODS[key] = spec
+    return spec
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def method_for(peft_type: str) -> MethodSpec:
+    _load_builtins()
+    key = getattr(peft_type, "value", peft_type)
+    if key not in _METHODS:
+        raise PeftConfigError(f"unknown peft_type {key!r}; peftlab implements: {', '.join(sorted(_METHODS))}.")
+    return _METHODS[key]
+
+
+def config_class_for(peft_type: str) -> type["PeftConfig"]:
+    return method_for(peft_type).config_cls
+
+
+def registered_methods() -> list[str]:
+    _load_builtins()
+    return sorted(_METHODS)
