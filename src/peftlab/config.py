@@ -79,6 +79,9 @@ class PeftConfig:
     peft_type: ClassVar[PeftType]
     # peft fields this method does not implement, with the value meaning "feature off".
     unsupported_peft_fields: ClassVar[dict[str, Any]] = {}
+    # peftlab extensions that peft's config of the same method lacks: left out of the JSON
+    # while unset, so peft reads our files without warnings.
+    peftlab_only_fields: ClassVar[tuple[str, ...]] = ()
 
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
@@ -111,6 +114,8 @@ class PeftConfig:
                 value = value.value
             elif isinstance(value, (set, tuple)):
                 value = sorted(value) if isinstance(value, set) else list(value)
+            if f.name in self.peftlab_only_fields and value is None:
+                continue
             out[f.name] = value
         return out
 
@@ -251,6 +256,11 @@ class LayerConfig(PeftConfig):
                 setattr(self, name, sorted(value))
             if isinstance(value, list) and not all(isinstance(v, str) for v in value):
                 raise PeftConfigError(f"{name} must be a list of module names (strings) or one regex string.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise PeftConfigError(
+                "layers_to_transform only works with a list of target_modules; with a regex string, "
+                "put the layer indices into the regex (e.g. r'.*\\.layer\\.(10|11)\\..*query')."
+            )
         if self.layers_to_transform is not None and self.layers_pattern is not None and not self.layers_to_transform:
             raise PeftConfigError("layers_to_transform is empty; give the block indices to adapt or None for all.")
 

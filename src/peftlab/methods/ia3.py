@@ -80,6 +80,7 @@ class IA3Config(LayerConfig):
     """
 
     peft_type = PeftType.IA3
+    peftlab_only_fields = ("layers_to_transform", "layers_pattern")
 
     feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False

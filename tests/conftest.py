@@ -1,0 +1,128 @@
+"""Tiny random models built from configs (offline, seconds to build) shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+
+
+def tiny_bert_cls():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg)
+
+
+def tiny_distilbert():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    return DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64)
+    )
+
+
+def tiny_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    return RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=37, max_position_embeddings=70)
+    )
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(
+        BartConfig(vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64)
+    )
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(
+        ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=37, num_labels=2)
+    )
+
+
+class ConvNet(nn.Module):
+    """A plain nn.Module (no transformers) with Conv2d, Embedding and Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pointwise = nn.Conv2d(8, 8, 1)
+        self.lin = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.pointwise(torch.relu(self.conv(x))).mean(dim=(2, 3))
+        out = self.lin(h)
+        if ids is not None:
+            out = out + self.emb(ids).sum(dim=1).sum(dim=-1, keepdim=True)
+        return out
+
+
+# name -> (builder, example-input maker)
+def text_inputs(batch: int = 3, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def seq2seq_inputs(batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    inputs = text_inputs(batch, 7, seed)
+    inputs["decoder_input_ids"] = text_inputs(batch, 5, seed + 1)["input_ids"]
+    return inputs
+
+
+MODELS = {
+    "bert": (tiny_bert_cls, text_inputs),
+    "gpt2": (tiny_gpt2, text_inputs),
+    "llama": (tiny_llama, text_inputs),
+    "t5": (tiny_t5, seq2seq_inputs),
+}
+
+
+def main_output(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
