@@ -62,8 +62,6 @@ class AdaptedLayer(nn.Module):
 
     def add(self, name: str, adapter: LayerAdapter) -> None:
         self.adapters[name] = adapter
-        if not self.active_adapters:
-            self.active_adapters = [name]
 
     def remove(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -158,8 +156,6 @@ class ModulesToSave(nn.Module):
         for p in clone.parameters():
             p.requires_grad_(True)
         self.copies[name] = clone
-        if not self.active_adapters:
-            self.active_adapters = [name]
 
     def remove(self, name: str) -> None:
         del self.copies[name]

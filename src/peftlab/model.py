@@ -12,6 +12,7 @@ import copy
 import functools
 import os
 import types
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -98,6 +99,9 @@ class PeftModel(nn.Module):
         if config.modules_to_save:
             surgery.wrap_modules_to_save(self.base_model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
+        # A wrapper created for the new adapter must still follow the model's active adapter.
+        for _, wrapper in iter_wrappers(self.base_model):
+            wrapper.active_adapters = [self.active_adapter]
 
     def _expose_base_signature(self) -> None:
         """Make ``inspect.signature(self.forward)`` show the base model's arguments.
@@ -237,6 +241,7 @@ class PeftModel(nn.Module):
         layers = [w for _, w in iter_wrappers(self.base_model) if isinstance(w, AdaptedLayer)]
         if safe_merge:
             _check_merge_is_finite(layers, names)
+        _untie_merged_weights(self.base_model, [l for l in layers if any(n in l.adapters for n in names)])
         for layer in layers:
             layer.merge(names)
 
@@ -334,6 +339,26 @@ class PeftModel(nn.Module):
 
 def _has_module(model: nn.Module, name: str) -> bool:
     return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
+
+
+def _untie_merged_weights(model: nn.Module, layers: list[AdaptedLayer]) -> None:
+    """Give a layer its own weight before merging when the weight is shared (tied embeddings).
+
+    Merging into a weight tied to the output head would change the head too, which the
+    unmerged adapter never did.
+    """
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    for layer in layers:
+        weight = getattr(layer.base_layer, "weight", None)
+        if isinstance(weight, nn.Parameter) and counts.get(id(weight), 0) > 1:
+            warnings.warn(
+                f"{type(layer.base_layer).__name__} weight is tied to another module; giving it its own copy "
+                f"before merging so the tied module keeps its weights.",
+                stacklevel=3,
+            )
+            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
 
 def _check_merge_is_finite(layers: list[AdaptedLayer], names: Sequence[str]) -> None:

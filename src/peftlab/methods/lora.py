@@ -280,11 +280,11 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
         if is_conv1d:
             # transformers' Conv1D stores weight as (in, out): fan_in_fan_out must be on.
             if not config.fan_in_fan_out:
-                warnings.warn(f"LoRA: {module_name} is a Conv1D; using fan_in_fan_out=True for it.", stacklevel=4)
+                warnings.warn("LoRA: Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them.", stacklevel=4)
             in_features, out_features = base.weight.shape
         else:
             if config.fan_in_fan_out:
-                warnings.warn(f"LoRA: {module_name} is nn.Linear; using fan_in_fan_out=False for it.", stacklevel=4)
+                warnings.warn("LoRA: nn.Linear layers store weights as (out, in); using fan_in_fan_out=False for them.", stacklevel=4)
             in_features, out_features = base.in_features, base.out_features
         adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=is_conv1d)
     else:

@@ -1,0 +1,200 @@
+"""LoRA behaviour: identity at init, hand-computed outputs, merge/unmerge, disable, mixed batches."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from peftlab import LoraConfig, get_peft_model
+from conftest import ConvNet, main_output, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+
+class TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def run(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return main_output(model(**inputs))
+
+
+@pytest.mark.parametrize("build", [tiny_bert_cls, tiny_gpt2, tiny_llama])
+def test_identity_at_init(build):
+    torch.manual_seed(0)
+    base = build().eval()
+    inputs = text_inputs()
+    expected = run(base, inputs)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear"))
+    torch.testing.assert_close(run(model, inputs), expected, atol=0, rtol=0)
+
+
+def test_forward_matches_hand_computation():
+    torch.manual_seed(0)
+    net = TwoLinear()
+    x = torch.randn(2, 5)
+    w, bias = net.a.weight.detach().clone(), net.a.bias.detach().clone()
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=6, target_modules=["a"], init_lora_weights=False))
+    adapter = model.base_model.a.adapters["default"]
+    a, b = adapter.lora_A.weight.detach(), adapter.lora_B.weight.detach()
+    hidden = x @ w.T + bias + (x @ a.T @ b.T) * (6 / 2)
+    expected = net.b(torch.relu(hidden))
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_rslora_scaling():
+    model = get_peft_model(TwoLinear(), LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["a"]))
+    assert model.base_model.a.adapters["default"].scaling == pytest.approx(8 / math.sqrt(4))
+
+
+def test_rank_and_alpha_pattern():
+    model = get_peft_model(TwoLinear(), LoraConfig(r=4, target_modules=["a", "b"], rank_pattern={"b": 2}, alpha_pattern={"b": 6}))
+    adapter_b = model.base_model.b.adapters["default"]
+    assert adapter_b.lora_A.weight.shape == (2, 4)
+    assert adapter_b.scaling == pytest.approx(3.0)
+    assert model.base_model.a.adapters["default"].lora_A.weight.shape == (4, 5)
+
+
+@pytest.mark.parametrize("build,targets", [(tiny_bert_cls, "all-linear"), (tiny_gpt2, ["c_attn", "c_proj", "wte"])])
+def test_merged_equals_unmerged_and_unmerge_restores(build, targets):
+    torch.manual_seed(0)
+    base = build().eval()
+    inputs = text_inputs()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    unmerged = run(model, inputs)
+    model.merge_adapter()
+    torch.testing.assert_close(run(model, inputs), unmerged, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(run(model, inputs), unmerged, atol=1e-5, rtol=1e-5)
+    merged_model = model.merge_and_unload()
+    assert not any("adapters" in n for n, _ in merged_model.named_modules())
+    torch.testing.assert_close(run(merged_model, inputs), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_and_embedding_merge():
+    torch.manual_seed(0)
+    net = ConvNet().eval()
+    x, ids = torch.randn(2, 3, 6, 6), torch.randint(0, 20, (2, 4))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["conv", "pointwise", "emb"], init_lora_weights=False))
+    with torch.no_grad():
+        unmerged = model(x, ids)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x, ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_disable_adapter_gives_base_output():
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    inputs = text_inputs()
+    expected = run(base, inputs)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert not torch.allclose(run(model, inputs), expected)
+    with model.disable_adapter():
+        torch.testing.assert_close(run(model, inputs), expected)
+    assert not torch.allclose(run(model, inputs), expected)
+
+
+def test_disable_while_merged_is_refused():
+    model = get_peft_model(TwoLinear(), LoraConfig(r=2, target_modules=["a"]))
+    model.merge_adapter()
+    with pytest.raises(peftlab.AdapterStateError, match="unmerge_adapter"):
+        with model.disable_adapter():
+            pass
+
+
+def test_unload_restores_original_weights():
+    torch.manual_seed(0)
+    base = TwoLinear()
+    original = copy.deepcopy(base.state_dict())
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    model.merge_adapter()
+    plain = model.unload()
+    assert isinstance(plain.a, nn.Linear)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(value, original[key])
+
+
+def test_multiple_adapters_set_delete_and_mixed_batch():
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    inputs = text_inputs(batch=4)
+    out_a = run(model, inputs)
+    model.set_adapter("b")
+    out_b = run(model, inputs)
+    with model.disable_adapter():
+        out_base = run(model, inputs)
+    with torch.no_grad():
+        mixed = main_output(model(**inputs, adapter_names=["a", "b", "__base__", "b"]))
+    torch.testing.assert_close(mixed[0], out_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], out_b[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], out_base[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[3], out_b[3], atol=1e-5, rtol=1e-5)
+    # only the active adapter trains
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.b." in n for n in trainable)
+    with pytest.raises(peftlab.AdapterStateError, match="unknown adapters"):
+        model(**inputs, adapter_names=["a", "zzz", "a", "a"])
+    model.delete_adapter("b")
+    assert model.active_adapter == "a"
+    torch.testing.assert_close(run(model, inputs), out_a)
+
+
+def test_mixed_batch_generate():
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = text_inputs(batch=2)["input_ids"]
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, adapter_names=["default", "__base__"])
+        adapted = model.generate(input_ids=ids[:1], max_new_tokens=4, do_sample=False)
+        plain = base.generate(input_ids=ids[1:], max_new_tokens=4, do_sample=False)
+    assert torch.equal(mixed[0], adapted[0])
+    assert torch.equal(mixed[1], plain[0])
+
+
+def test_safe_merge_refuses_non_finite():
+    model = get_peft_model(TwoLinear(), LoraConfig(r=2, target_modules=["a"]))
+    before = model.base_model.a.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        model.base_model.a.adapters["default"].lora_B.weight.fill_(float("nan"))
+    with pytest.raises(peftlab.AdapterStateError, match="NaN"):
+        model.merge_adapter(safe_merge=True)
+    torch.testing.assert_close(model.base_model.a.base_layer.weight, before)
+
+
+def test_modules_to_save_and_seq_cls_head_trainable():
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", r=2))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("classifier.copies.default" in n for n in trainable)
+    assert all("lora_" in n or "classifier.copies" in n for n in trainable)
+    assert model.peft_config["default"].modules_to_save == ["classifier"]
+
+
+def test_all_linear_skips_output_head():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    assert isinstance(model.base_model.lm_head, nn.Linear)
+    assert "adapters" in dict(model.base_model.named_modules()).get("model.layers.0.mlp.down_proj").__dict__["_modules"]
+
+
+def test_gradients_reach_only_adapters():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    model.train()
+    inputs = text_inputs()
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
