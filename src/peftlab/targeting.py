@@ -124,8 +124,12 @@ def model_type(model: nn.Module) -> str | None:
 def default_target_modules(model: nn.Module, table: dict[str, list[str]], method: str) -> list[str]:
     """The method's default targets for this architecture, or an error listing the choices."""
     kind = model_type(model)
-    if kind in table:
-        return list(table[kind])
+    names = [n for n, _ in model.named_modules()]
+    # Tables list the module names of several transformers versions (ViT's query/value became
+    # q_proj/v_proj); keep the ones this model has.
+    present = [t for t in table.get(kind, []) if any(n == t or n.endswith("." + t) for n in names)]
+    if present:
+        return present
     raise TargetModuleError(
         f"{method}: no default target_modules for model type {kind!r} ({type(model).__name__}); "
         f"set target_modules explicitly, e.g. target_modules=['query', 'value'] or 'all-linear'. "

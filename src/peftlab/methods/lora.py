@@ -31,7 +31,7 @@ LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
-    "vit": ["query", "value"],
+    "vit": ["query", "value", "q_proj", "v_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
     "gpt2": ["c_attn"],
     "gptj": ["q_proj", "v_proj"],
