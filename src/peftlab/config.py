@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import typing
 import warnings
 from dataclasses import dataclass
@@ -151,6 +152,8 @@ class PeftConfig:
         unknown: list[str] = []
         for key, value in data.items():
             if key in known:
+                if value is None and type(None) not in _allowed_types(hints[key]):
+                    continue  # null for a field that cannot be None: keep its default
                 _check_type(key, value, hints[key])
                 kwargs[key] = value
             elif key in cls.unsupported_peft_fields:
@@ -256,6 +259,19 @@ class LayerConfig(PeftConfig):
                 setattr(self, name, sorted(value))
             if isinstance(value, list) and not all(isinstance(v, str) for v in value):
                 raise PeftConfigError(f"{name} must be a list of module names (strings) or one regex string.")
+        for name in ("target_modules", "exclude_modules"):
+            pattern = getattr(self, name)
+            if isinstance(pattern, str) and pattern != "all-linear":
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise PeftConfigError(f"{name}={pattern!r} is not a valid regular expression ({exc}).") from None
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool))
+            or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))
+        ):
+            raise PeftConfigError(f"layers_to_transform must be a block index or a list of them, got {layers!r}.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise PeftConfigError(
                 "layers_to_transform only works with a list of target_modules; with a regex string, "

@@ -61,7 +61,7 @@ def _load_builtins() -> None:
 def method_for(peft_type: str) -> MethodSpec:
     _load_builtins()
     key = getattr(peft_type, "value", peft_type)
-    if key not in _METHODS:
+    if not isinstance(key, str) or key not in _METHODS:
         raise PeftConfigError(f"unknown peft_type {key!r}; peftlab implements: {', '.join(sorted(_METHODS))}.")
     return _METHODS[key]
 

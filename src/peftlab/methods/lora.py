@@ -9,6 +9,7 @@ model until training moves it. Because ``B A`` is a plain matrix, it can be merg
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -109,9 +110,9 @@ class LoraConfig(LayerConfig):
         super().__post_init__()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise PeftConfigError(f"LoraConfig: r must be a positive integer, got {self.r!r}; try r=8.")
-        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
             raise PeftConfigError(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}.")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise PeftConfigError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise PeftConfigError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
@@ -119,6 +120,17 @@ class LoraConfig(LayerConfig):
             raise PeftConfigError(
                 f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
             )
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise PeftConfigError(f"LoraConfig: {name} must be a dict of module-name regex -> value, got {getattr(self, name)!r}.")
+        for key in [*self.rank_pattern, *self.alpha_pattern]:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise PeftConfigError(f"LoraConfig: pattern key {key!r} is not a valid regular expression ({exc}).") from None
+        for key, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise PeftConfigError(f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {alpha!r}.")
         for key, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise PeftConfigError(f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {rank!r}.")
