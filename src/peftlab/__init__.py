@@ -6,6 +6,8 @@ The public API mirrors Hugging Face peft's names, so switching is a change of im
 from peftlab.config import PeftConfig, PeftType, TaskType
 from peftlab.errors import AdapterStateError, CheckpointError, PeftConfigError, PeftlabError, TargetModuleError
 from peftlab.methods.ia3 import IA3Config
+from peftlab.methods.loha import LoHaConfig
+from peftlab.methods.lokr import LoKrConfig
 from peftlab.methods.lora import LoraConfig
 from peftlab.model import (
     PeftModel,
@@ -20,6 +22,8 @@ __all__ = [
     "AdapterStateError",
     "CheckpointError",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftConfigError",

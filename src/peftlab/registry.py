@@ -42,7 +42,12 @@ class MethodSpec:
 
 _METHODS: dict[str, MethodSpec] = {}
 # Modules that register the built-in methods; imported lazily on first lookup.
-_BUILTIN_MODULES = ("peftlab.methods.lora", "peftlab.methods.ia3")
+_BUILTIN_MODULES = (
+    "peftlab.methods.lora",
+    "peftlab.methods.ia3",
+    "peftlab.methods.loha",
+    "peftlab.methods.lokr",
+)
 
 
 def register(spec: MethodSpec) -> MethodSpec:

@@ -72,11 +72,12 @@ class LoraConfig(LayerConfig):
             or False (both random: the model changes at init; for tests only).
         rank_pattern / alpha_pattern: per-module overrides, keyed by a regex matched against
             the end of the module name (e.g. ``{"value": 16}``).
+        use_dora: weight-decomposed LoRA (DoRA, :mod:`peftlab.methods.dora`): a trained
+            per-row magnitude times the direction of ``W + s B A``; Linear and Conv1D only.
     """
 
     peft_type = PeftType.LORA
     unsupported_peft_fields = {
-        "use_dora": False,
         "lora_bias": False,
         "layer_replication": None,
         "loftq_config": {},
@@ -105,6 +106,7 @@ class LoraConfig(LayerConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +122,9 @@ class LoraConfig(LayerConfig):
             raise PeftConfigError(
                 f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
             )
+        self._check_rank_pattern()
+
+    def _check_rank_pattern(self) -> None:
         for name in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, name), dict):
                 raise PeftConfigError(f"LoraConfig: {name} must be a dict of module-name regex -> value, got {getattr(self, name)!r}.")
@@ -280,6 +285,10 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
     r = int(pattern_value(config.rank_pattern, module_name, config.r))
     alpha = float(pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
     scaling = Fn.lora_scaling(r, alpha, config.use_rslora)
+    if config.use_dora:
+        from peftlab.methods.dora import make_dora_adapter  # dora builds on LoraLinear
+
+        return make_dora_adapter(base, r, scaling, config, module_name)
     adapter: LayerAdapter
     if isinstance(base, nn.Embedding):
         adapter = LoraEmbedding(base, r, scaling)

@@ -1,0 +1,118 @@
+"""DoRA (LoraConfig(use_dora=True)): the contract table plus hand-computed checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from peftlab import LoraConfig, TargetModuleError, get_peft_model
+from _contract import Case, contract_tests, conv_inputs
+from conftest import ConvNet, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+
+def _peft(**kwargs):
+    import peft
+
+    return lambda: peft.LoraConfig(use_dora=True, init_lora_weights=False, **kwargs)
+
+
+def _ours(**kwargs):
+    return lambda identity: LoraConfig(use_dora=True, init_lora_weights=identity, **kwargs)
+
+
+BERT = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value", "dense"])
+LLAMA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True, rank_pattern={"v_proj": 2})
+GPT2 = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_dropout=0.1)
+CONV = dict(r=2, target_modules=["lin"])
+
+# perturb=True moves the magnitude away from its init value ||W + sBA||, where DoRA equals LoRA.
+CASES = {
+    "bert-qv-dense": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT), perturb=True),
+    "llama-all-linear-rslora": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA), perturb=True),
+    "gpt2-conv1d-dropout": Case(tiny_gpt2, text_inputs, _ours(**GPT2), _peft(**GPT2), perturb=True),
+    "convnet-linear": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV), perturb=True),
+}
+globals().update(contract_tests(CASES))
+
+
+class OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _dora_model(**kwargs):
+    torch.manual_seed(0)
+    net = OneLinear()
+    w, b = net.lin.weight.detach().clone(), net.lin.bias.detach().clone()
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=6, target_modules=["lin"], use_dora=True, **kwargs))
+    return model, w, b
+
+
+def test_magnitude_starts_at_row_norm_of_adapted_weight():
+    model, w, _ = _dora_model(init_lora_weights=False)
+    ad = model.base_model.lin.adapters["default"]
+    adapted = w + ad.lora_B.weight.detach() @ ad.lora_A.weight.detach() * 3
+    torch.testing.assert_close(ad.lora_magnitude_vector.detach(), adapted.norm(dim=1))
+
+
+def test_forward_matches_decomposed_weight():
+    model, w, b = _dora_model(init_lora_weights=False)
+    ad = model.base_model.lin.adapters["default"]
+    with torch.no_grad():
+        ad.lora_magnitude_vector.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    adapted = w + ad.lora_B.weight.detach() @ ad.lora_A.weight.detach() * 3
+    expected_w = torch.tensor([0.5, 1.0, 2.0, 3.0])[:, None] * adapted / adapted.norm(dim=1, keepdim=True)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(model(x), x @ expected_w.T + b)
+
+
+def test_norm_is_constant_in_backward():
+    model, _, _ = _dora_model(init_lora_weights=False)
+    ad = model.base_model.lin.adapters["default"]
+    model(torch.randn(3, 5)).sum().backward()
+    assert ad.lora_magnitude_vector.grad is not None and ad.lora_A.weight.grad is not None
+    assert model.base_model.lin.base_layer.weight.grad is None
+
+
+def test_gradients_match_peft():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = OneLinear()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["lin"], use_dora=True, init_lora_weights=False))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs.save_pretrained(tmp)
+        ours = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp, is_trainable=True)
+    x = torch.randn(4, 5)
+    theirs(x).pow(2).sum().backward()
+    ours(x).pow(2).sum().backward()
+    ad = ours.base_model.lin.adapters["default"]
+    layer = theirs.base_model.model.lin
+    torch.testing.assert_close(ad.lora_magnitude_vector.grad, layer.lora_magnitude_vector["default"].weight.grad)
+    torch.testing.assert_close(ad.lora_A.weight.grad, layer.lora_A["default"].weight.grad)
+
+
+def test_checkpoint_key_is_peft_s():
+    model, _, _ = _dora_model()
+    keys = set(peftlab.get_peft_model_state_dict(model))
+    assert keys == {"base_model.model.lin.lora_A.weight", "base_model.model.lin.lora_B.weight",
+                    "base_model.model.lin.lora_magnitude_vector"}
+
+
+def test_unsupported_layer_is_rejected():
+    with pytest.raises(TargetModuleError, match="use_dora=False"):
+        get_peft_model(ConvNet(), LoraConfig(target_modules=["conv"], use_dora=True))
+
+
+def test_config_roundtrip_keeps_use_dora(tmp_path):
+    LoraConfig(use_dora=True, target_modules=["q"]).save_pretrained(tmp_path)
+    assert peftlab.PeftConfig.from_pretrained(tmp_path).use_dora is True
