@@ -3,8 +3,12 @@
 The public API mirrors Hugging Face peft's names, so switching is a change of import.
 """
 
+from typing import Any
+
 from peftlab.config import PeftConfig, PeftType, TaskType
 from peftlab.errors import AdapterStateError, CheckpointError, PeftConfigError, PeftlabError, TargetModuleError
+from peftlab.methods.adalora import AdaLoraConfig
+from peftlab.methods.adalora_budget import orthogonal_regularization, update_and_allocate
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.loha import LoHaConfig
 from peftlab.methods.lokr import LoKrConfig
@@ -19,6 +23,8 @@ from peftlab.model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraCallback",
+    "AdaLoraConfig",
     "AdapterStateError",
     "CheckpointError",
     "IA3Config",
@@ -34,5 +40,16 @@ __all__ = [
     "TaskType",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "orthogonal_regularization",
     "set_peft_model_state_dict",
+    "update_and_allocate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The Trainer callback imports transformers' Trainer machinery: load it only when asked for.
+    if name == "AdaLoraCallback":
+        from peftlab.adalora_callback import AdaLoraCallback
+
+        return AdaLoraCallback
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

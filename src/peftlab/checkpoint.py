@@ -59,7 +59,12 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping | None = Non
     tensors are read from the adapter modules themselves.
     """
     config = model.peft_config[adapter_name]
-    return {KEY_PREFIX + k: v.detach() for k, v in adapter_tensors(model.base_model, config, adapter_name).items()}
+    tensors = adapter_tensors(model.base_model, config, adapter_name)
+    # A method may store tensors on disk in another form (AdaLoRA keeps only allocated ranks).
+    to_disk = getattr(config, "checkpoint_tensors", None)
+    if to_disk is not None:
+        tensors = to_disk(tensors)
+    return {KEY_PREFIX + k: v.detach() for k, v in tensors.items()}
 
 
 def _normalize_key(key: str) -> str:

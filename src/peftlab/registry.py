@@ -47,6 +47,7 @@ _BUILTIN_MODULES = (
     "peftlab.methods.ia3",
     "peftlab.methods.loha",
     "peftlab.methods.lokr",
+    "peftlab.methods.adalora",
 )
 
 
