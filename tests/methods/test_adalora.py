@@ -353,6 +353,30 @@ def test_callback_allocates_rank_in_a_trainer_run(tmp_path):
     torch.testing.assert_close(run(peer, text_inputs()), run(model, text_inputs()), atol=1e-5, rtol=1e-5)
 
 
+def test_callback_warns_when_total_step_is_not_the_run_length(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert_cls(), AdaLoraConfig(**SMALL))  # total_step=10
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, save_strategy="no", report_to=[],
+        use_cpu=True, disable_tqdm=True, logging_steps=100,
+    )
+    with pytest.warns(UserWarning, match="total_step=10 but the Trainer runs 2 steps"):
+        Trainer(model=model, args=args, train_dataset=_ToyTask(), callbacks=[peftlab.AdaLoraCallback()]).train()
+
+
+def test_callback_refuses_a_model_without_adalora(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_bert_cls(), peftlab.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, save_strategy="no", report_to=[], use_cpu=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(AdapterStateError, match="not AdaLoRA"):
+        Trainer(model=model, args=args, train_dataset=_ToyTask(), callbacks=[peftlab.AdaLoraCallback()]).train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_callback_adds_the_regulariser_gradient():
     _, _, ours = _pair(orth_reg_weight=0.7)
     adapters = [a for _, a in svd_adapters(ours.base_model, "default")]
@@ -378,3 +402,31 @@ def test_callback_is_imported_lazily():
     finally:
         if saved is not None:
             sys.modules["peftlab.adalora_callback"] = saved
+
+
+@pytest.mark.filterwarnings(_PEFT_RANK_PATTERN_WARNING)
+@pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape")  # peft's ZeRO-3 guess about empty tensors
+def test_layer_pruned_to_rank_zero_round_trips_with_peft(tmp_path):
+    import peft
+
+    torch.manual_seed(0)
+    base = tiny_bert_cls()
+    pattern = {
+        "bert.encoder.layer.0.attention.self.query.lora_E": [False] * 4,
+        "bert.encoder.layer.1.attention.self.value.lora_E": [True, False, True, True],
+    }
+    model = get_peft_model(copy.deepcopy(base), AdaLoraConfig(**SMALL, rank_pattern=pattern))
+    ranks = {p: a.rank for p, a in svd_adapters(model.base_model, "default")}
+    assert ranks == {
+        "bert.encoder.layer.0.attention.self.query": 0, "bert.encoder.layer.0.attention.self.value": 4,
+        "bert.encoder.layer.1.attention.self.query": 4, "bert.encoder.layer.1.attention.self.value": 3,
+    }
+    perturb_trainable(model)
+    expected = run(model, text_inputs())
+    model.save_pretrained(tmp_path)
+    peer = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(run(peer, text_inputs()), expected, atol=1e-5, rtol=1e-5)
+    peer.save_pretrained(tmp_path / "peft")
+    back = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(run(back, text_inputs()), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(peftlab.orthogonal_regularization(back), peftlab.orthogonal_regularization(model))

@@ -108,18 +108,18 @@ class AdaLoraConfig(LoraConfig):
     rank_pattern: dict[str, list[bool]] | None = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         name = "AdaLoraConfig"
+        for key in ("init_r", "target_r", "deltaT"):
+            _require_int(key, getattr(self, key), minimum=1)
+        for key in ("tinit", "tfinal"):
+            _require_int(key, getattr(self, key), minimum=0)
+        super().__post_init__()  # LoRA's checks, then rank_pattern against init_r
         if self.use_dora:
             raise PeftConfigError(f"{name}: use_dora=True is not available for AdaLoRA; use LoraConfig(use_dora=True).")
         if self.r != 8:
             warnings.warn(f"{name}: r is not used by AdaLoRA; set the starting rank with init_r.", stacklevel=3)
         if self.use_rslora or self.alpha_pattern:
             warnings.warn(f"{name}: use_rslora and alpha_pattern have no effect; AdaLoRA scales by lora_alpha / init_r.", stacklevel=3)
-        for key in ("init_r", "target_r", "deltaT"):
-            _require_int(key, getattr(self, key), minimum=1)
-        for key in ("tinit", "tfinal"):
-            _require_int(key, getattr(self, key), minimum=0)
         if self.target_r > self.init_r:
             raise PeftConfigError(
                 f"{name}: target_r={self.target_r} is larger than init_r={self.init_r}; the budget only shrinks. "
@@ -225,8 +225,8 @@ class SvdAdapter(LayerAdapter):
             self._conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
         elif fan_in_fan_out:
             in_dim, out_dim = self.weight_shape
-        else:
-            out_dim, in_dim = self.weight_shape
+        else:  # in/out_features, not weight.shape: quantized linears pack their weight
+            in_dim, out_dim = base.in_features, base.out_features
         self.lora_A = nn.Parameter(torch.empty(r, in_dim))
         self.lora_E = nn.Parameter(torch.empty(r, 1))
         self.lora_B = nn.Parameter(torch.empty(out_dim, r))
