@@ -31,7 +31,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from peftlab.errors import PeftConfigError
-from peftlab.methods.adalora_budget import _adalora_parts, orthogonal_regularization, update_and_allocate
+from peftlab.methods.adalora_budget import resolve_adalora, orthogonal_regularization, update_and_allocate
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -52,7 +52,7 @@ class AdaLoraCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any
     ) -> None:
-        _, config, adapters = _adalora_parts(model, self.adapter_name)
+        _, config, adapters = resolve_adalora(model, self.adapter_name)
         if not adapters:
             raise PeftConfigError("AdaLoraCallback: the model has no AdaLoRA layers to train.")
         if args.fp16 and args.max_grad_norm is not None and args.max_grad_norm <= 0:
@@ -70,7 +70,7 @@ class AdaLoraCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any
     ) -> None:
-        _, config, adapters = _adalora_parts(model, self.adapter_name)
+        _, config, adapters = resolve_adalora(model, self.adapter_name)
         if config.orth_reg_weight == 0:
             self.last_orth_reg = 0.0
             return

@@ -113,7 +113,7 @@ def _apply_pattern(adapters: list[tuple[str, SvdAdapter]], config: AdaLoraConfig
                 adapter.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
 
 
-def _adalora_parts(model: nn.Module, adapter_name: str | None) -> tuple[str, AdaLoraConfig, list[tuple[str, SvdAdapter]]]:
+def resolve_adalora(model: nn.Module, adapter_name: str | None) -> tuple[str, AdaLoraConfig, list[tuple[str, SvdAdapter]]]:
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or not hasattr(model, "base_model"):
         raise AdapterStateError(f"expected a peftlab PeftModel with an AdaLoRA adapter, got {type(model).__name__}.")
@@ -134,7 +134,7 @@ def update_and_allocate(model: nn.Module, global_step: int, adapter_name: str | 
     0-based index of that step. The kept triplets go into ``config.rank_pattern``; the final
     allocation is made at step ``total_step - tfinal`` and re-applied after it.
     """
-    name, config, adapters = _adalora_parts(model, adapter_name)
+    name, config, adapters = resolve_adalora(model, adapter_name)
     assert config.total_step is not None
     init_budget = sum(a.rank for _, a in adapters)
     target_budget = config.target_r * len(adapters)
@@ -172,7 +172,7 @@ def orthogonal_regularization(model: nn.Module, adapter_name: str | None = None)
 
     Add it to the training loss (peftlab never adds it for you). Zero when the weight is 0.
     """
-    _, config, adapters = _adalora_parts(model, adapter_name)
+    _, config, adapters = resolve_adalora(model, adapter_name)
     if not adapters:
         return torch.zeros(())
     device = adapters[0][1].lora_A.device
