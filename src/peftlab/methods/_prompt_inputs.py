@@ -77,8 +77,14 @@ def prefix_cache(base_model: nn.Module, rows: torch.Tensor, config: PromptLearni
     n, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
     dtype = base_model.get_input_embeddings().weight.dtype
     kv = rows.to(dtype).unsqueeze(0).expand(batch, -1, -1).reshape(batch, n, layers * 2, heads, config.token_dim // heads)
-    kv = kv.permute(2, 0, 3, 1, 4)  # (layers * 2, batch, heads, n, head_dim)
-    cache = DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(layers)])
+    subs = config.num_transformer_submodules
+    if subs == 2:
+        # peft's layout for encoder-decoder models: the row blocks are doubled and read in groups
+        # of four (self k, self v, cross k, cross v), so decoder layer i takes blocks 4i, 4i+1
+        # (mod 2 * num_layers). Kept as is: it defines what a saved seq2seq prefix means.
+        kv = torch.cat((kv, kv), dim=2)
+    groups = kv.permute(2, 0, 3, 1, 4).split(2 * subs)  # per layer: (2 * subs, batch, heads, n, head_dim)
+    cache = DynamicCache([(group[0], group[1]) for group in groups])
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         # The prefix joins the decoder's self-attention; cross-attention is computed from the encoder.
         return EncoderDecoderCache(cache, DynamicCache())
