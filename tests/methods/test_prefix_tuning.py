@@ -28,6 +28,6 @@ CASES = {
     "gpt2-causal-projection": PromptCase(tiny_gpt2, text_inputs, *_pair("CAUSAL_LM", **PROJ), generates=True),
     "llama-gqa-causal": PromptCase(tiny_llama, text_inputs, *_pair("CAUSAL_LM", **PLAIN), generates=True),
     "llama-gqa-causal-projection": PromptCase(tiny_llama, text_inputs, *_pair("CAUSAL_LM", **PROJ), generates=True),
-    "t5-seq2seq": PromptCase(tiny_t5, seq2seq_inputs, *_pair("SEQ_2_SEQ_LM", **PLAIN)),
+    "t5-seq2seq": PromptCase(tiny_t5, seq2seq_inputs, *_pair("SEQ_2_SEQ_LM", **PLAIN), generates=True),
 }
 globals().update(prompt_contract_tests(CASES))

@@ -127,19 +127,24 @@ def generate_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLea
     mask = kwargs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
-    if config.task_type == TaskType.SEQ_2_SEQ_LM:
-        if kind == "prefix":
-            raise PeftConfigError(
-                "generate() for prefix tuning on encoder-decoder models is not supported by peftlab yet; "
-                "use forward() or prompt tuning / P-tuning for seq2seq generation."
-            )
-        out = prompt_embeddings(base_model, rows, config, {**kwargs, "attention_mask": mask})
-        return out
-    kwargs["attention_mask"] = _with_leading(mask, n)
+    if config.task_type == TaskType.SEQ_2_SEQ_LM and kind != "prefix":
+        return prompt_embeddings(base_model, rows, config, {**kwargs, "attention_mask": mask})
+    if config.task_type != TaskType.SEQ_2_SEQ_LM:  # seq2seq: the prefix is on the decoder, the mask on the encoder
+        kwargs["attention_mask"] = _with_leading(mask, n)
     if kind == "prefix":
-        kwargs["past_key_values"] = prefix_cache(base_model, rows, config, batch)
+        # generate() repeats every tensor input per beam / returned sequence, but not a cache object:
+        # build the cache at the expanded batch size (all rows of the prefix are the same).
+        kwargs["past_key_values"] = prefix_cache(base_model, rows, config, batch * _expand_size(base_model, kwargs))
     else:
         embeds = base_model.get_input_embeddings()(input_ids)
         prompts = rows[:n].unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
         kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
     return kwargs
+
+
+def _expand_size(base_model: nn.Module, kwargs: dict[str, Any]) -> int:
+    """How many times generate() repeats each input row (transformers: max(num_beams, num_return_sequences))."""
+    config = kwargs.get("generation_config") or getattr(base_model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
+    return max(int(beams), int(returned))
