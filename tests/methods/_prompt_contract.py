@@ -219,3 +219,44 @@ def prompt_contract_tests(cases: dict[str, PromptCase]) -> dict[str, Callable]:
         check_disable_gives_base(cases[case])
 
     return {name: fn for name, fn in locals().items() if name.startswith("test_")}
+
+
+class ToyTask(torch.utils.data.Dataset):
+    """Label = whether token 5 is the first token: learnable in a few steps; ``lm``: a fixed sentence to model."""
+
+    def __init__(self, n: int = 32, length: int = 6, lm: bool = False) -> None:
+        self.lm = lm
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(6, 99, (n, length), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.ids[self.labels == 1, 0] = 5
+        if lm:  # one fixed sentence: a prompt alone can make it likely
+            self.ids[:] = torch.tensor([5, 17, 33, 61, 17, 33])[:length]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "unused": 0}
+        item["labels"] = self.ids[i] if self.lm else self.labels[i]
+        return item
+
+
+def check_trainer_trains(model: nn.Module, tmp_path, lm: bool = False, epochs: int = 6, lr: float = 3e-2) -> None:
+    """HF Trainer runs a few steps: eval loss falls and only the prompt (and head copy) change."""
+    from transformers import Trainer, TrainingArguments
+
+    data = ToyTask(lm=lm)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=epochs, learning_rate=lr,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    first = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    last = trainer.evaluate()["eval_loss"]
+    assert last < first * 0.9, (first, last)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any(n.startswith("prompt_encoder.default.") for n in changed), changed
+    assert all(n.startswith("prompt_encoder.default.") or ".copies.default." in n for n in changed), changed
