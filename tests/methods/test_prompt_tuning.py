@@ -199,3 +199,13 @@ def test_mixed_batch_adapter_names_are_refused():
     model = get_peft_model(tiny_gpt2(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with pytest.raises(peftlab.AdapterStateError, match="not supported for prompt methods"):
         model(**text_inputs(), adapter_names=["default"] * 3)
+
+
+def test_model_without_inputs_embeds_is_rejected():
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    with pytest.raises(PeftConfigError, match="takes no inputs_embeds"):
+        get_peft_model(model, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    assert all(p.requires_grad for p in model.parameters())
+    assert type(model.classifier).__name__ == "Linear"

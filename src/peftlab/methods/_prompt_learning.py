@@ -85,6 +85,17 @@ def _first_attr(config: Any, names: tuple[str, ...], what: str, method: str) -> 
     raise PeftConfigError(f"{method}: cannot read {what} from the model config; set it in the config explicitly.")
 
 
+def forward_accepts(model: nn.Module, argument: str) -> bool:
+    """True when the model's forward (or its backbone's, reached through **kwargs) names ``argument``."""
+    import inspect
+
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    for module in (model, backbone):
+        if isinstance(module, nn.Module) and argument in inspect.signature(module.forward).parameters:
+            return True
+    return False
+
+
 def resolve_prompt_config(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
     """Fill the model-shape fields from the model's config, as peft does (config is a copy)."""
     method = type(config).__name__
@@ -105,6 +116,17 @@ def resolve_prompt_config(config: PromptLearningConfig, model: nn.Module) -> Pro
         )
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
+    return config
+
+
+def resolve_embedding_prompt_config(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
+    """:func:`resolve_prompt_config` for methods that feed rows as input embeddings."""
+    config = resolve_prompt_config(config, model)
+    if not forward_accepts(model, "inputs_embeds"):
+        raise PeftConfigError(
+            f"{type(config).__name__}: {type(model).__name__}.forward takes no inputs_embeds, so virtual tokens "
+            f"cannot be put in front of its input; use a layer method such as LoraConfig for this model."
+        )
     return config
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, resolve_prompt_config
+from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, resolve_embedding_prompt_config
 from peftlab.registry import MethodSpec, register
 
 
@@ -107,7 +107,7 @@ class PromptEncoder(VirtualTokens):
 
 
 def resolve_p_tuning_config(config: PromptEncoderConfig, model: nn.Module) -> PromptEncoderConfig:
-    config = resolve_prompt_config(config, model)
+    config = resolve_embedding_prompt_config(config, model)
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
     return config

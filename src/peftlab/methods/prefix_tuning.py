@@ -16,7 +16,7 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, resolve_prompt_config
+from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, forward_accepts, resolve_prompt_config
 from peftlab.registry import MethodSpec, register
 
 
@@ -99,7 +99,7 @@ def resolve_prefix_config(config: PrefixTuningConfig, model: nn.Module) -> Prefi
         )
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
-    if not _accepts_cache(model):
+    if not forward_accepts(model, "past_key_values"):
         raise PeftConfigError(
             f"PrefixTuningConfig: {type(model).__name__} does not take past_key_values, which prefix tuning needs; "
             f"use PromptTuningConfig or PromptEncoderConfig for this model."
@@ -107,16 +107,6 @@ def resolve_prefix_config(config: PrefixTuningConfig, model: nn.Module) -> Prefi
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise PeftConfigError("PrefixTuningConfig does not work with gradient checkpointing; disable it first.")
     return config
-
-
-def _accepts_cache(model: nn.Module) -> bool:
-    """True when the model (or its backbone, reached through **kwargs) has a past_key_values argument."""
-    import inspect
-
-    for module in (model, getattr(model, getattr(model, "base_model_prefix", ""), None)):
-        if module is not None and "past_key_values" in inspect.signature(module.forward).parameters:
-            return True
-    return False
 
 
 def make_prefix_encoder(model: nn.Module, config: PrefixTuningConfig) -> PrefixEncoder:

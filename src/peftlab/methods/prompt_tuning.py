@@ -16,7 +16,7 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, resolve_prompt_config
+from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, resolve_embedding_prompt_config
 from peftlab.registry import MethodSpec, register
 
 
@@ -119,4 +119,4 @@ def make_prompt_embedding(model: nn.Module, config: PromptTuningConfig) -> Promp
     return module.to(word_embeddings.weight.device)
 
 
-register(MethodSpec(PromptTuningConfig, resolve_config=resolve_prompt_config, make_model_adapter=make_prompt_embedding))
+register(MethodSpec(PromptTuningConfig, resolve_config=resolve_embedding_prompt_config, make_model_adapter=make_prompt_embedding))
