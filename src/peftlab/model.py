@@ -171,7 +171,10 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         prompt = self._active_prompt(adapter_names)
         if prompt is not None:
-            return self.base_model.generate(**prompt.generate_kwargs(self.base_model, _named_inputs(self.base_model, args, kwargs)))
+            if len(args) > 1:
+                raise AdapterStateError("generate() takes one positional input (input_ids); pass the rest by name.")
+            named = {"input_ids": args[0], **kwargs} if args else dict(kwargs)
+            return self.base_model.generate(**prompt.generate_kwargs(self.base_model, named))
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
         # generate() repeats each row for beams / returned sequences; repeat the names alike.

@@ -209,3 +209,13 @@ def test_model_without_inputs_embeds_is_rejected():
         get_peft_model(model, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
     assert all(p.requires_grad for p in model.parameters())
     assert type(model.classifier).__name__ == "Linear"
+
+
+def test_generate_takes_positional_input_ids():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_gpt2(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ids = text_inputs()["input_ids"]
+    expected = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), expected)
+    with pytest.raises(PeftConfigError, match="needs input_ids"):
+        model.generate(inputs_embeds=torch.zeros(1, 2, 32), max_new_tokens=1)
