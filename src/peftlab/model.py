@@ -358,6 +358,8 @@ class PeftModel(nn.Module):
             set_peft_model_state_dict(self, weights, adapter_name)
         except Exception:
             surgery.remove_adapter(self.base_model, adapter_name)
+            if adapter_name in self.prompt_encoder:
+                del self.prompt_encoder[adapter_name]
             del self.peft_config[adapter_name]
             raise
         self._mark_trainable()

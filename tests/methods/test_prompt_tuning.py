@@ -219,3 +219,20 @@ def test_generate_takes_positional_input_ids():
     assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), expected)
     with pytest.raises(PeftConfigError, match="needs input_ids"):
         model.generate(inputs_embeds=torch.zeros(1, 2, 32), max_new_tokens=1)
+
+
+def test_failed_load_adapter_leaves_the_model_as_it_was(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    base = tiny_gpt2()
+    get_peft_model(copy.deepcopy(base), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["num_virtual_tokens"] = 2
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    before = model(**text_inputs()).logits
+    with pytest.raises(peftlab.CheckpointError):
+        model.load_adapter(tmp_path, "broken")
+    assert list(model.prompt_encoder) == ["default"] and list(model.peft_config) == ["default"]
+    torch.testing.assert_close(model(**text_inputs()).logits, before)
