@@ -236,3 +236,15 @@ def test_failed_load_adapter_leaves_the_model_as_it_was(tmp_path):
         model.load_adapter(tmp_path, "broken")
     assert list(model.prompt_encoder) == ["default"] and list(model.peft_config) == ["default"]
     torch.testing.assert_close(model(**text_inputs()).logits, before)
+
+
+def test_method_spec_needs_exactly_one_factory():
+    from peftlab.methods.prompt_tuning import make_prompt_embedding
+    from peftlab.registry import MethodSpec, method_for
+
+    assert method_for("PROMPT_TUNING").make_model_adapter is make_prompt_embedding
+    assert method_for("PROMPT_TUNING").make_adapter is None
+    with pytest.raises(PeftConfigError, match="exactly one of make_adapter"):
+        MethodSpec(PromptTuningConfig)
+    with pytest.raises(PeftConfigError, match="exactly one of make_adapter"):
+        MethodSpec(PromptTuningConfig, make_adapter=lambda *a: None, make_model_adapter=make_prompt_embedding)
