@@ -13,6 +13,9 @@ from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.loha import LoHaConfig
 from peftlab.methods.lokr import LoKrConfig
 from peftlab.methods.lora import LoraConfig
+from peftlab.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from peftlab.methods.prefix_tuning import PrefixTuningConfig
+from peftlab.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from peftlab.model import (
     PeftModel,
     get_peft_model,
@@ -36,6 +39,11 @@ __all__ = [
     "PeftModel",
     "PeftType",
     "PeftlabError",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TargetModuleError",
     "TaskType",
     "get_peft_model",

@@ -6,7 +6,9 @@ The on-disk layout is Hugging Face peft's, so adapters move both ways between th
   left out (``...attention.self.query.lora_A.weight``, ``...key.ia3_l``);
 * a fully trained module (classifier head) is saved under its own path
   (``base_model.model.classifier.weight``); biases trained by LoRA under theirs;
-* the adapter named "default" sits in the folder itself, any other in a sub-folder.
+* the adapter named "default" sits in the folder itself, any other in a sub-folder;
+* prompt methods save their rows as ``prompt_embeddings`` and their heads under ``base_model.``
+  (peft keeps the bare model there for them).
 
 Loading checks every key and shape against the model *before* copying anything in.
 """
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+PROMPT_HEAD_PREFIX = "base_model."
 # Keys peft writes for a fully trained module's inner copies when bias="all"; they duplicate
 # the module's own keys and carry nothing new.
 _PEFT_DUPLICATE_MARKERS = (".original_module.", ".modules_to_save.")
@@ -59,16 +62,27 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping | None = Non
     tensors are read from the adapter modules themselves.
     """
     config = model.peft_config[adapter_name]
+    prompt = _prompt_module(model, adapter_name)
+    prefix = KEY_PREFIX if prompt is None else PROMPT_HEAD_PREFIX
     tensors = adapter_tensors(model.base_model, config, adapter_name)
     # A method may store tensors on disk in another form (AdaLoRA keeps only allocated ranks).
     to_disk = getattr(config, "checkpoint_tensors", None)
     if to_disk is not None:
         tensors = to_disk(tensors)
-    return {KEY_PREFIX + k: v.detach() for k, v in tensors.items()}
+    out = {prefix + k: v.detach() for k, v in tensors.items()}
+    if prompt is not None:
+        out.update(prompt.saved_tensors())
+    return out
 
 
-def _normalize_key(key: str) -> str:
-    return key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+def _prompt_module(model: nn.Module, adapter_name: str) -> nn.Module | None:
+    """The model-level module of a prompt-method adapter (see PeftModel.prompt_encoder), else None."""
+    prompts = getattr(model, "prompt_encoder", None)
+    return prompts[adapter_name] if prompts is not None and adapter_name in prompts else None
+
+
+def _normalize_key(key: str, prefix: str = KEY_PREFIX) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
 
 
 def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
@@ -79,15 +93,20 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     """
     config = model.peft_config[adapter_name]
     expected = adapter_tensors(model.base_model, config, adapter_name)
+    prompt = _prompt_module(model, adapter_name)
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    if prompt is not None:
+        shapes.update({k: tuple(v.shape) for k, v in prompt.saved_tensors().items()})
+    prefix = KEY_PREFIX if prompt is None else PROMPT_HEAD_PREFIX
     given = {
-        _normalize_key(k): v for k, v in state_dict.items() if not any(m in k for m in _PEFT_DUPLICATE_MARKERS)
+        _normalize_key(k, prefix): v for k, v in state_dict.items() if not any(m in k for m in _PEFT_DUPLICATE_MARKERS)
     }
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
+    missing = sorted(set(shapes) - set(given))
+    unexpected = sorted(set(given) - set(shapes))
     wrong_shape = [
-        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {shapes[k]}"
+        for k in shapes
+        if k in given and tuple(given[k].shape) != shapes[k]
     ]
     problems = []
     if missing:
@@ -104,12 +123,14 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
             f"{f' (it names base model {base!r})' if base else ''}; load it into that model, "
             f"or check that adapter_config.json matches the weights file."
         )
-    bad_dtype = [k for k, v in given.items() if not (v.is_floating_point() or v.dtype == expected[k].dtype)]
+    bad_dtype = [k for k, v in given.items() if not (v.is_floating_point() or (k in expected and v.dtype == expected[k].dtype))]
     if bad_dtype:
         raise CheckpointError(f"adapter tensors {bad_dtype[:3]} are not floating point; the file is damaged.")
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(given[key].to(device=target.device, dtype=target.dtype))
+    if prompt is not None:
+        prompt.load_saved({k: given[k] for k in shapes if k not in expected})
 
 
 def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None) -> str:

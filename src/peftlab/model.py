@@ -38,6 +38,9 @@ class PeftModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str = adapter_name
+        # Model-level adapters of prompt methods (virtual tokens), by adapter name; empty otherwise.
+        self.prompt_encoder = nn.ModuleDict()
+        self._prompts_disabled = False
         self._add(adapter_name, peft_config)
         self._mark_trainable()
         self._expose_base_signature()
@@ -74,7 +77,7 @@ class PeftModel(nn.Module):
             )
         spec = method_for(config.peft_type)
         config = self._resolved(config)
-        names = targeting.find_targets(
+        names = [] if spec.make_model_adapter is not None else targeting.find_targets(
             self.base_model,
             config.target_modules,
             exclude_modules=config.exclude_modules,
@@ -93,9 +96,12 @@ class PeftModel(nn.Module):
                 f"modules_to_save {user_heads} match no module in {type(self.base_model).__name__}; "
                 f"top-level modules are: {[n for n, _ in self.base_model.named_children()]}."
             )
-        surgery.inject_adapter(
-            self.base_model, names, adapter_name, lambda base, name: spec.make_adapter(base, config, adapter_name, name)
-        )
+        if spec.make_model_adapter is not None:
+            self.prompt_encoder[adapter_name] = spec.make_model_adapter(self.base_model, config)
+        else:
+            surgery.inject_adapter(
+                self.base_model, names, adapter_name, lambda base, name: spec.make_adapter(base, config, adapter_name, name)
+            )
         if config.modules_to_save:
             surgery.wrap_modules_to_save(self.base_model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
@@ -122,11 +128,13 @@ class PeftModel(nn.Module):
     # ----- trainable parameters -------------------------------------------------------------
     def _mark_trainable(self) -> None:
         """Freeze everything, then unfreeze the active adapter (unless loaded for inference)."""
-        for param in self.base_model.parameters():
+        for param in [*self.base_model.parameters(), *self.prompt_encoder.parameters()]:
             param.requires_grad_(False)
         config = self.peft_config[self.active_adapter]
         if config.inference_mode:
             return
+        if self.active_adapter in self.prompt_encoder:
+            self.prompt_encoder[self.active_adapter].requires_grad_(True)
         for tensor in checkpoint.adapter_tensors(self.base_model, config, self.active_adapter).values():
             if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
                 tensor.requires_grad_(True)
@@ -152,12 +160,21 @@ class PeftModel(nn.Module):
         """Run the base model; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters."""
         if labels is not None:
             kwargs["labels"] = labels
+        prompt = self._active_prompt(adapter_names)
+        if prompt is not None:
+            return self.base_model(**prompt.forward_kwargs(self.base_model, _named_inputs(self.base_model, args, kwargs)))
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
         with self._rows_routed(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        prompt = self._active_prompt(adapter_names)
+        if prompt is not None:
+            if len(args) > 1:
+                raise AdapterStateError("generate() takes one positional input (input_ids); pass the rest by name.")
+            named = {"input_ids": args[0], **kwargs} if args else dict(kwargs)
+            return self.base_model.generate(**prompt.generate_kwargs(self.base_model, named))
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
         # generate() repeats each row for beams / returned sequences; repeat the names alike.
@@ -166,6 +183,14 @@ class PeftModel(nn.Module):
         rows = [name for name in adapter_names for _ in range(repeat)]
         with self._rows_routed(rows):
             return self.base_model.generate(*args, **kwargs)
+
+    def _active_prompt(self, adapter_names: Sequence[str] | None) -> nn.Module | None:
+        """The active prompt method's module, or None (layer methods, or inside disable_adapter())."""
+        if self.active_adapter not in self.prompt_encoder or self._prompts_disabled:
+            return None
+        if adapter_names is not None:
+            raise AdapterStateError("mixed-batch adapter_names is not supported for prompt methods; run one adapter per batch.")
+        return self.prompt_encoder[self.active_adapter]
 
     @contextlib.contextmanager
     def _rows_routed(self, adapter_names: Sequence[str]) -> Iterator[None]:
@@ -209,6 +234,8 @@ class PeftModel(nn.Module):
         if len(self.peft_config) == 1:
             raise AdapterStateError("cannot delete the only adapter; use unload() to get the base model back.")
         surgery.remove_adapter(self.base_model, adapter_name)
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
@@ -221,9 +248,11 @@ class PeftModel(nn.Module):
         wrappers = [w for _, w in iter_wrappers(self.base_model)]
         for wrapper in wrappers:
             wrapper.disabled = True
+        self._prompts_disabled = True
         try:
             yield
         finally:
+            self._prompts_disabled = False
             for wrapper in wrappers:
                 wrapper.disabled = False
 
@@ -238,6 +267,12 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (undo with :meth:`unmerge_adapter`)."""
         names = self._check_names(adapter_names)
+        prompts = [n for n in names if n in self.prompt_encoder]
+        if prompts:
+            raise AdapterStateError(
+                f"adapters {prompts} use {type(self.peft_config[prompts[0]]).__name__}, a prompt method: its virtual "
+                f"tokens are extra inputs, not a weight update, so they cannot be merged. Keep the PeftModel for inference."
+            )
         layers = [w for _, w in iter_wrappers(self.base_model) if isinstance(w, AdaptedLayer)]
         if safe_merge:
             _check_merge_is_finite(layers, names)
@@ -323,6 +358,8 @@ class PeftModel(nn.Module):
             set_peft_model_state_dict(self, weights, adapter_name)
         except Exception:
             surgery.remove_adapter(self.base_model, adapter_name)
+            if adapter_name in self.prompt_encoder:
+                del self.prompt_encoder[adapter_name]
             del self.peft_config[adapter_name]
             raise
         self._mark_trainable()
@@ -335,6 +372,18 @@ class PeftModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+
+def _named_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional inputs given names from the base model's forward signature (prompt methods rewrite them by name)."""
+    if not args:
+        return dict(kwargs)
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(params):
+        raise AdapterStateError(f"{len(args)} positional inputs but {type(model).__name__}.forward names only {len(params)}; pass them by name.")
+    return {**dict(zip((p.name for p in params), args)), **kwargs}
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

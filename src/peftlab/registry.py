@@ -21,23 +21,38 @@ if TYPE_CHECKING:
 
 # (base layer, config, adapter name, module path) -> the adapter module for that layer.
 AdapterFactory = Callable[[nn.Module, "PeftConfig", str, str], "LayerAdapter"]
+# (base model, resolved config) -> one model-level adapter (prompt methods): PeftModel keeps it in
+# ``prompt_encoder[adapter name]`` and lets it rewrite the inputs of forward / generate.
+ModelAdapterFactory = Callable[[nn.Module, "PeftConfig"], nn.Module]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What the library needs to know about one layer-adapting method.
+    """What the library needs to know about one method.
+
+    A method either adapts layers (``make_adapter``) or the model's inputs (``make_model_adapter``,
+    the prompt methods); exactly one of the two is given.
 
     Args:
         config_cls: the method's config dataclass (its ``peft_type`` is the registry key).
         make_adapter: builds the adapter module for one target layer.
         default_targets: model_type -> target module names used when target_modules is None.
         resolve_config: fills model-dependent defaults into a (copied) config before injection.
+        make_model_adapter: builds the one model-level adapter module of a prompt method.
     """
 
     config_cls: type["PeftConfig"]
-    make_adapter: AdapterFactory
+    make_adapter: AdapterFactory | None = None
     default_targets: dict[str, list[str]] = field(default_factory=dict)
     resolve_config: Callable[["PeftConfig", nn.Module], "PeftConfig"] | None = None
+    make_model_adapter: ModelAdapterFactory | None = None
+
+    def __post_init__(self) -> None:
+        if (self.make_adapter is None) == (self.make_model_adapter is None):
+            raise PeftConfigError(
+                f"{self.config_cls.__name__}: register exactly one of make_adapter (layer method) "
+                f"or make_model_adapter (prompt method)."
+            )
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -48,6 +63,9 @@ _BUILTIN_MODULES = (
     "peftlab.methods.loha",
     "peftlab.methods.lokr",
     "peftlab.methods.adalora",
+    "peftlab.methods.prompt_tuning",
+    "peftlab.methods.prefix_tuning",
+    "peftlab.methods.p_tuning",
 )
 
 

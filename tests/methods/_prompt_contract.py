@@ -1,0 +1,262 @@
+"""Generic checks for the prompt methods (prompt tuning, P-tuning, prefix tuning).
+
+A row is ``PromptCase(build, inputs, ours, theirs)``: a tiny base model, its inputs and two config
+factories (peftlab's and Hugging Face peft's, same settings). Parity copies peft's prompt-encoder
+weights into ours, so both libraries must compute the same function of the same parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from conftest import main_output
+
+GEN_KW = {"max_new_tokens": 4, "do_sample": False}
+
+
+@dataclass
+class PromptCase:
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], dict[str, torch.Tensor]]
+    ours: Callable[[], Any]
+    theirs: Callable[[], Any]
+    generates: bool = False
+
+
+def run(model: nn.Module, inputs: dict) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return main_output(model(**inputs))
+
+
+def generate(model: nn.Module, inputs: dict) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **GEN_KW)
+
+
+def twin_models(case: PromptCase, seed: int = 1) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(base, peft model, peftlab model) with identical prompt weights and heads."""
+    import peft
+
+    torch.manual_seed(0)
+    base = case.build()
+    torch.manual_seed(seed)
+    theirs = peft.get_peft_model(copy.deepcopy(base), case.theirs())
+    ours = peftlab.get_peft_model(copy.deepcopy(base), case.ours())
+    ours.prompt_encoder["default"].load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    return base, theirs, ours
+
+
+def check_forward_parity(case: PromptCase) -> None:
+    base, theirs, ours = twin_models(case)
+    inputs = case.inputs()
+    expected = run(theirs, inputs)
+    got = run(ours, inputs)
+    assert got.shape == expected.shape
+    base_out = run(base, inputs)
+    tail = expected[:, -base_out.shape[1]:] if expected.dim() == 3 else expected  # causal LM: drop virtual positions
+    assert not torch.allclose(tail, base_out, atol=1e-4), "the prompt must change the output"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def check_generate_parity(case: PromptCase) -> None:
+    base, theirs, ours = twin_models(case)
+    inputs = case.inputs()
+    expected = generate(theirs, inputs)
+    got = generate(ours, inputs)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert torch.equal(got, expected), (got, expected)
+    if not base.config.is_encoder_decoder:  # decoder-only output starts with the prompt's real tokens
+        assert torch.equal(got[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+        assert got.shape[1] == inputs["input_ids"].shape[1] + GEN_KW["max_new_tokens"]
+
+
+def check_peft_to_peftlab(case: PromptCase, tmp_path) -> None:
+    import peft
+
+    base, theirs, _ = twin_models(case)
+    theirs.save_pretrained(tmp_path)
+    loaded = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    inputs = case.inputs()
+    torch.testing.assert_close(run(loaded, inputs), run(theirs, inputs), atol=1e-5, rtol=1e-5)
+    if case.generates:
+        assert torch.equal(generate(loaded, inputs), generate(theirs, inputs))
+    # peft's own reload of its file gives the same numbers, so the file is what both read.
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(run(loaded, inputs), run(reloaded, inputs), atol=1e-5, rtol=1e-5)
+
+
+def check_peftlab_to_peft(case: PromptCase, tmp_path) -> None:
+    import peft
+    from safetensors.torch import load_file
+
+    base, theirs, ours = twin_models(case, seed=2)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours_file = load_file(os.path.join(tmp_path, "ours", "adapter_model.safetensors"))
+    theirs_file = load_file(os.path.join(tmp_path, "theirs", "adapter_model.safetensors"))
+    assert sorted(ours_file) == sorted(theirs_file)
+    for key in theirs_file:
+        torch.testing.assert_close(ours_file[key], theirs_file[key], atol=1e-6, rtol=1e-6, msg=key)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    inputs = case.inputs()
+    torch.testing.assert_close(run(loaded, inputs), run(ours, inputs), atol=1e-5, rtol=1e-5)
+    if case.generates:
+        assert torch.equal(generate(loaded, inputs), generate(ours, inputs))
+    ours_json = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert ours_json["peft_type"] == theirs.peft_config["default"].peft_type.value
+
+
+def check_save_load_roundtrip(case: PromptCase, tmp_path) -> None:
+    base, _, ours = twin_models(case)
+    inputs = case.inputs()
+    ours.save_pretrained(tmp_path)
+    for trainable in (False, True):
+        loaded = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=trainable)
+        torch.testing.assert_close(run(loaded, inputs), run(ours, inputs), atol=1e-6, rtol=1e-6)
+        assert any(p.requires_grad for p in loaded.prompt_encoder.parameters()) == trainable
+
+
+def check_only_prompt_and_head_train(case: PromptCase) -> None:
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(case.build(), case.ours())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("prompt_encoder.default.") for n in trainable)
+    assert all(n.startswith("prompt_encoder.default.") or ".copies.default." in n for n in trainable), sorted(trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    inputs = case.inputs()
+    for _ in range(3):
+        loss = main_output(model(**inputs)).float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+    assert any(n.startswith("prompt_encoder.default.") for n in changed)
+    assert all(n in changed for n in trainable if n.startswith("prompt_encoder.default.embedding"))
+
+
+def check_trainable_count_matches_peft(case: PromptCase, capsys) -> None:
+    _, theirs, ours = twin_models(case)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ours.print_trainable_parameters()
+    trainable, total = theirs.get_nb_trainable_parameters()
+    assert f"trainable params: {trainable:,d} || all params: {total:,d}" in capsys.readouterr().out
+
+
+def check_not_mergeable(case: PromptCase) -> None:
+    _, _, ours = twin_models(case)
+    inputs = case.inputs()
+    before = run(ours, inputs)
+    with pytest.raises(peftlab.AdapterStateError, match="cannot be merged"):
+        ours.merge_and_unload()
+    with pytest.raises(peftlab.AdapterStateError, match="cannot be merged"):
+        ours.merge_adapter()
+    torch.testing.assert_close(run(ours, inputs), before)
+
+
+def check_disable_gives_base(case: PromptCase) -> None:
+    base, _, ours = twin_models(case)
+    inputs = case.inputs()
+    with ours.disable_adapter():
+        got = run(ours, inputs)
+    # heads are copies of the base heads at init, so disabled == base model
+    torch.testing.assert_close(got, run(base, inputs), atol=1e-6, rtol=0)
+
+
+def prompt_contract_tests(cases: dict[str, PromptCase]) -> dict[str, Callable]:
+    """Module-level test functions over a table of cases (pytest collects the returned dict)."""
+    ids = list(cases)
+    gen_ids = [k for k in ids if cases[k].generates]
+
+    @pytest.mark.parametrize("case", ids)
+    def test_forward_matches_peft(case):
+        check_forward_parity(cases[case])
+
+    @pytest.mark.parametrize("case", gen_ids)
+    def test_greedy_generate_matches_peft(case):
+        check_generate_parity(cases[case])
+
+    @pytest.mark.parametrize("case", ids)
+    def test_peft_checkpoint_loads_in_peftlab(case, tmp_path):
+        check_peft_to_peftlab(cases[case], tmp_path)
+
+    @pytest.mark.parametrize("case", ids)
+    def test_peftlab_checkpoint_loads_in_peft(case, tmp_path):
+        check_peftlab_to_peft(cases[case], tmp_path)
+
+    @pytest.mark.parametrize("case", ids)
+    def test_save_load_roundtrip(case, tmp_path):
+        check_save_load_roundtrip(cases[case], tmp_path)
+
+    @pytest.mark.parametrize("case", ids)
+    def test_only_prompt_and_head_change_in_training(case):
+        check_only_prompt_and_head_train(cases[case])
+
+    @pytest.mark.parametrize("case", ids)
+    def test_trainable_count_matches_peft(case, capsys):
+        check_trainable_count_matches_peft(cases[case], capsys)
+
+    @pytest.mark.parametrize("case", ids[:1])
+    def test_merge_is_refused(case):
+        check_not_mergeable(cases[case])
+
+    @pytest.mark.parametrize("case", ids)
+    def test_disable_adapter_gives_base_model(case):
+        check_disable_gives_base(cases[case])
+
+    return {name: fn for name, fn in locals().items() if name.startswith("test_")}
+
+
+class ToyTask(torch.utils.data.Dataset):
+    """Label = whether token 5 is the first token: learnable in a few steps; ``lm``: a fixed sentence to model."""
+
+    def __init__(self, n: int = 32, length: int = 6, lm: bool = False) -> None:
+        self.lm = lm
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(6, 99, (n, length), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.ids[self.labels == 1, 0] = 5
+        if lm:  # one fixed sentence: a prompt alone can make it likely
+            self.ids[:] = torch.tensor([5, 17, 33, 61, 17, 33])[:length]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "unused": 0}
+        item["labels"] = self.ids[i] if self.lm else self.labels[i]
+        return item
+
+
+def check_trainer_trains(model: nn.Module, tmp_path, lm: bool = False, epochs: int = 6, lr: float = 3e-2) -> None:
+    """HF Trainer runs a few steps: eval loss falls and only the prompt (and head copy) change."""
+    from transformers import Trainer, TrainingArguments
+
+    data = ToyTask(lm=lm)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=epochs, learning_rate=lr,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    first = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    last = trainer.evaluate()["eval_loss"]
+    assert last < first * 0.9, (first, last)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any(n.startswith("prompt_encoder.default.") for n in changed), changed
+    assert all(n.startswith("prompt_encoder.default.") or ".copies.default." in n for n in changed), changed
