@@ -5,10 +5,12 @@ The public API mirrors Hugging Face peft's names, so switching is a change of im
 
 from peftlab.config import PeftConfig, PeftType, TaskType
 from peftlab.errors import AdapterStateError, CheckpointError, PeftConfigError, PeftlabError, TargetModuleError
+from peftlab.methods.bottleneck import BottleneckConfig
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.loha import LoHaConfig
 from peftlab.methods.lokr import LoKrConfig
 from peftlab.methods.lora import LoraConfig
+from peftlab.methods.selective import SelectiveConfig
 from peftlab.model import (
     PeftModel,
     get_peft_model,
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterStateError",
+    "BottleneckConfig",
     "CheckpointError",
     "IA3Config",
     "LoHaConfig",
@@ -30,6 +33,7 @@ __all__ = [
     "PeftModel",
     "PeftType",
     "PeftlabError",
+    "SelectiveConfig",
     "TargetModuleError",
     "TaskType",
     "get_peft_model",

@@ -7,9 +7,10 @@ of the library looks methods up here and never names them.
 from __future__ import annotations
 
 import importlib
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
@@ -23,6 +24,30 @@ if TYPE_CHECKING:
 AdapterFactory = Callable[[nn.Module, "PeftConfig", str, str], "LayerAdapter"]
 
 
+class ModelTuner(Protocol):
+    """A method that trains tensors the model already has and replaces no module (selective tuning).
+
+    One tuner per model holds every adapter of its method; PeftModel calls it where layer
+    methods go through surgery. Its trainable tensors are reported by the config's
+    ``extra_trainable_parameters``, so saving, loading and freezing need no special case.
+    """
+
+    def add(self, adapter_name: str, config: "PeftConfig") -> None:
+        """Register an adapter; raise before changing anything when the config selects nothing."""
+
+    def remove(self, adapter_name: str) -> None:
+        """Forget an adapter; the model gets back the base values of its tensors if it was active."""
+
+    def activate(self, adapter_name: str) -> None:
+        """Put this adapter's values into the model (the previous active one is stashed)."""
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """Inside the block the model holds the base values."""
+
+    def finish(self, keep: str | None) -> None:
+        """Drop the tuner's state: keep adapter ``keep``'s values in the model, or the base values."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """What the library needs to know about one layer-adapting method.
@@ -32,12 +57,18 @@ class MethodSpec:
         make_adapter: builds the adapter module for one target layer.
         default_targets: model_type -> target module names used when target_modules is None.
         resolve_config: fills model-dependent defaults into a (copied) config before injection.
+        default_targets_for: (config, model) -> target module names, for methods whose defaults
+            depend on the config (bottleneck placement); used instead of ``default_targets``.
+        make_tuner: builds the :class:`ModelTuner` of a method that does no surgery
+            (``make_adapter`` is then None).
     """
 
     config_cls: type["PeftConfig"]
-    make_adapter: AdapterFactory
+    make_adapter: AdapterFactory | None
     default_targets: dict[str, list[str]] = field(default_factory=dict)
     resolve_config: Callable[["PeftConfig", nn.Module], "PeftConfig"] | None = None
+    default_targets_for: Callable[["PeftConfig", nn.Module], list[str]] | None = None
+    make_tuner: Callable[[nn.Module], ModelTuner] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -47,6 +78,8 @@ _BUILTIN_MODULES = (
     "peftlab.methods.ia3",
     "peftlab.methods.loha",
     "peftlab.methods.lokr",
+    "peftlab.methods.bottleneck",
+    "peftlab.methods.selective",
 )
 
 
