@@ -364,3 +364,15 @@ def test_mixed_batch_rows_use_their_adapter():
             base = run(model, inputs)
     torch.testing.assert_close(mixed, torch.stack([a[0], b[1], base[2]]), atol=1e-5, rtol=1e-5)
     assert F.mse_loss(a, b) > 1e-6
+
+
+def test_layers_to_transform_with_default_targets(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_bert_cls()
+    model = get_peft_model(copy.deepcopy(base), BottleneckConfig(layers_to_transform=[1], init_weights=False))
+    assert adapted_names(model) == ["bert.encoder.layer.1.attention.output.dense", "bert.encoder.layer.1.output.dense"]
+    inputs = text_inputs()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert adapted_names(loaded) == adapted_names(model)
+    torch.testing.assert_close(run(loaded, inputs), run(model, inputs))

@@ -348,3 +348,14 @@ def test_config_json_roundtrip(tmp_path):
     cfg = SelectiveConfig(bitfit=True, bias_modules=["query"], last_n_layers=2, layers_pattern="layer", trainable_parameter_patterns=[".*x"])
     cfg.save_pretrained(tmp_path)
     assert peftlab.PeftConfig.from_pretrained(tmp_path) == cfg
+
+
+def test_deepcopy_keeps_an_independent_tuner():
+    inputs = text_inputs()
+    base, model = trained_bert(SelectiveConfig(bitfit=True))
+    twin = copy.deepcopy(model)
+    tuned = run(model, inputs)
+    with twin.disable_adapter():
+        torch.testing.assert_close(run(twin, inputs), run(base, inputs), atol=0, rtol=0)
+        torch.testing.assert_close(run(model, inputs), tuned, atol=0, rtol=0)  # the original is not disabled
+    torch.testing.assert_close(run(twin, inputs), tuned, atol=0, rtol=0)
