@@ -6,8 +6,8 @@ of the library looks methods up here and never names them.
 
 from __future__ import annotations
 
-import importlib
 import contextlib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
