@@ -9,6 +9,7 @@ from peftlab.config import PeftConfig, PeftType, TaskType
 from peftlab.errors import AdapterStateError, CheckpointError, PeftConfigError, PeftlabError, TargetModuleError
 from peftlab.methods.adalora import AdaLoraConfig
 from peftlab.methods.adalora_budget import orthogonal_regularization, update_and_allocate
+from peftlab.methods.bottleneck import BottleneckConfig
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.loha import LoHaConfig
 from peftlab.methods.lokr import LoKrConfig
@@ -16,6 +17,7 @@ from peftlab.methods.lora import LoraConfig
 from peftlab.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from peftlab.methods.prefix_tuning import PrefixTuningConfig
 from peftlab.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
+from peftlab.methods.selective import SelectiveConfig
 from peftlab.model import (
     PeftModel,
     get_peft_model,
@@ -29,6 +31,7 @@ __all__ = [
     "AdaLoraCallback",
     "AdaLoraConfig",
     "AdapterStateError",
+    "BottleneckConfig",
     "CheckpointError",
     "IA3Config",
     "LoHaConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "SelectiveConfig",
     "TargetModuleError",
     "TaskType",
     "get_peft_model",

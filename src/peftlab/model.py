@@ -23,7 +23,7 @@ from peftlab import checkpoint, surgery, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.layers import BASE_ROW, AdaptedLayer, ModulesToSave, iter_wrappers
-from peftlab.registry import method_for
+from peftlab.registry import ModelTuner, method_for
 
 
 class PeftModel(nn.Module):
@@ -41,6 +41,8 @@ class PeftModel(nn.Module):
         # Model-level adapters of prompt methods (virtual tokens), by adapter name; empty otherwise.
         self.prompt_encoder = nn.ModuleDict()
         self._prompts_disabled = False
+        # Whole-model state of a method that does no surgery (selective tuning); else None.
+        self._tuner: ModelTuner | None = None
         self._add(adapter_name, peft_config)
         self._mark_trainable()
         self._expose_base_signature()
@@ -50,7 +52,9 @@ class PeftModel(nn.Module):
         """A copy of ``config`` with model-dependent defaults filled in."""
         spec = method_for(config.peft_type)
         config = copy.deepcopy(config)
-        if getattr(config, "target_modules", "") is None:
+        if getattr(config, "target_modules", "") is None and spec.default_targets_for is not None:
+            config.target_modules = spec.default_targets_for(config, self.base_model)
+        elif getattr(config, "target_modules", "") is None:
             config.target_modules = targeting.default_target_modules(
                 self.base_model, spec.default_targets, type(config).__name__
             )
@@ -77,6 +81,12 @@ class PeftModel(nn.Module):
             )
         spec = method_for(config.peft_type)
         config = self._resolved(config)
+        if spec.make_tuner is not None:  # no surgery: the tuner only records and swaps tensor values
+            tuner = self._tuner if self._tuner is not None else spec.make_tuner(self.base_model)
+            tuner.add(adapter_name, config)
+            self._tuner = tuner
+            self.peft_config[adapter_name] = config
+            return
         names = [] if spec.make_model_adapter is not None else targeting.find_targets(
             self.base_model,
             config.target_modules,
@@ -200,6 +210,11 @@ class PeftModel(nn.Module):
             raise AdapterStateError(f"adapter_names mentions unknown adapters {unknown}; known: {sorted(self.peft_config)} and {BASE_ROW!r}.")
         if any(isinstance(w, AdaptedLayer) and w.merged_adapters for _, w in iter_wrappers(self.base_model)):
             raise AdapterStateError("mixed-batch inference needs unmerged adapters; call unmerge_adapter() first.")
+        if self._tuner is not None:
+            raise AdapterStateError(
+                f"{type(self.peft_config[self.active_adapter]).__name__} changes the model's own weights, so one "
+                f"forward pass can use only one adapter; run each adapter's rows separately after set_adapter()."
+            )
         wrappers = [w for _, w in iter_wrappers(self.base_model)]
         for wrapper in wrappers:
             wrapper.row_adapters = names
@@ -225,6 +240,8 @@ class PeftModel(nn.Module):
             raise AdapterStateError(f"no adapter named {adapter_name!r}; known: {sorted(self.peft_config)}.")
         for _, wrapper in iter_wrappers(self.base_model):
             wrapper.active_adapters = [adapter_name]
+        if self._tuner is not None:
+            self._tuner.activate(adapter_name)
         self.active_adapter = adapter_name
         self._mark_trainable()
 
@@ -236,6 +253,8 @@ class PeftModel(nn.Module):
         surgery.remove_adapter(self.base_model, adapter_name)
         if adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
+        if self._tuner is not None:
+            self._tuner.remove(adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
@@ -250,7 +269,8 @@ class PeftModel(nn.Module):
             wrapper.disabled = True
         self._prompts_disabled = True
         try:
-            yield
+            with self._tuner.disabled() if self._tuner is not None else contextlib.nullcontext():
+                yield
         finally:
             self._prompts_disabled = False
             for wrapper in wrappers:
@@ -289,11 +309,22 @@ class PeftModel(nn.Module):
         """Merge the adapters into the base weights and return the plain base model."""
         names = self._check_names(adapter_names)
         self.merge_adapter(names, safe_merge=safe_merge)
+        if self._tuner is not None:
+            if len(names) != 1:
+                raise AdapterStateError(
+                    f"{type(self.peft_config[names[0]]).__name__} adapters replace weight values, so they cannot be "
+                    f"combined; merge exactly one adapter (got {names})."
+                )
+            self._tuner.finish(keep=names[0])
+            self._tuner = None
         return surgery.unload(self.base_model, merge=True, adapter_names=names)
 
     def unload(self) -> nn.Module:
         """Return the base model without adapters and with its original weights."""
         self.unmerge_adapter()
+        if self._tuner is not None:
+            self._tuner.finish(keep=None)
+            self._tuner = None
         return surgery.unload(self.base_model, merge=False)
 
     def get_base_model(self) -> nn.Module:
@@ -335,6 +366,8 @@ class PeftModel(nn.Module):
             peft_model = cls(model, config, adapter_name)
             set_peft_model_state_dict(peft_model, weights, adapter_name)
         except Exception:
+            if peft_model is not None and peft_model._tuner is not None:
+                peft_model._tuner.finish(keep=None)
             surgery.unload(model, merge=False)
             for param, flag in flags.items():
                 param.requires_grad_(flag)
@@ -360,6 +393,8 @@ class PeftModel(nn.Module):
             surgery.remove_adapter(self.base_model, adapter_name)
             if adapter_name in self.prompt_encoder:
                 del self.prompt_encoder[adapter_name]
+            if self._tuner is not None:
+                self._tuner.remove(adapter_name)
             del self.peft_config[adapter_name]
             raise
         self._mark_trainable()

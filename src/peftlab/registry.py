@@ -6,10 +6,11 @@ of the library looks methods up here and never names them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
@@ -26,6 +27,30 @@ AdapterFactory = Callable[[nn.Module, "PeftConfig", str, str], "LayerAdapter"]
 ModelAdapterFactory = Callable[[nn.Module, "PeftConfig"], nn.Module]
 
 
+class ModelTuner(Protocol):
+    """A method that trains tensors the model already has and replaces no module (selective tuning).
+
+    One tuner per model holds every adapter of its method; PeftModel calls it where layer
+    methods go through surgery. Its trainable tensors are reported by the config's
+    ``extra_trainable_parameters``, so saving, loading and freezing need no special case.
+    """
+
+    def add(self, adapter_name: str, config: "PeftConfig") -> None:
+        """Register an adapter; raise before changing anything when the config selects nothing."""
+
+    def remove(self, adapter_name: str) -> None:
+        """Forget an adapter; the model gets back the base values of its tensors if it was active."""
+
+    def activate(self, adapter_name: str) -> None:
+        """Put this adapter's values into the model (the previous active one is stashed)."""
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """Inside the block the model holds the base values."""
+
+    def finish(self, keep: str | None) -> None:
+        """Drop the tuner's state: keep adapter ``keep``'s values in the model, or the base values."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """What the library needs to know about one method.
@@ -39,6 +64,9 @@ class MethodSpec:
         default_targets: model_type -> target module names used when target_modules is None.
         resolve_config: fills model-dependent defaults into a (copied) config before injection.
         make_model_adapter: builds the one model-level adapter module of a prompt method.
+        default_targets_for: (config, model) -> target module names, for methods whose defaults
+            depend on the config (bottleneck placement); used instead of ``default_targets``.
+        make_tuner: builds the :class:`ModelTuner` of a method that does no surgery (selective).
     """
 
     config_cls: type["PeftConfig"]
@@ -46,12 +74,15 @@ class MethodSpec:
     default_targets: dict[str, list[str]] = field(default_factory=dict)
     resolve_config: Callable[["PeftConfig", nn.Module], "PeftConfig"] | None = None
     make_model_adapter: ModelAdapterFactory | None = None
+    default_targets_for: Callable[["PeftConfig", nn.Module], list[str]] | None = None
+    make_tuner: Callable[[nn.Module], ModelTuner] | None = None
 
     def __post_init__(self) -> None:
-        if (self.make_adapter is None) == (self.make_model_adapter is None):
+        factories = (self.make_adapter, self.make_model_adapter, self.make_tuner)
+        if sum(f is not None for f in factories) != 1:
             raise PeftConfigError(
-                f"{self.config_cls.__name__}: register exactly one of make_adapter (layer method) "
-                f"or make_model_adapter (prompt method)."
+                f"{self.config_cls.__name__}: register exactly one of make_adapter (layer method), "
+                f"make_model_adapter (prompt method) or make_tuner (method without surgery)."
             )
 
 
@@ -66,6 +97,8 @@ _BUILTIN_MODULES = (
     "peftlab.methods.prompt_tuning",
     "peftlab.methods.prefix_tuning",
     "peftlab.methods.p_tuning",
+    "peftlab.methods.bottleneck",
+    "peftlab.methods.selective",
 )
 
 
