@@ -22,6 +22,7 @@ from peftlab import functional as Fn
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import AdaptedLayer, LayerAdapter
+from peftlab.quantization import add_to_quantized_weight, is_quantized_linear
 from peftlab.registry import MethodSpec, register
 from peftlab.targeting import linear_types, pattern_value
 
@@ -196,10 +197,16 @@ class LoraLinear(LayerAdapter):
         return Fn.transpose_if(delta, self.fan_in_fan_out)
 
     def merge_into(self, base_layer: nn.Module) -> None:
+        if is_quantized_linear(base_layer):  # packed 4-/8-bit weights: dequantize, add, pack again
+            add_to_quantized_weight(base_layer, self.delta_weight())
+            return
         weight = base_layer.weight
         weight.data += self.delta_weight().to(weight.dtype)
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
+        if is_quantized_linear(base_layer):
+            add_to_quantized_weight(base_layer, -self.delta_weight())
+            return
         weight = base_layer.weight
         weight.data -= self.delta_weight().to(weight.dtype)
 
