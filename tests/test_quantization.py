@@ -20,7 +20,7 @@ from peftlab.quantization import (
     quantize_model,
     weight_bytes,
 )
-from tests.conftest import text_inputs, tiny_llama
+from conftest import text_inputs, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 
