@@ -219,28 +219,40 @@ def load_quantized_model(name_or_path: str, config: QuantConfig | None = None, m
     return quantize_model(model, config)
 
 
-def weight_bytes(model: nn.Module, linear_only: bool = True) -> int:
-    """Bytes held by weights (packed weights + their quantization scales), for memory ratios.
+def weight_bytes(model: nn.Module, skip_modules: tuple[str, ...] = DEFAULT_SKIP) -> int:
+    """Bytes of the linear layers' weights (packed weights + quantization scales), output head excluded.
 
-    With ``linear_only`` only the linear layers count: embeddings and norms are not quantized
-    in either setting, so leaving them out shows the ratio quantization controls.
+    These are the weights quantization controls; embeddings, norms and the head stay in full
+    precision either way, so leaving them out shows the ratio quantization itself achieves.
     """
     total = 0
-    for _, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or _skipped(name, skip_modules):
             continue
-        weight = module.weight
-        total += weight.numel() * weight.element_size()
-        state = getattr(weight, "quant_state", None)
-        if state is not None:
-            total += _state_bytes(state)
-        scb = getattr(weight, "SCB", None)
-        if scb is not None:
-            total += scb.numel() * scb.element_size()
-    if not linear_only:
-        counted = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-        total += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in counted)
+        total += _tensor_bytes(module.weight)
     return total
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (tied tensors once), with quantization scales."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += _tensor_bytes(tensor)
+    return total
+
+
+def _tensor_bytes(weight: torch.Tensor) -> int:
+    size = weight.numel() * weight.element_size()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        size += _state_bytes(state)
+    scb = getattr(weight, "SCB", None)
+    if scb is not None:
+        size += scb.numel() * scb.element_size()
+    return size
 
 
 def _state_bytes(state: Any) -> int:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_word_tokenizer as word_tokenizer
 from peftlab import LoraConfig, TaskType
 from peftlab.errors import PeftConfigError
 from peftlab.lab.causal import (
@@ -22,20 +20,6 @@ from peftlab.lab.causal import (
     read_jsonl,
     train_causal,
 )
-
-WORDS = ["<pad>", "<eos>", "<unk>", "Review", ":", "Sentiment", "positive", "negative",
-         "good", "bad", "great", "awful", "movie", "the", "a", "film", "fine", "poor"]
-
-
-def word_tokenizer():
-    """A word-level tokenizer over a tiny vocabulary (ids < the tiny Llama's 99)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def toy_rows(n: int, seed: int = 0) -> list[dict]:

@@ -308,7 +308,7 @@ def train_causal(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from peftlab import LoraConfig, TaskType, get_peft_model
-    from peftlab.quantization import prepare_model_for_kbit_training, quantize_model
+    from peftlab.quantization import is_quantized_model, prepare_model_for_kbit_training, quantize_model
 
     set_seed(seed)
     if isinstance(model, (str, os.PathLike)):
@@ -320,7 +320,7 @@ def train_causal(
             quantize_model(model, quant)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if quant is not None or gradient_checkpointing:
+    if quant is not None or gradient_checkpointing or is_quantized_model(model):
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     lora_config = lora_config or LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16)
     peft_model = get_peft_model(model, lora_config)
