@@ -81,9 +81,11 @@ def run_one(setting: str, args: argparse.Namespace) -> dict:
     release_memory()
     template = causal.TEMPLATES["sst2"]
     eval_set = causal.build_causal_dataset(held_out, tokenizer, template, args.max_length)
+    zero_shot = causal.exact_match_accuracy(model, tokenizer, held_out, template, args.eval_batch_size, args.max_length)
     before = {
-        "accuracy": causal.exact_match_accuracy(model, tokenizer, held_out, template, args.eval_batch_size, args.max_length)["accuracy"],
+        "accuracy": zero_shot["accuracy"],
         "perplexity": causal.perplexity(model, eval_set, tokenizer.pad_token_id, args.eval_batch_size),
+        "first_predictions": zero_shot["predictions"][:8],
     }
     memory = {"base_linear_weight_bytes": weight_bytes(model), "base_parameter_bytes": parameter_bytes(model)}
     release_memory()
@@ -96,6 +98,8 @@ def run_one(setting: str, args: argparse.Namespace) -> dict:
             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, eval_batch_size=args.eval_batch_size,
         )
     memory["peak_rss_training_bytes"] = peak.peak
+    after = causal.exact_match_accuracy(result.model, tokenizer, held_out[:8], template, args.eval_batch_size, args.max_length)
+    result.eval["first_predictions"] = after["predictions"]
     trainable, total = result.model.get_nb_trainable_parameters()
     return {
         "setting": setting,
@@ -122,9 +126,10 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--double-quant", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--parallel", action="store_true", help="run the settings at the same time")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,15 +139,23 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args)))
         return
     runs = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    start = time.perf_counter()
+    # --parallel runs the settings side by side (each in its own process, so memory stays
+    # separate); step times are then measured under the same machine load for both.
+    procs = {}
     for setting in args.settings.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--one", setting]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        procs[setting] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        if not args.parallel:
+            procs[setting].wait()
+    for setting, proc in procs.items():
+        stdout, stderr = proc.communicate()
         if proc.returncode != 0:
-            runs[setting] = {"status": "failed", "stderr_tail": proc.stderr[-3000:]}
-            print(f"{setting}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
+            runs[setting] = {"status": "failed", "stderr_tail": stderr[-3000:]}
+            print(f"{setting}: FAILED\n{stderr[-3000:]}", file=sys.stderr)
             continue
-        runs[setting] = {"status": "ok", "wall_seconds": time.perf_counter() - start, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        runs[setting] = {"status": "ok", **json.loads(stdout.strip().splitlines()[-1])}
         print(json.dumps(runs[setting], indent=1))
     summary = {}
     if all(runs.get(s, {}).get("status") == "ok" for s in ("fp32", "nf4")):
@@ -163,6 +176,7 @@ def main() -> None:
         "args": vars(args),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
                         "bitsandbytes": bitsandbytes.__version__, "machine": platform.machine(), "cpus": os.cpu_count()},
+        "wall_seconds": time.perf_counter() - start,
         "runs": runs,
         "summary": summary,
     }

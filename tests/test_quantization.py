@@ -49,7 +49,7 @@ def test_quantize_replaces_linears_and_stays_close(name):
     layers = {n: m for n, m in quant.named_modules() if isinstance(m, nn.Linear)}
     assert isinstance(quant.lm_head, nn.Linear) and not is_quantized_linear(quant.lm_head)  # head kept
     assert all(isinstance(m, kind) for n, m in layers.items() if n != "lm_head")
-    w_full = full.model.layers[0].self_attn.q_proj.weight
+    w_full = full.model.layers[0].self_attn.q_proj.weight.detach()
     w_deq = dequantize_weight(quant.model.layers[0].self_attn.q_proj)
     rel = float((w_deq - w_full).norm() / w_full.norm())
     assert rel < (0.15 if CONFIGS[name].bits == 4 else 0.02)
@@ -76,6 +76,16 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     with pytest.raises(QuantizationError, match=r"pip install peftlab\[quant\]"):
         quantize_model(model, QuantConfig())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_quantized_model_from_folder(tmp_path):
+    from peftlab.quantization import load_quantized_model
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path)
+    model = load_quantized_model(str(tmp_path), QuantConfig(bits=8))
+    assert isinstance(model.model.layers[1].mlp.down_proj, bnb.nn.Linear8bitLt)
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_bad_quant_config():
@@ -232,17 +242,32 @@ def test_requantized_merge_measures_its_error(scale):
         assert requant_error < adapter_effect
 
 
-def test_merge_adapter_on_quantized_base_keeps_it_quantized():
-    _, quant = quantized_llama(CONFIGS["nf4"])
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_merge_adapter_on_quantized_base_keeps_it_quantized(name):
+    _, quant = quantized_llama(CONFIGS[name])
     model = _trained_lora(quant, 1.0)
     inputs = text_inputs()
     with torch.no_grad():
         unmerged = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
         model.merge_adapter()
         merged = model(**inputs).logits
     layer = model.base_model.model.layers[0].self_attn.q_proj.base_layer
-    assert isinstance(layer.weight, bnb.nn.Params4bit)
-    assert (merged - unmerged).abs().max() < 0.5 * (unmerged.abs().max())
+    assert isinstance(layer.weight, bnb.nn.Params4bit if name == "nf4" else bnb.nn.Int8Params)
+    assert float((merged - unmerged).norm()) < 0.5 * float((unmerged - base).norm())  # the update mostly survives
+    model.unmerge_adapter()
+    with torch.no_grad():
+        assert float((model(**inputs).logits - unmerged).norm()) < 0.5 * float((unmerged - base).norm())
+
+
+def test_dora_on_quantized_base_is_refused():
+    from peftlab.errors import TargetModuleError
+
+    _, quant = quantized_llama(CONFIGS["nf4"])
+    with pytest.raises(TargetModuleError, match="DoRA"):
+        get_peft_model(quant, lora_config(use_dora=True))
+    assert not any(p.requires_grad for p in quant.parameters())
 
 
 def test_quantize_after_adapters_is_refused():

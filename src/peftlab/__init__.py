@@ -5,6 +5,7 @@ The public API mirrors Hugging Face peft's names, so switching is a change of im
 
 from peftlab.config import PeftConfig, PeftType, TaskType
 from peftlab.errors import AdapterStateError, CheckpointError, PeftConfigError, PeftlabError, TargetModuleError
+from peftlab.errors import ModelNotFoundError, QuantizationError
 from peftlab.methods.ia3 import IA3Config
 from peftlab.methods.loha import LoHaConfig
 from peftlab.methods.lokr import LoKrConfig
@@ -15,6 +16,7 @@ from peftlab.model import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from peftlab.quantization import QuantConfig, prepare_model_for_kbit_training, quantize_model
 
 __version__ = "0.1.0"
 
@@ -25,14 +27,19 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "ModelNotFoundError",
     "PeftConfig",
     "PeftConfigError",
     "PeftModel",
     "PeftType",
     "PeftlabError",
+    "QuantConfig",
+    "QuantizationError",
     "TargetModuleError",
     "TaskType",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
     "set_peft_model_state_dict",
 ]

@@ -293,6 +293,11 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
     alpha = float(pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
     scaling = Fn.lora_scaling(r, alpha, config.use_rslora)
     if config.use_dora:
+        if is_quantized_linear(base):
+            raise TargetModuleError(
+                f"DoRA cannot adapt {module_name}: its base weight is 4-/8-bit quantized and DoRA reads it in every "
+                f"forward. Use plain LoRA (use_dora=False) on quantized bases."
+            )
         from peftlab.methods.dora import make_dora_adapter  # dora builds on LoraLinear
 
         return make_dora_adapter(base, r, scaling, config, module_name)
