@@ -126,3 +126,18 @@ def seeded():
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+TINY_WORDS = ["<pad>", "<eos>", "<unk>", "Review", ":", "Sentiment", "positive", "negative",
+              "good", "bad", "great", "awful", "movie", "the", "a", "film", "fine", "poor"]
+
+
+def tiny_word_tokenizer():
+    """A word-level tokenizer over a tiny vocabulary (ids < the tiny Llama's 99), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")

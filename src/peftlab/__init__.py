@@ -6,7 +6,15 @@ The public API mirrors Hugging Face peft's names, so switching is a change of im
 from typing import Any
 
 from peftlab.config import PeftConfig, PeftType, TaskType
-from peftlab.errors import AdapterStateError, CheckpointError, PeftConfigError, PeftlabError, TargetModuleError
+from peftlab.errors import (
+    AdapterStateError,
+    CheckpointError,
+    ModelNotFoundError,
+    PeftConfigError,
+    PeftlabError,
+    QuantizationError,
+    TargetModuleError,
+)
 from peftlab.methods.adalora import AdaLoraConfig
 from peftlab.methods.adalora_budget import orthogonal_regularization, update_and_allocate
 from peftlab.methods.bottleneck import BottleneckConfig
@@ -24,6 +32,7 @@ from peftlab.model import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from peftlab.quantization import QuantConfig, prepare_model_for_kbit_training, quantize_model
 
 __version__ = "0.1.0"
 
@@ -37,6 +46,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "ModelNotFoundError",
     "PeftConfig",
     "PeftConfigError",
     "PeftModel",
@@ -48,11 +58,15 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "SelectiveConfig",
+    "QuantConfig",
+    "QuantizationError",
     "TargetModuleError",
     "TaskType",
     "get_peft_model",
     "get_peft_model_state_dict",
     "orthogonal_regularization",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
     "set_peft_model_state_dict",
     "update_and_allocate",
 ]

@@ -21,3 +21,11 @@ class CheckpointError(PeftlabError, ValueError):
 
 class AdapterStateError(PeftlabError, ValueError):
     """An adapter operation does not fit the current state (unknown name, already merged, ...)."""
+
+
+class QuantizationError(PeftlabError, ValueError):
+    """Quantized (4-/8-bit) base weights cannot be built or used as asked (e.g. bitsandbytes missing)."""
+
+
+class ModelNotFoundError(PeftlabError, ValueError):
+    """A model name is neither a known alias, a local folder, nor a hub id."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import checkpoint, surgery, targeting
+from peftlab import checkpoint, quantization, surgery, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.layers import BASE_ROW, AdaptedLayer, ModulesToSave, iter_wrappers
@@ -305,9 +305,17 @@ class PeftModel(nn.Module):
             if isinstance(wrapper, AdaptedLayer):
                 wrapper.unmerge()
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Merge the adapters into the base weights and return the plain base model."""
+    def merge_and_unload(
+        self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None, requantize: bool = False
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain base model.
+
+        A 4-/8-bit base comes back dequantized (fp32, exact merge) unless ``requantize=True``
+        (lossy; see :func:`peftlab.quantization.merge_and_unload_quantized`).
+        """
         names = self._check_names(adapter_names)
+        if quantization.is_quantized_model(self.base_model):
+            return quantization.merge_and_unload_quantized(self, names, safe_merge, requantize)
         self.merge_adapter(names, safe_merge=safe_merge)
         if self._tuner is not None:
             if len(names) != 1:

@@ -22,6 +22,7 @@ from peftlab import functional as Fn
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import AdaptedLayer, LayerAdapter
+from peftlab.quantization import add_to_quantized_weight, is_quantized_linear
 from peftlab.registry import MethodSpec, register
 from peftlab.targeting import linear_types, pattern_value
 
@@ -196,10 +197,16 @@ class LoraLinear(LayerAdapter):
         return Fn.transpose_if(delta, self.fan_in_fan_out)
 
     def merge_into(self, base_layer: nn.Module) -> None:
+        if is_quantized_linear(base_layer):  # packed 4-/8-bit weights: dequantize, add, pack again
+            add_to_quantized_weight(base_layer, self.delta_weight())
+            return
         weight = base_layer.weight
         weight.data += self.delta_weight().to(weight.dtype)
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
+        if is_quantized_linear(base_layer):
+            add_to_quantized_weight(base_layer, -self.delta_weight())
+            return
         weight = base_layer.weight
         weight.data -= self.delta_weight().to(weight.dtype)
 
@@ -286,6 +293,11 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
     alpha = float(pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
     scaling = Fn.lora_scaling(r, alpha, config.use_rslora)
     if config.use_dora:
+        if is_quantized_linear(base):
+            raise TargetModuleError(
+                f"DoRA cannot adapt {module_name}: its base weight is 4-/8-bit quantized and DoRA reads it in every "
+                f"forward. Use plain LoRA (use_dora=False) on quantized bases."
+            )
         from peftlab.methods.dora import make_dora_adapter  # dora builds on LoraLinear
 
         return make_dora_adapter(base, r, scaling, config, module_name)

@@ -1,0 +1,353 @@
+"""Classification as text generation with a causal LM: prompts, masked labels, evaluation.
+
+A labelled row ``{"text": ..., "label": 1}`` becomes ``"Review: <text>\\nSentiment:"`` followed
+by the answer ``" positive"`` and the end-of-sequence token. The loss covers only the answer
+tokens (labels are -100 elsewhere), so the model learns to answer, not to rewrite reviews.
+Evaluation generates greedily and counts exact matches of the label word, and reports the
+perplexity of the answer tokens.
+
+Self-contained function API; the workbench CLI calls :func:`train_causal` and :func:`generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.errors import PeftConfigError
+
+IGNORE_INDEX = -100  # label value the cross-entropy loss skips
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a row becomes a prompt and an answer.
+
+    Args:
+        prompt: format string with ``{text}``; it should end where the answer starts.
+        labels: the answer word for each integer label.
+    """
+
+    prompt: str = "Review: {text}\nSentiment:"
+    labels: tuple[str, ...] = ("negative", "positive")
+
+    def __post_init__(self) -> None:
+        if "{text}" not in self.prompt:
+            raise PeftConfigError(f"PromptTemplate: prompt must contain '{{text}}', got {self.prompt!r}.")
+        if len(set(self.labels)) != len(self.labels) or not all(w.strip() == w and w for w in self.labels):
+            raise PeftConfigError(f"PromptTemplate: labels must be distinct non-empty words without outer spaces, got {self.labels!r}.")
+
+    def format(self, text: str) -> str:
+        return self.prompt.format(text=text)
+
+    def answer(self, label: int) -> str:
+        if not 0 <= label < len(self.labels):
+            raise PeftConfigError(f"label {label} is out of range for labels {self.labels}.")
+        return " " + self.labels[label]  # the space belongs to the answer token, as in running text
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    "sst2": PromptTemplate(),
+    "imdb": PromptTemplate(),
+    "yelp_polarity": PromptTemplate(),
+    "ag_news": PromptTemplate("Article: {text}\nTopic:", ("world", "sports", "business", "science")),
+}
+
+
+def read_jsonl(path: str | os.PathLike, limit: int | None = None, seed: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``{"text", "label"}`` JSONL file; with ``seed`` a seeded sample of ``limit`` rows."""
+    with open(path, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
+    return rows[:limit] if limit is not None else rows
+
+
+# ----- tokenization -------------------------------------------------------------------------
+def _prompt_ids(tokenizer: Any, template: PromptTemplate, text: str, budget: int) -> list[int]:
+    """Prompt token ids, shortening the text (never the template) to fit ``budget`` tokens."""
+    ids = tokenizer(template.format(text), add_special_tokens=True)["input_ids"]
+    if len(ids) <= budget:
+        return ids
+    overflow = len(ids) - budget
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max(len(text_ids) - overflow - 2, 0)  # -2: re-tokenizing at the cut can add a token
+    short = tokenizer.decode(text_ids[:keep])
+    return tokenizer(template.format(short), add_special_tokens=True)["input_ids"][-budget:]
+
+
+def encode_example(tokenizer: Any, template: PromptTemplate, text: str, label: int, max_length: int) -> dict[str, list[int]]:
+    """input_ids = prompt + answer + eos; labels = -100 over the prompt, the ids over the answer."""
+    answer = tokenizer(template.answer(label), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer = answer + [tokenizer.eos_token_id]
+    if len(answer) >= max_length:
+        raise PeftConfigError(f"max_length={max_length} leaves no room for the prompt (the answer alone is {len(answer)} tokens).")
+    prompt = _prompt_ids(tokenizer, template, text, max_length - len(answer))
+    return {
+        "input_ids": prompt + answer,
+        "attention_mask": [1] * (len(prompt) + len(answer)),
+        "labels": [IGNORE_INDEX] * len(prompt) + answer,
+    }
+
+
+def build_causal_dataset(
+    rows: Iterable[dict[str, Any]], tokenizer: Any, template: PromptTemplate = PromptTemplate(), max_length: int = 128
+) -> list[dict[str, list[int]]]:
+    """Tokenized training examples with the loss masked to the answer tokens."""
+    return [encode_example(tokenizer, template, row["text"], int(row["label"]), max_length) for row in rows]
+
+
+def pad_batch(features: Sequence[dict[str, list[int]]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad to the longest example: input ids with ``pad_id``, labels with -100, mask with 0."""
+    width = max(len(f["input_ids"]) for f in features)
+    out: dict[str, list[list[int]]] = {k: [] for k in features[0]}
+    for f in features:
+        gap = width - len(f["input_ids"])
+        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        for key, values in f.items():
+            pad = [fill[key]] * gap
+            out[key].append(values + pad if side == "right" else pad + values)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def collator(tokenizer: Any) -> Callable[[Sequence[dict[str, list[int]]]], dict[str, torch.Tensor]]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return lambda features: pad_batch(features, pad_id, "right")
+
+
+# ----- evaluation -----------------------------------------------------------------------------
+@torch.no_grad()
+def perplexity(model: nn.Module, dataset: Sequence[dict[str, list[int]]], pad_id: int, batch_size: int = 16) -> float:
+    """exp(mean negative log-likelihood of the answer tokens)."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = pad_batch(dataset[start : start + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        target = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        mask = target != IGNORE_INDEX
+        picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        nll -= float(picked[mask].sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    return math.exp(nll / max(count, 1))
+
+
+def _answer_of(generated: str) -> str:
+    return generated.strip()
+
+
+@torch.no_grad()
+def exact_match_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    template: PromptTemplate = PromptTemplate(),
+    batch_size: int = 16,
+    max_length: int = 128,
+) -> dict[str, Any]:
+    """Greedy-generate an answer for each row; accuracy = share of answers equal to the label word."""
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answer_len = max(len(tokenizer(template.answer(i), add_special_tokens=False)["input_ids"]) for i in range(len(template.labels)))
+    predictions: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts = [{"input_ids": ids, "attention_mask": [1] * len(ids)}
+                   for ids in (_prompt_ids(tokenizer, template, r["text"], max_length - answer_len - 1) for r in chunk)]
+        batch = pad_batch(prompts, pad_id, side="left")  # left padding: generation continues every row at the end
+        out = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=answer_len + 1,
+            do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        for row_ids in out[:, batch["input_ids"].shape[1] :]:
+            predictions.append(_answer_of(tokenizer.decode(row_ids, skip_special_tokens=True)))
+    model.train(was_training)
+    gold = [template.labels[int(r["label"])] for r in rows]
+    correct = sum(p == g for p, g in zip(predictions, gold))
+    return {"accuracy": correct / max(len(rows), 1), "predictions": predictions, "n": len(rows)}
+
+
+# ----- loading / generating -------------------------------------------------------------------
+def load_causal_lm(name_or_path: str, quant: Any = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for an alias, folder or hub id; ``quant`` a QuantConfig for a k-bit base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftlab.models import resolve_model_name
+
+    path = resolve_model_name(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if quant is not None:
+        from peftlab.quantization import load_quantized_model
+
+        model = load_quantized_model(path, quant)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def generate(
+    model_dir_or_adapter: str | os.PathLike,
+    prompt: str,
+    max_new_tokens: int = 32,
+    base_model: str | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> str:
+    """Continue ``prompt`` with a saved model or adapter folder and return only the new text.
+
+    An adapter folder (``adapter_config.json``) is loaded on top of ``base_model`` or, if not
+    given, the base named in its config.
+    """
+    from peftlab import PeftConfig, PeftModel
+
+    folder = Path(model_dir_or_adapter)
+    if (folder / "adapter_config.json").is_file():
+        config = PeftConfig.from_pretrained(folder)
+        base = base_model or config.base_model_name_or_path
+        if not base:
+            raise PeftConfigError(f"{folder}/adapter_config.json names no base model; pass base_model=.")
+        model, tokenizer = load_causal_lm(base)
+        if (folder / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = PeftModel.from_pretrained(model, folder)
+    else:
+        model, tokenizer = load_causal_lm(os.fspath(model_dir_or_adapter))
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# ----- training -------------------------------------------------------------------------------
+@dataclass
+class CausalResult:
+    """What one causal-LM training run measured."""
+
+    train_loss: float
+    train_seconds: float
+    step_seconds: float  # median seconds per optimizer step
+    steps: int
+    eval: dict[str, float] = field(default_factory=dict)
+    output_dir: str | None = None
+    model: Any = field(default=None, repr=False, compare=False)  # the trained PeftModel, for more evaluation
+
+
+class _StepTimer:
+    """Trainer callback recording wall time per optimizer step."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
+                timer.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+                timer.times.append(time.perf_counter() - timer.start)
+
+        self.start = 0.0
+        self.times: list[float] = []
+        self.callback = Callback()
+
+    def median(self) -> float:
+        ordered = sorted(self.times)
+        return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+def train_causal(
+    model: str | nn.Module,
+    train_rows: Sequence[dict[str, Any]],
+    eval_rows: Sequence[dict[str, Any]] | None = None,
+    *,
+    tokenizer: Any = None,
+    output_dir: str | os.PathLike | None = None,
+    template: PromptTemplate = PromptTemplate(),
+    lora_config: Any = None,
+    quant: Any = None,
+    gradient_checkpointing: bool = False,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    learning_rate: float = 1e-3,
+    batch_size: int = 8,
+    max_length: int = 128,
+    seed: int = 0,
+    eval_batch_size: int = 32,
+) -> CausalResult:
+    """LoRA-train a causal LM (optionally on a k-bit base) to answer with the label word.
+
+    ``model`` is an alias/folder/hub id (``tokenizer`` then loaded with it) or a model object
+    with its ``tokenizer``. ``quant`` (a :class:`peftlab.quantization.QuantConfig`) quantizes
+    the frozen base before the adapter is added (QLoRA). The adapter and tokenizer are saved
+    to ``output_dir`` when given.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from peftlab import LoraConfig, TaskType, get_peft_model
+    from peftlab.quantization import is_quantized_model, prepare_model_for_kbit_training, quantize_model
+
+    set_seed(seed)
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer = load_causal_lm(os.fspath(model), quant)
+    else:
+        if tokenizer is None:
+            raise PeftConfigError("train_causal: pass tokenizer= together with a model object.")
+        if quant is not None:
+            quantize_model(model, quant)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if quant is not None or gradient_checkpointing or is_quantized_model(model):
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora_config = lora_config or LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16)
+    peft_model = get_peft_model(model, lora_config)
+    train_set = build_causal_dataset(train_rows, tokenizer, template, max_length)
+    timer = _StepTimer()
+    with tempfile.TemporaryDirectory(prefix="peftlab-causal-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+            per_device_train_batch_size=batch_size, save_strategy="no", report_to=[], seed=seed,
+            logging_steps=10, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+            lr_scheduler_type="linear", warmup_steps=0,
+        )
+        trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, data_collator=collator(tokenizer), callbacks=[timer.callback])
+        start = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - start
+    result = CausalResult(float(output.training_loss), seconds, timer.median(), int(output.global_step))
+    if eval_rows:
+        pad_id = tokenizer.pad_token_id
+        eval_set = build_causal_dataset(eval_rows, tokenizer, template, max_length)
+        result.eval = {
+            "accuracy": exact_match_accuracy(peft_model, tokenizer, eval_rows, template, eval_batch_size, max_length)["accuracy"],
+            "perplexity": perplexity(peft_model, eval_set, pad_id, eval_batch_size),
+        }
+    if output_dir is not None:
+        peft_model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        result.output_dir = os.fspath(output_dir)
+    result.model = peft_model
+    return result

@@ -1,0 +1,380 @@
+"""Frozen 4-bit / 8-bit base weights via bitsandbytes, for QLoRA (Dettmers et al. 2023,
+https://arxiv.org/abs/2305.14314).
+
+QLoRA stores the frozen base weights in 4-bit NormalFloat (NF4, or plain FP4) blocks of 64
+values with one absmax scale per block (optionally the scales themselves quantized again:
+"double quantization"), dequantizes them on the fly in forward, and trains fp32 LoRA
+adapters on top. The adapters see the base layer as an ordinary ``nn.Linear`` subclass, so
+LoRA's forward needs no special case; only merging needs to know how to write into packed
+weights, which lives here.
+
+Works on CPU with bitsandbytes >= 0.45 (forward and backward through the frozen weights).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from peftlab.errors import QuantizationError
+
+INSTALL_HINT = "install it with `pip install peftlab[quant]` (bitsandbytes>=0.45)"
+# Module names never quantized by default: the output head is small next to its activations
+# and feeds the loss directly, so QLoRA keeps it in full precision.
+DEFAULT_SKIP = ("lm_head", "score", "classifier")
+
+
+def require_bitsandbytes() -> Any:
+    """Import bitsandbytes or explain how to get it."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise QuantizationError(f"quantized base weights need bitsandbytes, which is not importable ({exc}); {INSTALL_HINT}.") from None
+    return bnb
+
+
+@dataclass
+class QuantConfig:
+    """How to store the frozen linear weights.
+
+    Args:
+        bits: 4 (QLoRA) or 8 (LLM.int8 row-wise absmax).
+        quant_type: 4-bit data type: "nf4" (normal-float, best for normally distributed weights) or "fp4".
+        double_quant: also quantize the per-block scales (saves ~0.4 bit per weight).
+        compute_dtype: dtype the 4-bit weights are dequantized to for the matmul.
+        skip_modules: module names (or dotted suffixes) kept in full precision.
+    """
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = False
+    compute_dtype: torch.dtype = torch.float32
+    skip_modules: tuple[str, ...] = DEFAULT_SKIP
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise QuantizationError(f"QuantConfig: bits must be 4 or 8, got {self.bits!r}.")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise QuantizationError(f"QuantConfig: quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}.")
+        if not isinstance(self.compute_dtype, torch.dtype) or not self.compute_dtype.is_floating_point:
+            raise QuantizationError(f"QuantConfig: compute_dtype must be a float torch.dtype, got {self.compute_dtype!r}.")
+        self.skip_modules = tuple(self.skip_modules)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What :func:`dequantize_linear` needs to rebuild the same kind of quantized layer."""
+
+    bits: int
+    quant_type: str
+    double_quant: bool
+    compute_dtype: torch.dtype
+
+    def config(self) -> QuantConfig:
+        return QuantConfig(self.bits, self.quant_type, self.double_quant, self.compute_dtype)  # type: ignore[arg-type]
+
+
+# ----- recognising quantized layers ----------------------------------------------------------
+def _bnb_or_none() -> Any:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return bnb
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for bitsandbytes Linear4bit / Linear8bitLt (False when bitsandbytes is absent)."""
+    bnb = _bnb_or_none()
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def spec_of(layer: nn.Module) -> QuantSpec:
+    bnb = require_bitsandbytes()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = layer.weight.quant_state
+        compute = layer.compute_dtype or torch.float32
+        return QuantSpec(4, state.quant_type, bool(state.nested), compute)
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return QuantSpec(8, "nf4", False, torch.float32)
+    raise QuantizationError(f"{type(layer).__name__} is not a bitsandbytes quantized linear layer.")
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    return any(is_quantized_linear(m) for m in model.modules())
+
+
+# ----- one layer ------------------------------------------------------------------------------
+def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
+    """A bitsandbytes layer holding ``linear``'s weight quantized (bias kept in full precision)."""
+    bnb = require_bitsandbytes()
+    weight = linear.weight.detach().to(torch.float32)
+    has_bias = linear.bias is not None
+    device = linear.weight.device
+    if config.bits == 4:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=config.compute_dtype,
+            compress_statistics=config.double_quant, quant_type=config.quant_type, device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.to(config.compute_dtype), requires_grad=False, compress_statistics=config.double_quant,
+            quant_type=config.quant_type, module=layer,
+        )
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    # Moving to the device is what packs the weight (bitsandbytes quantizes lazily in .to()).
+    return layer.to(device)
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The fp32 ``(out, in)`` weight a quantized layer actually multiplies with."""
+    bnb = require_bitsandbytes()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        weight = layer.weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        weight = layer.weight
+        scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+        return weight.data.to(torch.float32) * (scales.to(torch.float32).unsqueeze(1) / 127.0)
+    raise QuantizationError(f"{type(layer).__name__} is not a bitsandbytes quantized linear layer.")
+
+
+def dequantize_linear(layer: nn.Module) -> nn.Linear:
+    """A plain fp32 ``nn.Linear`` with the weight the quantized layer represents."""
+    weight = dequantize_weight(layer)
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    plain.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        plain.bias = nn.Parameter(layer.bias.detach().to(torch.float32).clone(), requires_grad=False)
+    return plain
+
+
+def add_to_quantized_weight(layer: nn.Module, delta: torch.Tensor) -> None:
+    """``W <- Q(deq(W) + delta)`` in place: how an adapter merges into packed weights (lossy)."""
+    spec = spec_of(layer)
+    plain = dequantize_linear(layer)
+    plain.weight.data += delta.to(plain.weight.dtype)
+    fresh = quantize_linear(plain, spec.config())
+    layer.weight = fresh.weight
+    if isinstance(layer, require_bitsandbytes().nn.Linear8bitLt):
+        layer.state.reset_grads()
+        layer.state.SCB = None
+        layer.state.CB = None
+
+
+# ----- whole models ---------------------------------------------------------------------------
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` (except ``config.skip_modules``) by its quantized version, in place.
+
+    All parameters end up frozen: a quantized base is only ever trained through adapters.
+    """
+    require_bitsandbytes()
+    config = config or QuantConfig()
+    from peftlab.layers import AdaptedLayer, ModulesToSave
+
+    if any(isinstance(m, (AdaptedLayer, ModulesToSave)) for m in model.modules()):
+        raise QuantizationError("quantize the base model before adding adapters (get_peft_model after quantize_model).")
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, config.skip_modules)]
+    if not names:
+        raise QuantizationError(f"{type(model).__name__} has no nn.Linear layer to quantize outside {list(config.skip_modules)}.")
+    for name in names:
+        _replace(model, name, quantize_linear(model.get_submodule(name), config))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.peftlab_quantization = config  # type: ignore[assignment]  # read by save/report code
+    return model
+
+
+def load_quantized_model(name_or_path: str, config: QuantConfig | None = None, model_class: Any = None, **kwargs: Any) -> nn.Module:
+    """Load a transformers model in full precision, then quantize its linear layers.
+
+    Loading fp32 first costs one full-precision copy at load time, but works on CPU, where
+    transformers' own bitsandbytes loading path is not available everywhere.
+    """
+    require_bitsandbytes()
+    config = config or QuantConfig()
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    kwargs.setdefault("dtype", config.compute_dtype)
+    model = model_class.from_pretrained(name_or_path, **kwargs)
+    return quantize_model(model, config)
+
+
+def weight_bytes(model: nn.Module, skip_modules: tuple[str, ...] = DEFAULT_SKIP) -> int:
+    """Bytes of the linear layers' weights (packed weights + quantization scales), output head excluded.
+
+    These are the weights quantization controls; embeddings, norms and the head stay in full
+    precision either way, so leaving them out shows the ratio quantization itself achieves.
+    """
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or _skipped(name, skip_modules):
+            continue
+        total += _tensor_bytes(module.weight)
+    return total
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (tied tensors once), with quantization scales."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += _tensor_bytes(tensor)
+    return total
+
+
+def _tensor_bytes(weight: torch.Tensor) -> int:
+    size = weight.numel() * weight.element_size()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        size += _state_bytes(state)
+    scb = getattr(weight, "SCB", None)
+    if scb is not None:
+        size += scb.numel() * scb.element_size()
+    return size
+
+
+def _state_bytes(state: Any) -> int:
+    size = state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "nested", False) and state.state2 is not None:
+        size += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return size
+
+
+# ----- training preparation -------------------------------------------------------------------
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm", "Norm"))
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """Get a (quantized) model ready for adapter training, in place.
+
+    * every base parameter frozen;
+    * norm layers and the output head in fp32 (small, and the loss is sensitive to them);
+      other half-precision weights (embeddings) are left as they are, so memory stays low;
+    * with gradient checkpointing, activations are recomputed in backward; the input
+      embeddings' output requires grad so the checkpointed blocks still get gradients even
+      though every base weight is frozen.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in model.modules():
+        if (_is_norm(module) or module is head) and not is_quantized_linear(module):
+            for param in module.parameters(recurse=False):
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.to(torch.float32)
+    if use_gradient_checkpointing:
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise QuantizationError(f"{type(model).__name__} has no gradient_checkpointing_enable(); pass use_gradient_checkpointing=False.")
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if getattr(getattr(model, "config", None), "use_cache", None):
+            model.config.use_cache = False  # caches are useless while training and clash with checkpointing
+    return model
+
+
+# ----- merging --------------------------------------------------------------------------------
+def dequantize_model(model: nn.Module) -> dict[str, QuantSpec]:
+    """Replace every quantized linear (also inside adapter wrappers) by a plain fp32 one.
+
+    Returns what each replaced layer was, by module path, so it can be re-quantized.
+    """
+    replaced: dict[str, QuantSpec] = {}
+    for name, module in list(model.named_modules()):
+        if is_quantized_linear(module):
+            replaced[name] = spec_of(module)
+            _replace(model, name, dequantize_linear(module))
+    return replaced
+
+
+def requantize(model: nn.Module, specs: dict[str, QuantSpec], exact: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Quantize the named plain linears again; returns per-layer relative weight error.
+
+    The error is ``||Q(W) - W|| / ||W||`` for each layer's current weight ``W``.
+    """
+    errors: dict[str, float] = {}
+    for name, spec in specs.items():
+        plain = model.get_submodule(name)
+        target = plain.weight.detach().to(torch.float32).clone()
+        layer = quantize_linear(plain, spec.config())
+        _replace(model, name, layer)
+        errors[name] = float((dequantize_weight(layer) - target).norm() / target.norm().clamp_min(1e-12))
+    return errors
+
+
+def merge_and_unload_quantized(peft_model: Any, names: list[str], safe_merge: bool, requantize_after: bool) -> nn.Module:
+    """``PeftModel.merge_and_unload`` for a quantized base.
+
+    Default: every quantized layer becomes fp32, the adapters are merged exactly, and a
+    plain full-precision model comes back. With ``requantize_after`` the merged layers are
+    packed again; this is lossy and can erase a small adapter (its update is often smaller
+    than one step of the 4-bit grid), so a warning reports how much of the update survived.
+    """
+    from peftlab import surgery
+    from peftlab.layers import AdaptedLayer, iter_wrappers
+
+    base = peft_model.base_model
+    if not requantize_after:
+        dequantize_model(base)
+        peft_model.merge_adapter(names, safe_merge=safe_merge)
+        return surgery.unload(base, merge=True, adapter_names=names)
+    adapted = {n: w for n, w in iter_wrappers(base) if isinstance(w, AdaptedLayer) and is_quantized_linear(w.base_layer)}
+    before = {n: dequantize_weight(w.base_layer) for n, w in adapted.items()}
+    specs = {f"{n}.base_layer": spec_of(w.base_layer) for n, w in adapted.items()}
+    for name, wrapper in adapted.items():
+        wrapper.base_layer = dequantize_linear(wrapper.base_layer)
+    peft_model.merge_adapter(names, safe_merge=safe_merge)
+    merged = {n: w.base_layer.weight.detach().clone() for n, w in adapted.items()}
+    requantize(base, specs)
+    kept = _update_kept(base, adapted, before, merged)
+    model = surgery.unload(base, merge=True, adapter_names=names)
+    if kept:
+        warnings.warn(
+            f"merge_and_unload(requantize=True): re-quantizing the merged weights changes the adapter's update "
+            f"by {100 * max(kept.values()):.0f}% at worst and {100 * sum(kept.values()) / len(kept):.0f}% on average "
+            f"(||Q(W+dW) - Q(W) - dW|| / ||dW|| over {len(kept)} layers); merge without requantize to keep it exact.",
+            stacklevel=3,
+        )
+    model.peftlab_requantize_error = kept  # type: ignore[assignment]
+    return model
+
+
+def _update_kept(base: nn.Module, adapted: dict[str, Any], before: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer: how far the update the requantized model applies is from the adapter's update."""
+    errors: dict[str, float] = {}
+    for name, wrapper in adapted.items():
+        delta = merged[name] - before[name]
+        norm = float(delta.norm())
+        if norm == 0.0 or not math.isfinite(norm):
+            continue
+        applied = dequantize_weight(wrapper.base_layer) - before[name]
+        errors[name] = float((applied - delta).norm()) / norm
+    return errors

@@ -1,0 +1,291 @@
+"""QLoRA: 4-/8-bit frozen bases (bitsandbytes on CPU), LoRA on top, merging, parity with peft."""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from peftlab import LoraConfig, PeftModel, get_peft_model
+from peftlab.errors import QuantizationError
+from peftlab.quantization import (
+    QuantConfig,
+    dequantize_weight,
+    is_quantized_linear,
+    prepare_model_for_kbit_training,
+    quantize_model,
+    weight_bytes,
+)
+from conftest import text_inputs, tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+
+CONFIGS = {
+    "nf4": QuantConfig(bits=4, quant_type="nf4"),
+    "fp4-double": QuantConfig(bits=4, quant_type="fp4", double_quant=True),
+    "int8": QuantConfig(bits=8),
+}
+
+
+def quantized_llama(config: QuantConfig, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(fp32 tiny Llama, the same weights quantized)."""
+    torch.manual_seed(seed)
+    full = tiny_llama().eval()
+    return full, quantize_model(copy.deepcopy(full), config).eval()
+
+
+def lora_config(**kw) -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **kw)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_quantize_replaces_linears_and_stays_close(name):
+    full, quant = quantized_llama(CONFIGS[name])
+    kind = bnb.nn.Linear4bit if CONFIGS[name].bits == 4 else bnb.nn.Linear8bitLt
+    layers = {n: m for n, m in quant.named_modules() if isinstance(m, nn.Linear)}
+    assert isinstance(quant.lm_head, nn.Linear) and not is_quantized_linear(quant.lm_head)  # head kept
+    assert all(isinstance(m, kind) for n, m in layers.items() if n != "lm_head")
+    w_full = full.model.layers[0].self_attn.q_proj.weight.detach()
+    w_deq = dequantize_weight(quant.model.layers[0].self_attn.q_proj)
+    rel = float((w_deq - w_full).norm() / w_full.norm())
+    assert rel < (0.15 if CONFIGS[name].bits == 4 else 0.02)
+    assert rel > 0  # it really is quantized
+    inputs = text_inputs()
+    with torch.no_grad():
+        a, b = full(**inputs).logits, quant(**inputs).logits
+    assert torch.allclose(a.softmax(-1), b.softmax(-1), atol=0.05)
+    ratio = weight_bytes(full) / weight_bytes(quant)
+    assert ratio > (3.0 if CONFIGS[name].bits == 4 else 2.0)
+
+
+def test_missing_bitsandbytes_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=r"pip install peftlab\[quant\]"):
+        quantize_model(model, QuantConfig())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_quantized_model_from_folder(tmp_path):
+    from peftlab.quantization import load_quantized_model
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path)
+    model = load_quantized_model(str(tmp_path), QuantConfig(bits=8))
+    assert isinstance(model.model.layers[1].mlp.down_proj, bnb.nn.Linear8bitLt)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_bad_quant_config():
+    with pytest.raises(QuantizationError, match="bits"):
+        QuantConfig(bits=3)
+    with pytest.raises(QuantizationError, match="quant_type"):
+        QuantConfig(quant_type="int4")
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_lora_on_quantized_base_trains_only_adapters(name):
+    _, quant = quantized_llama(CONFIGS[name])
+    model = get_peft_model(quant, lora_config())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.default.lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    torch.manual_seed(0)
+    inputs = text_inputs(batch=4, length=8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
+    assert is_quantized_linear(model.base_model.model.layers[0].self_attn.q_proj.base_layer)
+
+
+def _peft_quantized_pair(init: bool):
+    """Our LoRA and peft's LoRA on identical 4-bit copies of one model."""
+    import peft
+
+    _, quant = quantized_llama(CONFIGS["nf4"])
+    twin = copy.deepcopy(quant)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(twin, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit)  # peft took its bnb 4-bit path
+    return quant, theirs
+
+
+def test_peft_adapter_loads_on_our_4bit_base_with_same_outputs(tmp_path):
+    quant, theirs = _peft_quantized_pair(init=False)
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(quant, tmp_path)
+    inputs = text_inputs()
+    with torch.no_grad():
+        a, b = ours(**inputs).logits, theirs(**inputs).logits
+        with theirs.disable_adapter():
+            base = theirs(**inputs).logits
+    assert (a - base).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_our_4bit_adapter_loads_in_peft_with_same_outputs(tmp_path):
+    import peft
+
+    _, quant = quantized_llama(CONFIGS["nf4"])
+    twin = copy.deepcopy(quant)
+    ours = get_peft_model(quant, lora_config(init_lora_weights=False))
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+    inputs = text_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_save_load_round_trip_on_4bit(tmp_path):
+    _, quant = quantized_llama(CONFIGS["nf4"])
+    twin = copy.deepcopy(quant)
+    ours = get_peft_model(quant, lora_config(init_lora_weights=False))
+    ours.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(twin, tmp_path)
+    inputs = text_inputs()
+    with torch.no_grad():
+        assert torch.equal(ours(**inputs).logits, again(**inputs).logits)
+
+
+def test_prepare_keeps_weights_quantized_and_norms_fp32():
+    torch.manual_seed(0)
+    model = tiny_llama().to(torch.bfloat16)
+    quantize_model(model, QuantConfig(compute_dtype=torch.bfloat16))
+    prepare_model_for_kbit_training(model)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.weight, bnb.nn.Params4bit)
+    assert layer.self_attn.q_proj.weight.dtype == torch.uint8
+    assert layer.input_layernorm.weight.dtype == torch.float32
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # not every weight upcast
+    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    model = get_peft_model(model, lora_config())
+    model.train()
+    inputs = text_inputs()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def _trained_lora(quant: nn.Module, scale: float) -> PeftModel:
+    model = get_peft_model(quant, lora_config(init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(scale)
+    return model
+
+
+def test_merge_and_unload_dequantizes_exactly():
+    _, quant = quantized_llama(CONFIGS["nf4"])
+    model = _trained_lora(quant, 1.0)
+    inputs = text_inputs()
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+    merged_model = model.merge_and_unload()
+    assert not any(is_quantized_linear(m) for m in merged_model.modules())
+    assert merged_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    with torch.no_grad():
+        merged = merged_model(**inputs).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.01])
+def test_requantized_merge_measures_its_error(scale):
+    _, quant = quantized_llama(CONFIGS["nf4"])
+    model = _trained_lora(quant, scale)
+    inputs = text_inputs()
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+    with pytest.warns(UserWarning, match="re-quantizing the merged weights changes the adapter's update"):
+        merged_model = model.merge_and_unload(requantize=True)
+    assert isinstance(merged_model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    errors = merged_model.peftlab_requantize_error
+    assert set(errors) == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+    with torch.no_grad():
+        merged = merged_model(**inputs).logits
+    adapter_effect = float((unmerged - base).norm())
+    requant_error = float((merged - unmerged).norm())
+    # A small update sits below the NF4 grid step: re-quantizing loses most of it.
+    if scale == 0.01:
+        assert min(errors.values()) > 0.5
+        assert requant_error > 0.5 * adapter_effect
+    else:
+        assert max(errors.values()) < 1.0
+        assert requant_error < adapter_effect
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_merge_adapter_on_quantized_base_keeps_it_quantized(name):
+    _, quant = quantized_llama(CONFIGS[name])
+    model = _trained_lora(quant, 1.0)
+    inputs = text_inputs()
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+        model.merge_adapter()
+        merged = model(**inputs).logits
+    layer = model.base_model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer.weight, bnb.nn.Params4bit if name == "nf4" else bnb.nn.Int8Params)
+    assert float((merged - unmerged).norm()) < 0.5 * float((unmerged - base).norm())  # the update mostly survives
+    model.unmerge_adapter()
+    with torch.no_grad():
+        assert float((model(**inputs).logits - unmerged).norm()) < 0.5 * float((unmerged - base).norm())
+
+
+def test_dora_on_quantized_base_is_refused():
+    from peftlab.errors import TargetModuleError
+
+    _, quant = quantized_llama(CONFIGS["nf4"])
+    with pytest.raises(TargetModuleError, match="DoRA"):
+        get_peft_model(quant, lora_config(use_dora=True))
+    assert not any(p.requires_grad for p in quant.parameters())
+
+
+def test_quantize_after_adapters_is_refused():
+    model = get_peft_model(tiny_llama(), lora_config())
+    with pytest.raises(QuantizationError, match="before adding adapters"):
+        quantize_model(model.base_model, QuantConfig())
+
+
+def test_8bit_merge_and_unload_dequantizes():
+    _, quant = quantized_llama(CONFIGS["int8"])
+    model = _trained_lora(quant, 1.0)
+    inputs = text_inputs()
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged_model = model.merge_and_unload()
+    with torch.no_grad():
+        merged = merged_model(**inputs).logits
+    # int8 matmul quantizes activations too, so unmerged (int8) and merged (fp32) differ slightly.
+    torch.testing.assert_close(merged, unmerged, atol=0.05, rtol=0.05)
