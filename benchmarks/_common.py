@@ -113,24 +113,31 @@ def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
-def peak_step_memory(fn: Callable[[], None]) -> int:
-    """Peak bytes allocated above the starting point during one call of ``fn`` (CPU allocator events).
+def step_memory(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Memory one training step holds at its peak (the end of forward), in MB.
 
-    Uses the profiler's memory events, so it counts tensors (activations saved for backward,
-    gradients, temporaries), not Python objects or allocator slack; model weights and the
-    optimizer state existing before the call are the baseline.
+    ``saved_mb``: distinct tensor storages autograd keeps for backward (activations, dropout
+    masks), model parameters excluded: the part of training memory that PEFT methods change.
+    ``grads_mb``: gradients of the trainable parameters. Counted exactly through
+    ``saved_tensors_hooks``, so the numbers do not depend on allocator state or machine load.
     """
-    from torch.profiler import ProfilerActivity, profile
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        fn()
-    events = [e for e in prof.profiler.function_events if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
-    now = peak = 0
-    for e in events:
-        now += e.cpu_memory_usage
-        peak = max(peak, now)
-    return peak
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**inputs).loss
+    loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    mb = 2**20
+    return {"saved_mb": sum(saved.values()) / mb, "grads_mb": grads / mb, "total_mb": (sum(saved.values()) + grads) / mb}
 
 
 def environment() -> dict:

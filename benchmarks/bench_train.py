@@ -4,7 +4,8 @@ all-MiniLM-L6-v2 with a 2-way head, batch 16, fp32, 2 threads, model dropout on 
 Every variant gets its own copy of the same weights; one round times one optimizer step of
 each variant in turn (order reversed every other round), after warm-up. Reported: median step
 time, the median of per-round ratios to the full fine-tuning step and to peft's step for the
-same configuration, and the peak bytes allocated during one step (profiler memory events).
+same configuration, and the memory a step holds at its peak (tensors saved for backward,
+plus gradients; see ``_common.step_memory``).
 
     PYTHONPATH=src python benchmarks/bench_train.py --seq 64 --rounds 15
 """
@@ -54,27 +55,30 @@ def main() -> None:
 
     base = C.minilm_classifier()
     inputs = C.batch(args.batch, args.seq)
-    steps: dict[str, object] = {"full_ft": C.train_step_fn(copy.deepcopy(base), inputs)}
+    full = copy.deepcopy(base)
+    steps: dict[str, object] = {"full_ft": C.train_step_fn(full, inputs)}
     frozen = copy.deepcopy(base)
     for p in frozen.parameters():
         p.requires_grad_(False)
-    frozen.classifier.weight.requires_grad_(True)  # only the head trains; gradients flow through the body
-    frozen.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    frozen.classifier.weight.requires_grad_(True)  # only the head trains, but gradients flow through the body:
+    frozen.bert.embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())
+    models = {"full_ft": full, "frozen_floor": frozen}
     steps["frozen_floor"] = C.train_step_fn(frozen, inputs)
     for name in args.configs:
         for lib in args.libs:
             model = build(lib, base, CONFIGS[name])
+            models[f"{name}/{lib}"] = model
             steps[f"{name}/{lib}"] = C.train_step_fn(model, inputs)
 
     times = C.alternate(steps, rounds=args.rounds, warmup=2)
-    memory = {} if args.no_memory else {name: C.peak_step_memory(fn) for name, fn in steps.items()}
+    memory = {} if args.no_memory else {name: C.step_memory(models[name], inputs) for name in steps}
 
     rows, table = [], {}
     for name in steps:
         entry = {
             "median_s": C.median(times[name]),
             "vs_full_ft": C.paired_ratio(times, name, "full_ft"),
-            "peak_step_mb": memory.get(name, 0) / 2**20 if memory else None,
+            "memory_mb": memory.get(name),
             "times_s": times[name],
         }
         if name.endswith("/peftlab") and name.replace("/peftlab", "/peft") in steps:
@@ -85,9 +89,10 @@ def main() -> None:
             f"{entry['median_s'] * 1000:.0f}",
             f"{entry['vs_full_ft']:.2f}",
             f"{entry['vs_peft']:.2f}" if "vs_peft" in entry else "",
-            f"{entry['peak_step_mb']:.0f}" if memory else "",
+            f"{memory[name]['saved_mb']:.0f}" if memory else "",
+            f"{memory[name]['total_mb']:.0f}" if memory else "",
         ])
-    C.print_table(["variant", "ms", "x full FT", "x peft", "peak MB"], rows)
+    C.print_table(["variant", "ms", "x full FT", "x peft", "saved MB", "saved+grads MB"], rows)
     C.write_results(f"train_seq{args.seq}", {"seq": args.seq, "batch": args.batch, "rounds": args.rounds, "results": table})
 
 

@@ -8,8 +8,8 @@ stock modules. It is correct but wasteful on training steps:
 * the adapter output is added to the base output out of place (one more full-size pass).
 
 :class:`LoraLinearFunction` computes the same value in one autograd node that keeps only what
-backward needs: the input ``x`` (usually shared with sibling layers, so no new memory), a
-1-byte keep mask, and the rank-r activation ``A dropout(x)``. The mask is drawn from 16 random
+backward needs: A's input (without dropout that is ``x`` itself, usually shared with sibling
+layers, so no new memory), a 1-byte keep mask, and the rank-r activation ``A dropout(x)``. The mask is drawn from 16 random
 bits per element (a quarter of one 64-bit draw), four to six times cheaper than
 ``nn.Dropout``; the adapter output is accumulated into the base output with one in-place
 ``addmm``. Gradients are the exact gradients of the same formula.
@@ -81,8 +81,9 @@ class LoraLinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s * ((x * keep / (1 - p)) A^T) B^T`` with a frozen ``W`` (and maybe ``b``).
 
     Shapes: x (N, in), weight (out, in) or (in, out) when ``fan_in_fan_out``, lora_a (r, in),
-    lora_b (out, r), keep (N, in) bool or None (no dropout). Saved for backward: x, keep, the
-    (N, r) activation h; never a dropped copy of x.
+    lora_b (out, r), keep (N, in) bool or None (no dropout). Saved for backward: A's input
+    (x itself without dropout; the dropped x with it), the 1-byte mask, and the (N, r) activation
+    h: 5 bytes per input element with dropout where ``nn.Dropout`` + ``nn.Linear`` keep 8.
     """
 
     @staticmethod
@@ -100,18 +101,20 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
+        # A's input: x itself (often shared with sibling layers, so saving it is free), or the
+        # dropped x (unscaled; 1/(1-p) is applied to the small (N, r) tensors instead).
         x_in = x if keep is None else torch.where(keep, x, 0.0)
         h = torch.mm(x_in, lora_a.t())  # (N, r)
         if keep is not None:
             h.mul_(keep_scale)
         out.addmm_(h, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h, keep)
+        ctx.save_for_backward(x_in, weight, lora_a, lora_b, h, keep)
         ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out = scaling, keep_scale, fan_in_fan_out
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
+        x_in, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_a = grad_b = None
         grad_out = grad_out.contiguous()
@@ -120,12 +123,11 @@ class LoraLinearFunction(torch.autograd.Function):
         # Gradient reaching A's output, with the dropout scale folded in: (N, r), cheap.
         grad_h = torch.mm(grad_out, lora_b).mul_(ctx.scaling * (ctx.keep_scale if keep is not None else 1.0))
         if need_a:
-            x_in = x if keep is None else torch.where(keep, x, 0.0)
             grad_a = torch.mm(grad_h.t(), x_in)  # (r, in)
         if need_x:
             lora_part = torch.mm(grad_h, lora_a)  # (N, in)
             if keep is not None:
-                lora_part = torch.where(keep, lora_part, 0.0)
+                lora_part.mul_(keep)
             w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
             grad_x = torch.addmm(lora_part, grad_out, w)
         if need_bias:
