@@ -98,6 +98,8 @@ def alternate(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) 
             order.reverse()  # neither side always runs right after the other
         for name, fn in order:
             gc.collect()
+            if os.environ.get("BENCH_VERBOSE"):
+                print(f"round {r} {name}", file=sys.stderr, flush=True)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
