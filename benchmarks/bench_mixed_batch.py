@@ -1,7 +1,7 @@
 """Mixed-batch inference: 4 LoRA adapters, each row of a batch of 32 routed to its own adapter.
 
 peft's ``adapter_names=`` against peftlab's, on the same adapter weights (saved by peft, loaded
-by peftlab; LoRA r=8 on all linear layers, random A and B), eval mode, no_grad, 2 threads.
+by peftlab; LoRA r=8 on all 36 encoder linear layers, random A and B), eval mode, no_grad, 2 threads.
 Also times the bare base model and the four sub-batches run one after another with
 ``set_adapter`` (what you would do without mixed batches).
 
@@ -18,6 +18,9 @@ import _common as C
 import torch
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
+# The 36 encoder linear layers, spelled out: peft resolves "all-linear" differently for an
+# adapter added next to an existing one (it then also matches the head's wrapper).
+LINEAR = ["query", "key", "value", "output.dense", "intermediate.dense"]
 
 
 def main() -> None:
@@ -39,7 +42,7 @@ def main() -> None:
     theirs = None
     with tempfile.TemporaryDirectory() as tmp:
         for name in ADAPTERS:
-            config = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+            config = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=LINEAR, init_lora_weights=False)
             if theirs is None:
                 theirs = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
             else:

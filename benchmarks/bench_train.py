@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--libs", nargs="*", default=["peftlab", "peft"])
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix for the results file (a partial re-run keeps the full table)")
     args = parser.parse_args()
 
     base = C.minilm_classifier()
@@ -93,7 +94,7 @@ def main() -> None:
             f"{memory[name]['total_mb']:.0f}" if memory else "",
         ])
     C.print_table(["variant", "ms", "x full FT", "x peft", "saved MB", "saved+grads MB"], rows)
-    C.write_results(f"train_seq{args.seq}", {"seq": args.seq, "batch": args.batch, "rounds": args.rounds, "results": table})
+    C.write_results(f"train_seq{args.seq}" + (f"_{args.tag}" if args.tag else ""), {"seq": args.seq, "batch": args.batch, "rounds": args.rounds, "results": table})
 
 
 if __name__ == "__main__":
