@@ -25,6 +25,7 @@ import torch  # noqa: E402
 THREADS = 2  # matches docs/benchmarks.md and the baseline notes
 torch.set_num_threads(THREADS)
 RESULTS = Path(__file__).resolve().parent / "results"
+LOAD_AT_START = os.getloadavg()  # the machine is shared: results record the load they ran under
 
 
 def minilm_dir() -> str:
@@ -152,7 +153,7 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
+        "loadavg_start": LOAD_AT_START,
     }
     try:
         import peft
