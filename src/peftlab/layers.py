@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import AdapterStateError
+from peftlab.kernels import mixed_lora_forward
 
 BASE_ROW = "__base__"  # row name in mixed batches that selects the bare base model
 
@@ -37,6 +38,20 @@ class LayerAdapter(nn.Module):
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out
+
+    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Base layer and adapter in one fast computation, or None to take the readable path.
+
+        Must equal ``adapt_output(x, base_layer(adapt_input(x)))`` (see :mod:`peftlab.kernels`).
+        """
+        return None
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) when this adapter's output is exactly ``out + s * B A x`` right now, else None.
+
+        Lets mixed batches stack the adapters of one layer (see :func:`peftlab.kernels.mixed_lora_forward`).
+        """
+        return None
 
     def merge_into(self, base_layer: nn.Module) -> None:
         """Fold this adapter into ``base_layer``'s weights (in place)."""
@@ -100,7 +115,12 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
             return self._mixed_forward(x, *args, **kwargs)
-        return self._forward_with(self._live(self.active_adapters), x, *args, **kwargs)
+        live = self._live(self.active_adapters)
+        if len(live) == 1 and not args and not kwargs:
+            fused = live[0].fused_forward(self.base_layer, x)
+            if fused is not None:
+                return fused
+        return self._forward_with(live, x, *args, **kwargs)
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row of the batch goes through the adapter named for it (or none)."""
@@ -110,8 +130,14 @@ class AdaptedLayer(nn.Module):
             raise AdapterStateError(
                 f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows; give one name per row."
             )
+        adapters = {n: self.adapters[n] for n in dict.fromkeys(rows) if n in self.adapters}
+        if not args and not kwargs:
+            factors = {n: a.low_rank_factors() for n, a in adapters.items()}
+            if all(f is not None for f in factors.values()):
+                fused = mixed_lora_forward(self.base_layer, x, rows, factors)  # type: ignore[arg-type]
+                if fused is not None:
+                    return fused
         groups = _group_rows(rows, x.device)
-        adapters = {n: self.adapters[n] for n in groups if n in self.adapters}
         if not any(a.transforms_input for a in adapters.values()):
             # Output-only adapters: run the base layer once on the whole batch.
             out = self.base_layer(x, *args, **kwargs)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab import functional as Fn
+from peftlab import kernels
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import AdaptedLayer, LayerAdapter
@@ -191,6 +192,22 @@ class LoraLinear(LayerAdapter):
         x = x.to(self.lora_A.weight.dtype)
         delta = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         return out + delta.to(out.dtype)
+
+    def _dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        # Subclasses (DoRA, quantized variants) change the formula: they keep the readable path.
+        if type(self) is not LoraLinear:
+            return None
+        return kernels.lora_linear(
+            base_layer, x, self.lora_A.weight, self.lora_B.weight, self.scaling, self._dropout_p(), self.training
+        )
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if type(self) is not LoraLinear or (self.training and self._dropout_p() > 0):
+            return None
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         delta = Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)

@@ -1,0 +1,214 @@
+"""Fast paths for LoRA on plain ``nn.Linear`` / GPT-2 ``Conv1D`` layers.
+
+The readable path (``LoraLinear.adapt_output``) computes ``W x + b + s * B A dropout(x)`` with
+stock modules. It is correct but wasteful on training steps:
+
+* ``nn.Dropout`` draws a float32 random number per input element, keeps a float copy of the
+  dropped input for ``A``'s weight gradient and a float mask for the input gradient;
+* the adapter output is added to the base output out of place (one more full-size pass).
+
+:class:`LoraLinearFunction` computes the same value in one autograd node that keeps only what
+backward needs: A's input (without dropout that is ``x`` itself, usually shared with sibling
+layers, so no new memory), a 1-byte keep mask, and the rank-r activation ``A dropout(x)``. The mask is drawn from 16 random
+bits per element (a quarter of one 64-bit draw), four to six times cheaper than
+``nn.Dropout``; the adapter output is accumulated into the base output with one in-place
+``addmm``. Gradients are the exact gradients of the same formula.
+
+:func:`mixed_lora_forward` serves mixed batches (one adapter per row): the base layer runs once,
+every adapter's ``A`` runs as one stacked matmul, a row selector zeroes the blocks of other
+adapters, and one ``addmm`` with the stacked ``s B`` adds every row's own update.
+
+Set ``PEFTLAB_PLAIN=1`` to force the readable path everywhere (for debugging and A/B checks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+_MASK_BITS = 16  # random bits per element; the drop probability is p rounded to 1 / 65536
+
+
+def plain_forced() -> bool:
+    """True when ``PEFTLAB_PLAIN=1``: every layer takes the readable path."""
+    return os.environ.get("PEFTLAB_PLAIN", "") == "1"
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return None
+    return Conv1D
+
+
+_CONV1D = _conv1d_type()
+
+
+def fast_base(base: nn.Module) -> bool:
+    """Whether ``base`` is a plain, frozen Linear / Conv1D the fast path may bypass.
+
+    Exact type checks on purpose: subclasses (bitsandbytes' quantized linears, or anything with
+    its own forward) and layers with hooks keep calling their own ``forward``.
+    """
+    if type(base) is not nn.Linear and (_CONV1D is None or type(base) is not _CONV1D):
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return False
+    weight = base.weight
+    return type(weight) is nn.Parameter and weight.is_floating_point() and not weight.requires_grad
+
+
+def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool mask, True with probability ``1 - p`` (to 1/65536), drawn from the default generator.
+
+    Four mask elements share one 64-bit draw, which is what makes it cheap; ``torch.manual_seed``
+    makes it reproducible like any other torch random op.
+    """
+    numel = 1
+    for n in shape:
+        numel *= n
+    words = (numel + 3) // 4
+    bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None)
+    threshold = -(2 ** (_MASK_BITS - 1)) + round(p * 2**_MASK_BITS)
+    return (bits.view(torch.int16)[:numel] >= threshold).view(*shape)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b + s * ((x * keep / (1 - p)) A^T) B^T`` with a frozen ``W`` (and maybe ``b``).
+
+    Shapes: x (N, in), weight (out, in) or (in, out) when ``fan_in_fan_out``, lora_a (r, in),
+    lora_b (out, r), keep (N, in) bool or None (no dropout). Saved for backward: A's input
+    (x itself without dropout; the dropped x with it), the 1-byte mask, and the (N, r) activation
+    h: 5 bytes per input element with dropout where ``nn.Dropout`` + ``nn.Linear`` keep 8.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        keep: torch.Tensor | None,
+        scaling: float,
+        keep_scale: float,
+        fan_in_fan_out: bool,
+    ) -> torch.Tensor:
+        w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
+        out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
+        # A's input: x itself (often shared with sibling layers, so saving it is free), or the
+        # dropped x (unscaled; 1/(1-p) is applied to the small (N, r) tensors instead).
+        x_in = x if keep is None else torch.where(keep, x, 0.0)
+        h = torch.mm(x_in, lora_a.t())  # (N, r)
+        if keep is not None:
+            h.mul_(keep_scale)
+        out.addmm_(h, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x_in, weight, lora_a, lora_b, h, keep)
+        ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out = scaling, keep_scale, fan_in_fan_out
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x_in, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        grad_x = grad_bias = grad_a = grad_b = None
+        grad_out = grad_out.contiguous()
+        if need_b:
+            grad_b = torch.mm(grad_out.t(), h).mul_(ctx.scaling)  # (out, r)
+        # Gradient reaching A's output, with the dropout scale folded in: (N, r), cheap.
+        grad_h = torch.mm(grad_out, lora_b).mul_(ctx.scaling * (ctx.keep_scale if keep is not None else 1.0))
+        if need_a:
+            grad_a = torch.mm(grad_h.t(), x_in)  # (r, in)
+        if need_x:
+            lora_part = torch.mm(grad_h, lora_a)  # (N, in)
+            if keep is not None:
+                lora_part.mul_(keep)
+            w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
+            grad_x = torch.addmm(lora_part, grad_out, w)
+        if need_bias:
+            grad_bias = grad_out.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+def lora_linear(base: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float, dropout: float, training: bool) -> torch.Tensor | None:
+    """The fused LoRA forward of one layer, or None when the readable path must run instead."""
+    if plain_forced() or not fast_base(base) or torch.is_autocast_enabled(x.device.type):
+        return None
+    weight, bias = base.weight, base.bias
+    if not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype) or x.device != weight.device:
+        return None
+    fan_in_fan_out = type(base) is not nn.Linear
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        return None  # let the base layer raise its own shape error
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    keep = None
+    keep_scale = 1.0
+    if training and dropout > 0:
+        keep = keep_mask(x2.shape, dropout, x2.device)
+        keep_scale = 1.0 / (1.0 - dropout)
+    out = LoraLinearFunction.apply(x2, weight, bias, lora_a, lora_b, keep, scaling, keep_scale, fan_in_fan_out)
+    return out.view(*lead, out.shape[-1])
+
+
+# ----- mixed batches -----------------------------------------------------------------------------
+_SELECTOR_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _row_selector(rows: Sequence[str], blocks: Sequence[tuple[str, int]], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """(rows, sum of ranks) 0/1 matrix: row i keeps only the rank block of its own adapter."""
+    key = (tuple(rows), tuple(blocks), dtype, device)
+    sel = _SELECTOR_CACHE.get(key)
+    if sel is None:
+        offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, rank in blocks:
+            offsets[name] = (start, start + rank)
+            start += rank
+        table = [[0.0] * start for _ in rows]
+        for i, name in enumerate(rows):
+            if name in offsets:
+                lo, hi = offsets[name]
+                table[i][lo:hi] = [1.0] * (hi - lo)
+        sel = torch.tensor(table, dtype=dtype, device=device)
+        if len(_SELECTOR_CACHE) > 64:
+            _SELECTOR_CACHE.clear()
+        _SELECTOR_CACHE[key] = sel
+    return sel
+
+
+def mixed_lora_forward(base: nn.Module, x: torch.Tensor, rows: Sequence[str],
+                       adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                       max_total_rank: int = 256) -> torch.Tensor | None:
+    """Base output plus, on each row, that row's LoRA update; None when the generic path must run.
+
+    ``adapters`` maps a name to (A (r, in), B (out, r), scaling) for the adapters this layer holds;
+    rows naming anything else get the base output. Every adapter's A runs on every row (one
+    stacked matmul), which pays off while the summed rank stays small next to the layer width.
+    """
+    if plain_forced() or not fast_base(base) or not adapters or x.dim() < 2:
+        return None
+    weight = base.weight
+    if any(a.dtype != x.dtype or b.dtype != x.dtype for a, b, _ in adapters.values()) or weight.dtype != x.dtype:
+        return None
+    names = list(adapters)
+    total = sum(adapters[n][0].shape[0] for n in names)
+    if total > max_total_rank:
+        return None
+    stacked_a = torch.cat([adapters[n][0] for n in names])  # (R, in)
+    stacked_b = torch.cat([adapters[n][1] * adapters[n][2] for n in names], dim=1)  # (out, R)
+    selector = _row_selector(rows, [(n, adapters[n][0].shape[0]) for n in names], x.dtype, x.device)  # (B, R)
+    out = base(x)
+    in_features, out_features = x.shape[-1], out.shape[-1]
+    h = torch.mm(x.reshape(-1, in_features), stacked_a.t())  # (N, R)
+    h = h.view(x.shape[0], -1, total) * selector.unsqueeze(1)
+    out.view(-1, out_features).addmm_(h.view(-1, total), stacked_b.t())
+    return out

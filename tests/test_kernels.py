@@ -1,0 +1,286 @@
+"""The fast LoRA paths (peftlab.kernels) against the readable path and hand-written references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from peftlab import kernels
+from peftlab.layers import AdaptedLayer
+from tests.conftest import main_output, text_inputs, tiny_bert_cls, tiny_gpt2
+
+FUSED_NODE = "LoraLinearFunctionBackward"
+
+
+class Net(nn.Module):
+    def __init__(self, in_features: int = 12, out_features: int = 10, bias: bool = True) -> None:
+        super().__init__()
+        self.lin = nn.Linear(in_features, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def lora_net(dropout: float = 0.0, dtype: torch.dtype = torch.float64, **kw) -> peftlab.PeftModel:
+    torch.manual_seed(0)
+    net = Net(bias=kw.pop("bias_layer", True)).to(dtype)
+    config = peftlab.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], lora_dropout=dropout, init_lora_weights=False, **kw)
+    return peftlab.get_peft_model(net, config)
+
+
+def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output, and gradients of a fixed loss wrt the input and every trainable parameter."""
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    grads = {"x": x.grad}
+    grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def layer(model: peftlab.PeftModel, name: str = "lin") -> AdaptedLayer:
+    module = model.base_model.get_submodule(name)
+    assert isinstance(module, AdaptedLayer)
+    return module
+
+
+def assert_close_all(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **tol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_keep_mask_rate_and_reproducibility():
+    torch.manual_seed(1)
+    mask = kernels.keep_mask((400, 500), 0.1)
+    assert mask.dtype == torch.bool and mask.shape == (400, 500)
+    assert abs(mask.float().mean().item() - 0.9) < 0.005  # 200k draws: std ~0.0007
+    torch.manual_seed(1)
+    assert torch.equal(mask, kernels.keep_mask((400, 500), 0.1))
+    # Columns and rows are independent draws, not a repeated pattern.
+    assert not torch.equal(mask[0], mask[1])
+    assert abs(kernels.keep_mask((1000, 100), 0.5).float().mean().item() - 0.5) < 0.01
+    assert kernels.keep_mask((3, 7), 0.0).all()
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])
+def test_fused_equals_plain_without_dropout(monkeypatch, bias, shape):
+    model = lora_net(bias=bias)
+    x = torch.randn(*shape, dtype=torch.float64)
+    out, grads = run(model, x)
+    assert FUSED_NODE in _graph_names(model(x.requires_grad_(True)))
+    monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    assert FUSED_NODE not in _graph_names(model(x))
+    ref_out, ref_grads = run(model, x)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    assert_close_all(grads, ref_grads, rtol=0, atol=1e-12)
+    if bias == "all":
+        assert "base_model.lin.base_layer.bias" in grads
+
+
+def test_fused_float32_within_1e6(monkeypatch):
+    model = lora_net(dtype=torch.float32)
+    x = torch.randn(4, 6, 12)
+    out, grads = run(model, x)
+    monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    ref_out, ref_grads = run(model, x)
+    assert_close_all({"out": out, **grads}, {"out": ref_out, **ref_grads}, rtol=1e-6, atol=1e-6)
+
+
+def _graph_names(t: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(fn.name())
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_dropout_equals_reference_with_same_mask(p):
+    model = lora_net(dropout=p)
+    model.train()
+    wrapped = layer(model)
+    adapter = wrapped.adapters["default"]
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    torch.manual_seed(123)
+    out, grads = run(model, x)
+
+    # Reference: the textbook formula with the mask the fast path drew from the same seed.
+    torch.manual_seed(123)
+    keep = kernels.keep_mask((15, 12), p).view(3, 5, 12)
+    xr = x.clone().requires_grad_(True)
+    a, b = adapter.lora_A.weight, adapter.lora_B.weight
+    base = wrapped.base_layer
+    ref = base(xr) + (xr * keep / (1 - p)) @ a.T @ b.T * adapter.scaling
+    weights = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads["x"], xr.grad, rtol=0, atol=1e-12)
+    prefix = "base_model.lin.adapters.default."
+    torch.testing.assert_close(grads[prefix + "lora_A.weight"], a.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[prefix + "lora_B.weight"], b.grad, rtol=0, atol=1e-12)
+    assert not torch.allclose(grads["x"], _no_dropout_grad(model, x))  # the mask really applied
+
+
+def _no_dropout_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    try:
+        return run(model, x)[1]["x"]
+    finally:
+        model.train()
+
+
+def test_dropout_differs_between_steps_and_is_off_in_eval(monkeypatch):
+    model = lora_net(dropout=0.3)
+    x = torch.randn(8, 12, dtype=torch.float64)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    fast = model(x)
+    monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    torch.testing.assert_close(fast, model(x), rtol=0, atol=1e-12)
+
+
+def test_fused_dropout_is_unbiased_like_nn_dropout():
+    """Averaged over many masks the dropped adapter output matches the no-dropout output."""
+    model = lora_net(dropout=0.2)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    model.eval()
+    expected = model(x)
+    model.train()
+    with torch.no_grad():
+        mean = torch.stack([model(x) for _ in range(3000)]).mean(0)
+    base = layer(model).base_layer(x)
+    assert torch.allclose(mean - base, expected - base, atol=0.03 * (expected - base).abs().max().item())
+
+
+def test_conv1d_fan_in_fan_out_matches_plain(monkeypatch):
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(
+        tiny_gpt2().double(), peftlab.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False, fan_in_fan_out=True)
+    )
+    inputs = text_inputs()
+    model.train()
+    model.base_model.config.attn_pdrop = 0.0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+    def step():
+        out = main_output(model(**inputs))
+        out.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    out, grads = step()
+    assert FUSED_NODE in _graph_names(main_output(model(**inputs)))
+    monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    ref_out, ref_grads = step()
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    assert_close_all(grads, ref_grads, rtol=0, atol=1e-10)
+
+
+def test_merged_and_unmerged_agree_and_merged_skips_adapter():
+    model = lora_net()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    model.eval()
+    unmerged = model(x)
+    model.merge_adapter()
+    merged = model(x.requires_grad_(True))
+    assert FUSED_NODE not in _graph_names(merged)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-12)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-12)
+
+
+def test_dora_keeps_readable_path(monkeypatch):
+    model = lora_net(use_dora=True)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    assert FUSED_NODE not in _graph_names(y)
+    out, grads = run(model, x)
+    monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    ref_out, ref_grads = run(model, x)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    assert_close_all(grads, ref_grads, rtol=0, atol=0)
+
+
+def test_subclassed_or_hooked_base_keeps_readable_path():
+    class MyLinear(nn.Linear):  # e.g. a quantized linear: its own forward must run
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    net = Net().double()
+    net.lin = MyLinear(12, 10).double()
+    model = peftlab.get_peft_model(net, peftlab.LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    assert FUSED_NODE not in _graph_names(model(x))
+    hooked = lora_net()
+    calls = []
+    layer(hooked).base_layer.register_forward_hook(lambda *a: calls.append(1))
+    assert FUSED_NODE not in _graph_names(hooked(x))
+    assert calls
+
+
+def test_trainable_base_weight_keeps_readable_path():
+    model = lora_net()
+    layer(model).base_layer.weight.requires_grad_(True)
+    x = torch.randn(3, 12, dtype=torch.float64)
+    out, grads = run(model, x)
+    assert "base_model.lin.base_layer.weight" in grads
+
+
+def test_mixed_batch_fast_equals_plain(monkeypatch):
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(
+        tiny_bert_cls(), peftlab.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), adapter_name="a"
+    )
+    model.add_adapter("b", peftlab.LoraConfig(r=2, lora_alpha=6, target_modules=["query", "value"], init_lora_weights=False))
+    model.add_adapter("c", peftlab.LoraConfig(r=3, target_modules="all-linear", init_lora_weights=False, use_rslora=True))
+    model.eval()
+    inputs = text_inputs(batch=6)
+    names = ["a", "b", "__base__", "c", "b", "a"]
+    fast = main_output(model(**inputs, adapter_names=names))
+    monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    plain = main_output(model(**inputs, adapter_names=names))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    # Each row equals running its adapter alone.
+    for i, name in enumerate(names):
+        row = {k: v[i : i + 1] for k, v in inputs.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                expected = main_output(model(**row))
+        else:
+            model.set_adapter(name)
+            expected = main_output(model(**row))
+        torch.testing.assert_close(fast[i : i + 1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_batch_stacked_kernel_is_used(monkeypatch):
+    calls = []
+    real = kernels.mixed_lora_forward
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr("peftlab.layers.mixed_lora_forward", spy)
+    model = lora_net()
+    model.add_adapter("other", peftlab.LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    model.eval()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    out = model(x, adapter_names=["default", "other", "__base__"])
+    assert calls == [True]
+    with model.disable_adapter():
+        torch.testing.assert_close(out[2], model(x)[2])
