@@ -21,3 +21,7 @@ class CheckpointError(PeftlabError, ValueError):
 
 class AdapterStateError(PeftlabError, ValueError):
     """An adapter operation does not fit the current state (unknown name, already merged, ...)."""
+
+
+class WorkbenchError(PeftlabError, ValueError):
+    """An experiment file, data set or command-line request for the workbench is unusable."""
