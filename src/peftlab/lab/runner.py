@@ -292,6 +292,9 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any,
         ddp_backend="gloo" if world_size() > 1 and cpu else None,
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,
+        # Classification losses are per-example means and ignore num_items_in_batch; with this on,
+        # the Trainer would still multiply the loss by the number of processes under DDP.
+        average_tokens_across_devices=False,
     )
     timer, stopper = EpochTimer(), StopOnSignal()
     callbacks = [timer, stopper, FiniteWeights(), *trainer_callbacks(prep.peft_config, prep.model)]
