@@ -24,7 +24,7 @@ EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _DATA_FLAGS = {"dataset": "dataset", "text_column": "text_column", "label_column": "label_column", "max_length": "max_length",
                "validation_split": "validation_split", "eval_split": "eval_split",
                "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples"}
-_TRAIN_FLAGS = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate", "batch_size": "batch_size",
+_TRAIN_FLAGS = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate", "head_lr": "head_learning_rate", "batch_size": "batch_size",
                 "eval_batch_size": "eval_batch_size", "weight_decay": "weight_decay", "warmup_ratio": "warmup_ratio",
                 "seed": "seed", "save_steps": "save_steps", "logging_steps": "logging_steps",
                 "gradient_accumulation_steps": "gradient_accumulation_steps"}
@@ -48,6 +48,7 @@ def _experiment_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=float)
     t.add_argument("--max-steps", type=int)
     t.add_argument("--lr", type=float, help="learning rate")
+    t.add_argument("--head-lr", type=float, help="learning rate of the trained head / modules_to_save (default: --lr)")
     t.add_argument("--batch-size", type=int, help="per process")
     t.add_argument("--eval-batch-size", type=int)
     t.add_argument("--weight-decay", type=float)

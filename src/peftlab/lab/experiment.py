@@ -54,6 +54,8 @@ class TrainConfig:
         epochs: passes over the training rows.
         max_steps: stop after this many optimizer steps (overrides epochs when > 0).
         learning_rate / weight_decay / warmup_ratio / lr_scheduler: AdamW and its schedule.
+        head_learning_rate: learning rate of the fully trained modules of an adapter run
+            (classifier head, modules_to_save); None uses learning_rate.
         batch_size: examples per step per process (under DDP the global batch is this
             times the number of processes).
         eval_batch_size: examples per evaluation step.
@@ -70,6 +72,7 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int = -1
     learning_rate: float = 1e-3
+    head_learning_rate: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
@@ -227,11 +230,16 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**values)
 
 
+# Settings whose default is None, with the type a given value must have.
+_OPTIONAL_TYPES = {"max_train_samples": int, "max_eval_samples": int, "save_steps": int, "head_learning_rate": float,
+                   "subset": str}
+
+
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     """Check a setting's type against its default's (YAML reads 1e-3 as a string)."""
     if value is None:
         return None
-    expected = type(default) if default is not None else (int if key.startswith("max_") or key.endswith("_steps") else None)
+    expected = type(default) if default is not None else _OPTIONAL_TYPES.get(key)
     try:
         if expected is bool:
             if not isinstance(value, bool):

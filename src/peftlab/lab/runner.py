@@ -101,6 +101,12 @@ def _callbacks() -> tuple[type, type, type]:
                 self.step = state.global_step
             return control
 
+        def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.step is not None:  # stopping: skip the end-of-epoch evaluation, the step's checkpoint is saved
+                control.should_evaluate = False
+                control.should_save = False
+            return control
+
     class FiniteWeights(TrainerCallback):
         """Stop before a checkpoint is written when an update made a trainable weight NaN/inf."""
 
@@ -114,11 +120,35 @@ def _callbacks() -> tuple[type, type, type]:
     return EpochTimer, StopOnSignal, FiniteWeights
 
 
-def _trainer_class() -> type:
+def head_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters of fully trained copies (classifier head, modules_to_save)."""
+    from peftlab.layers import ModulesToSave
+
+    return {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.copies.parameters()}
+
+
+def _trainer_class(head_learning_rate: float | None = None) -> type:
     from transformers import Trainer
 
     class LabTrainer(Trainer):
-        """The HF Trainer plus a check that every training loss is finite."""
+        """The HF Trainer plus a check that every training loss is finite, and an optional
+        separate learning rate for the fully trained head (IA3 vectors want ~1e-2, a freshly
+        initialised classifier trained at that rate overshoots)."""
+
+        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+            optimizer = super().create_optimizer(model)
+            head = head_parameters(self.model)
+            if head_learning_rate is None or not head:
+                return optimizer
+            groups = list(optimizer.param_groups)
+            optimizer.param_groups = []
+            for group in groups:
+                for is_head in (False, True):
+                    params = [p for p in group["params"] if (id(p) in head) == is_head]
+                    if params:
+                        extra = {"lr": head_learning_rate, "initial_lr": head_learning_rate} if is_head else {}
+                        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, **extra, "params": params})
+            return optimizer
 
         def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
             loss = super().training_step(*args, **kwargs)
@@ -298,7 +328,7 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any,
     )
     timer, stopper = EpochTimer(), StopOnSignal()
     callbacks = [timer, stopper, FiniteWeights(), *trainer_callbacks(prep.peft_config, prep.model)]
-    trainer = _trainer_class()(
+    trainer = _trainer_class(cfg.head_learning_rate)(
         model=prep.model,
         args=args,
         train_dataset=prep.train_set,
