@@ -11,8 +11,11 @@ from peftlab.targeting import candidates, default_target_modules, model_type
 
 def load_model(name: str):  # noqa: ANN201 - a transformers model
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
 
     from peftlab.lab.runner import resolve_model
+
+    logging.set_verbosity_error()  # the load report about the new classifier head is noise here
 
     try:
         return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=2)
