@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from peftlab.lab.cli import main
-from conftest import run_cli, write_jsonl, toy_rows
+from _labutil import run_cli, tiny_model_dir, toy_data_dir, toy_rows, write_jsonl  # noqa: F401 - fixtures
 
 FAST = ["--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--no-progress", "--cpu"]
 
@@ -62,6 +62,7 @@ def test_train_writes_results_adapter_and_report(tmp_path, tiny_model_dir, toy_d
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
 
 
+@pytest.mark.slow
 def test_compare_isolates_a_failed_run(tmp_path, tiny_model_dir, toy_data_dir):
     exp = tmp_path / "exp.yaml"
     exp.write_text(f"""

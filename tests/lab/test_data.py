@@ -11,7 +11,7 @@ import pytest
 from peftlab.errors import WorkbenchError
 from peftlab.lab.data import Encoded, load_splits, read_file
 from peftlab.lab.experiment import DataConfig
-from conftest import toy_rows, write_jsonl
+from _labutil import tiny_model_dir, toy_rows, write_jsonl  # noqa: F401 - fixture
 
 
 def _csv(path, rows, fields=("text", "label")):

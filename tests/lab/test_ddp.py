@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from _labutil import ROOT, tiny_model_dir, toy_data_dir  # noqa: F401 - fixtures
 
 
 @pytest.mark.slow

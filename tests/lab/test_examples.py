@@ -9,7 +9,7 @@ import pytest
 
 from peftlab.lab.experiment import build_experiment, load_file
 from peftlab.lab.methods import build_config
-from conftest import ROOT
+from _labutil import ROOT
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 

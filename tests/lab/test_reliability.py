@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftlab.lab.cli import main
-from conftest import ROOT
+from _labutil import ROOT, tiny_model_dir, toy_data_dir  # noqa: F401 - fixtures
 
 ARGS = ["--method", "lora", "--option", "r=4", "--option", "lora_dropout=0.1", "--option", "target_modules=[query,value]",
         "--epochs", "4", "--batch-size", "2", "--lr", "0.01", "--save-steps", "8", "--no-progress", "--cpu", "--seed", "3"]

@@ -1,4 +1,4 @@
-"""Fixtures for workbench tests: a tiny BERT with its own word-level tokenizer, saved to disk,
+"""Helpers and fixtures for workbench tests (imported by name: a conftest.py here would shadow tests/conftest.py): a tiny BERT with its own word-level tokenizer, saved to disk,
 and a learnable toy sentiment data set (label 1 when the text says "good")."""
 
 from __future__ import annotations
