@@ -29,3 +29,7 @@ class QuantizationError(PeftlabError, ValueError):
 
 class ModelNotFoundError(PeftlabError, ValueError):
     """A model name is neither a known alias, a local folder, nor a hub id."""
+
+
+class WorkbenchError(PeftlabError, ValueError):
+    """An experiment file, data set or command-line request for the workbench is unusable."""

@@ -1,0 +1,4 @@
+"""The workbench: experiments as YAML, training with the HF Trainer, results as JSON, reports.
+
+It depends on the library and never the reverse; ``peftlab`` (the CLI) lives in ``cli.py``.
+"""

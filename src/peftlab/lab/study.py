@@ -1,0 +1,62 @@
+"""A study: check every run up front, train each in its own process, collect, report.
+
+One process per run keeps each method's peak memory its own and keeps a crash in one run
+from taking the others down: a run that fails is recorded as failed and the study goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import peftlab
+from peftlab.io import atomic_write_text
+from peftlab.lab import report
+from peftlab.lab.data import load_splits
+from peftlab.lab.experiment import Experiment, RunConfig
+from peftlab.lab.methods import build_config
+from peftlab.lab.results import FAILED, RunResult, load_run, save_study
+from peftlab.lab.runner import RUN_SPEC_NAME
+
+
+def run_dir(experiment: Experiment, run: RunConfig) -> str:
+    return os.path.join(experiment.output_dir, "runs", run.name)
+
+
+def validate(runs: list[RunConfig]) -> None:
+    """Raise on bad methods, options or data before any output exists."""
+    seen: set[str] = set()
+    for run in runs:
+        build_config(run.method, run.options)
+        key = json.dumps([run.data.__dict__, run.train.seed], sort_keys=True, default=str)
+        if key not in seen:
+            load_splits(run.data, run.train.seed)
+            seen.add(key)
+
+
+def run_in_subprocess(run: RunConfig, folder: str) -> RunResult:
+    """Train ``run`` in a fresh Python process; its result.json, or a failed record if it has none."""
+    os.makedirs(folder, exist_ok=True)
+    stale = os.path.join(folder, "result.json")
+    if os.path.exists(stale):
+        os.unlink(stale)
+    atomic_write_text(os.path.join(folder, RUN_SPEC_NAME), json.dumps(run.to_dict(), indent=2))
+    env = dict(os.environ)
+    # The worker must import this very peftlab (a source checkout may not be the installed one).
+    src = os.path.dirname(os.path.dirname(os.path.abspath(peftlab.__file__)))
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "peftlab.lab.runner", folder], env=env)
+    result = load_run(folder)
+    if result is None:
+        result = RunResult(name=run.name, method=run.method, status=FAILED, run=run.to_dict(),
+                           error=f"the run's process exited with code {proc.returncode} before writing a result "
+                                 f"(killed for memory? see the output above).")
+    return result
+
+
+def finish(experiment: Experiment, results: list[RunResult], command: list[str] | None) -> dict[str, str]:
+    """Write results.json and rebuild the report from it."""
+    save_study(experiment.output_dir, experiment.name, results, command)
+    return report.build(experiment.output_dir)

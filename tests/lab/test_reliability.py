@@ -1,0 +1,112 @@
+"""Interrupted runs resume to the same adapter; a NaN loss stops the run and keeps the last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftlab.lab.cli import main
+from _labutil import ROOT, tiny_model_dir, toy_data_dir  # noqa: F401 - fixtures
+
+ARGS = ["--method", "lora", "--option", "r=4", "--option", "lora_dropout=0.1", "--option", "target_modules=[query,value]",
+        "--epochs", "4", "--batch-size", "2", "--lr", "0.01", "--save-steps", "8", "--no-progress", "--cpu", "--seed", "3"]
+
+
+def _cmd(model_dir, data_dir, out, *extra):
+    return [sys.executable, "-m", "peftlab", "train", "--model", str(model_dir), "--dataset", str(data_dir),
+            "--output-dir", str(out), *ARGS, *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+def _adapter(out):
+    return load_file(out / "runs" / "lora" / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, toy_data_dir):
+    # Uninterrupted reference run, in this process.
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir),
+                 "--output-dir", str(tmp_path / "ref"), *ARGS]) == 0
+    reference = _adapter(tmp_path / "ref")
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(tiny_model_dir, toy_data_dir, out), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = out / "runs" / "lora" / "checkpoints" / "checkpoint-8"
+    deadline = time.monotonic() + 180
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]  # interrupted, not finished (128 steps in all)
+    result = json.loads((out / "runs" / "lora" / "result.json").read_text())
+    assert result["status"] == "interrupted" and "--resume" in result["error"]
+    stopped = [int(p.name.split("-")[1]) for p in (out / "runs" / "lora" / "checkpoints").iterdir()]
+    assert 8 <= max(stopped) < 128
+    assert not (out / "runs" / "lora" / "adapter").exists()
+
+    resumed = subprocess.run(_cmd(tiny_model_dir, toy_data_dir, out, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = _adapter(out)
+    assert final.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
+    assert any(k.endswith("lora_B.weight") and final[k].abs().sum() > 0 for k in final)  # it did train
+    data = json.loads((out / "results.json").read_text())
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert data["runs"][0]["status"] == "ok"
+    assert data["runs"][0]["accuracy"] == ref["runs"][0]["accuracy"]
+    # The loss curve survives the restart (it comes from the checkpointed Trainer state).
+    assert [s for s, _ in data["runs"][0]["loss_curve"]] == [s for s, _ in ref["runs"][0]["loss_curve"]]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch, capsys):
+    from transformers import Trainer
+
+    real = Trainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        out = real(self, model, inputs, *args, **kwargs)
+        if model.training and self.state.global_step >= 5:  # the 6th step's loss is NaN
+            return (out[0] * math.nan, *out[1:]) if isinstance(out, tuple) else out * math.nan
+        return out
+
+    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    out = tmp_path / "nan"
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out),
+                 *ARGS[:-6], "--save-steps", "2", "--no-progress", "--cpu", "--keep-checkpoints"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "loss became nan at step 6" in err and "checkpoint-4" in err and "learning_rate" in err
+    result = json.loads((out / "runs" / "lora" / "result.json").read_text())
+    assert result["status"] == "diverged" and result["accuracy"] is None
+    checkpoints = sorted(p.name for p in (out / "runs" / "lora" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    weights = load_file(out / "runs" / "lora" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (out / "runs" / "lora" / "adapter").exists()
+    assert json.loads((out / "results.json").read_text())["runs"][0]["status"] == "diverged"
+
+
+def test_huge_learning_rate_is_caught(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+    """No injection: a learning rate of 1e30 drives the weights to inf/NaN within a few steps."""
+    out = tmp_path / "huge"
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out),
+                 "--method", "full", "--epochs", "2", "--batch-size", "8", "--lr", "1e30", "--no-progress", "--cpu"])
+    assert code == 1
+    assert "NaN/inf" in capsys.readouterr().err or "nan" in (out / "runs" / "full" / "result.json").read_text()
+    assert json.loads((out / "runs" / "full" / "result.json").read_text())["status"] == "diverged"
