@@ -208,3 +208,30 @@ def test_qlora_example_describes_two_runs(monkeypatch):
     assert runs["lora-4bit"].options == runs["lora-fp32"].options
     assert runs["lora-4bit"].options["target_modules"] == ["q_proj", "v_proj"] and runs["lora-4bit"].options["r"] == 8
     assert runs["lora-4bit"].data.label_names == ["negative", "positive"]
+
+
+def test_quantize_8bit_classification_run(tmp_path, capsys):
+    """--quantize also serves the classification task: 8-bit base, LoRA + trained classifier head."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from _labutil import WORDS, toy_rows
+
+    model_dir, data_dir = tmp_path / "bert", tmp_path / "data"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=48, max_position_embeddings=64)).save_pretrained(model_dir)
+    write_jsonl(data_dir / "train.jsonl", toy_rows(32, 0))
+    write_jsonl(data_dir / "validation.jsonl", toy_rows(16, 1))
+    out = tmp_path / "out"
+    code = main(["train", "--model", str(model_dir), "--dataset", str(data_dir), "--output-dir", str(out), "--quantize", "8bit",
+                 "--method", "lora", "--option", "target_modules=[query,value]", "--epochs", "1", "--batch-size", "8",
+                 "--no-progress", "--cpu"])
+    assert code == 0, capsys.readouterr().err
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["task"] == "classification" and run["quantization"]["bits"] == 8 and run["quantization"]["quant_type"] is None
+    assert run["accuracy"] is not None and run["perplexity"] is None
+    md = (out / "results.md").read_text()
+    assert "| base |" in md and "8-bit" in md and "| perplexity |" not in md
