@@ -235,3 +235,11 @@ def test_quantize_8bit_classification_run(tmp_path, capsys):
     assert run["accuracy"] is not None and run["perplexity"] is None
     md = (out / "results.md").read_text()
     assert "| base |" in md and "8-bit" in md and "| perplexity |" not in md
+
+
+def test_compare_checks_label_names_before_running(tmp_path, llama_dir, causal_data, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--methods", "lora,ia3", "--model", str(llama_dir), "--dataset", str(causal_data),
+                 "--output-dir", str(out), "--task", "causal-lm", "--label-names", "no"])
+    assert code == 2 and "give one word per label" in capsys.readouterr().err
+    assert not out.exists()
