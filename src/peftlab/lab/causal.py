@@ -6,7 +6,8 @@ tokens (labels are -100 elsewhere), so the model learns to answer, not to rewrit
 Evaluation generates greedily and counts exact matches of the label word, and reports the
 perplexity of the answer tokens.
 
-Self-contained function API; the workbench CLI calls :func:`train_causal` and :func:`generate`.
+Self-contained function API (:func:`train_causal`, :func:`generate`); the workbench runner
+(``peftlab train --task causal-lm``) reuses the template, dataset, collator and metric functions.
 """
 
 from __future__ import annotations
@@ -133,9 +134,10 @@ def perplexity(model: nn.Module, dataset: Sequence[dict[str, list[int]]], pad_id
     """exp(mean negative log-likelihood of the answer tokens)."""
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     nll, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        batch = pad_batch(dataset[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in pad_batch(dataset[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         target = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -145,6 +147,23 @@ def perplexity(model: nn.Module, dataset: Sequence[dict[str, list[int]]], pad_id
         count += int(mask.sum())
     model.train(was_training)
     return math.exp(nll / max(count, 1))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def template_for(label_names: Sequence[str] | None, num_labels: int, prompt: str | None = None) -> PromptTemplate:
+    """The template of a workbench run: its label words (default negative/positive for two labels)."""
+    if label_names is None:
+        if num_labels != 2:
+            raise PeftConfigError(f"the data has {num_labels} labels; give their answer words with label_names "
+                                  f"(e.g. label_names: [world, sports, business, science]).")
+        label_names = PromptTemplate.labels
+    if len(label_names) < num_labels:
+        raise PeftConfigError(f"label_names {list(label_names)} names {len(label_names)} labels but the data has {num_labels}; "
+                              f"give one word per label.")
+    return PromptTemplate(prompt or PromptTemplate.prompt, tuple(label_names))
 
 
 def _answer_of(generated: str) -> str:
@@ -170,7 +189,7 @@ def exact_match_accuracy(
         chunk = rows[start : start + batch_size]
         prompts = [{"input_ids": ids, "attention_mask": [1] * len(ids)}
                    for ids in (_prompt_ids(tokenizer, template, r["text"], max_length - answer_len - 1) for r in chunk)]
-        batch = pad_batch(prompts, pad_id, side="left")  # left padding: generation continues every row at the end
+        batch = {k: v.to(_device_of(model)) for k, v in pad_batch(prompts, pad_id, side="left").items()}  # left padding: generation continues every row at the end
         out = model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=answer_len + 1,
             do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
@@ -233,7 +252,7 @@ def generate(
     else:
         model, tokenizer = load_causal_lm(os.fspath(model_dir_or_adapter))
     model.eval()
-    ids = tokenizer(prompt, return_tensors="pt")
+    ids = tokenizer(prompt, return_tensors="pt").to(_device_of(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
     with torch.no_grad():

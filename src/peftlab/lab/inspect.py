@@ -10,7 +10,7 @@ from peftlab.targeting import candidates, default_target_modules, model_type
 
 
 def load_model(name: str):  # noqa: ANN201 - a transformers model
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging
 
     from peftlab.lab.runner import resolve_model
@@ -18,7 +18,11 @@ def load_model(name: str):  # noqa: ANN201 - a transformers model
     logging.set_verbosity_error()  # the load report about the new classifier head is noise here
 
     try:
-        return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=2)
+        path = resolve_model(name)
+        architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+        if any(a.endswith("ForCausalLM") for a in architectures):  # a language model: keep its lm_head
+            return AutoModelForCausalLM.from_pretrained(path)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WorkbenchError(f"cannot load model {name!r}: {first}") from None

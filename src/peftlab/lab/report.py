@@ -32,33 +32,65 @@ def _size(num_bytes: int | None) -> str:
     return "–"
 
 
+def _causal(runs: list[RunResult]) -> bool:
+    return any(r.task == "causal_lm" or r.perplexity is not None for r in runs)
+
+
+def _quantized(runs: list[RunResult]) -> bool:
+    return any(r.quantization for r in runs)
+
+
+def columns(runs: list[RunResult]) -> tuple[str, ...]:
+    """COLUMNS, plus perplexity for causal_lm studies and the base's storage for quantized ones."""
+    extra = (("perplexity",) if _causal(runs) else ()) + (("base",) if _quantized(runs) else ())
+    return COLUMNS[:8] + extra + COLUMNS[8:]
+
+
+def _base(r: RunResult) -> str:
+    q = r.quantization
+    if not q:
+        return "full precision"
+    kind = f"{q['bits']}-bit" + (f" {q['quant_type']}" if q.get("quant_type") else "") + (" +dq" if q.get("double_quant") else "")
+    return kind + (f" ({_size(q['weight_bytes'])} linear weights)" if q.get("weight_bytes") else "")
+
+
 def rows(runs: list[RunResult]) -> list[list[str]]:
+    causal, quantized = _causal(runs), _quantized(runs)
     out = []
     for r in runs:
         share = 100 * r.trainable_params / r.total_params if r.trainable_params and r.total_params else None
         out.append([
             r.name, r.method, r.status, _fmt(r.trainable_params, ","), _fmt(share, ".3f"),
             _fmt(None if r.accuracy is None else 100 * r.accuracy, ".2f"), _fmt(None if r.f1 is None else 100 * r.f1, ".2f"),
-            _fmt(r.eval_loss, ".4f"), _fmt(r.train_seconds, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.cuda_peak_mb, ".0f"),
+            _fmt(r.eval_loss, ".4f"),
+            *([_fmt(r.perplexity, ".3f")] if causal else []), *([_base(r)] if quantized else []),
+            _fmt(r.train_seconds, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.cuda_peak_mb, ".0f"),
             _size(r.adapter_bytes),
         ])
     return out
 
 
 def markdown(name: str, runs: list[RunResult]) -> str:
-    lines = [f"# {name}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = columns(runs)
+    lines = [f"# {name}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(runs)]
     failed = [r for r in runs if r.error]
     if failed:
         lines += ["", "## Problems", ""] + [f"- **{r.name}** ({r.status}): {r.error}" for r in failed]
     lines += ["", "Accuracy and F1 in %, on the evaluation split after the last epoch; time is training wall time.", ""]
+    if _causal(runs):
+        lines += ["Causal-LM runs: accuracy is the exact match of the greedily generated label word; perplexity is "
+                  "that of the answer tokens (eval loss is their mean negative log-likelihood).", ""]
+    causal = _causal(runs)
     epochs = [(r, e) for r in runs for e in r.epochs]
     if epochs:
-        lines += ["## Per epoch", "", "| run | epoch | train loss | eval loss | accuracy | F1 | seconds |", "|---|---|---|---|---|---|---|"]
+        head = "| run | epoch | train loss | eval loss | accuracy | F1 |" + (" perplexity |" if causal else "") + " seconds |"
+        lines += ["## Per epoch", "", head, "|" + "---|" * (head.count("|") - 1)]
         for r, e in epochs:
             lines.append(f"| {r.name} | {e.epoch} | {_fmt(e.train_loss, '.4f')} | {_fmt(e.eval_loss, '.4f')} | "
                          f"{_fmt(None if e.accuracy is None else 100 * e.accuracy, '.2f')} | "
-                         f"{_fmt(None if e.f1 is None else 100 * e.f1, '.2f')} | {_fmt(e.seconds, '.1f')} |")
+                         f"{_fmt(None if e.f1 is None else 100 * e.f1, '.2f')} | "
+                         + (f"{_fmt(e.perplexity, '.3f')} | " if causal else "") + f"{_fmt(e.seconds, '.1f')} |")
         lines.append("")
     env = next((r.environment for r in runs if r.environment), None)
     if env:
@@ -68,7 +100,7 @@ def markdown(name: str, runs: list[RunResult]) -> str:
 
 
 def html_page(name: str, runs: list[RunResult], images: dict[str, str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns(runs))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows(runs))
     figures = ""
     for title, path in images.items():

@@ -32,6 +32,7 @@ class EpochRecord:
     accuracy: float | None = None
     f1: float | None = None
     seconds: float | None = None
+    perplexity: float | None = None  # causal_lm: of the answer tokens (accuracy is then exact match)
 
 
 @dataclass
@@ -55,6 +56,9 @@ class RunResult:
     accuracy: float | None = None
     f1: float | None = None
     eval_loss: float | None = None
+    perplexity: float | None = None  # causal_lm task: exp(mean answer-token NLL); accuracy = exact match
+    task: str = "classification"
+    quantization: dict[str, Any] | None = None  # bits, quant_type, double_quant, weight_bytes of the base
     adapter_bytes: int | None = None
     adapter_dir: str | None = None
     num_train: int | None = None

