@@ -34,9 +34,14 @@ def causal_rows(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
+    """Tiny Llama with tied input/output embeddings, as SmolLM2 (checkpoints must cope with the tie)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    tiny_llama().save_pretrained(folder)
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(folder)
     tiny_word_tokenizer().save_pretrained(folder)
     return folder
 

@@ -156,6 +156,21 @@ def _trainer_class(head_learning_rate: float | None = None, extra_metrics: Any =
                         optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, **extra, "params": params})
             return optimizer
 
+        def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+            # Checkpoints of a model with tied weights (SmolLM2's embedding = lm_head): safetensors
+            # refuses shared tensors, so keep one name per storage; resume loads non-strictly and
+            # the tie restores the other.
+            if state_dict is None:
+                state_dict, seen = {}, set()
+                for key, tensor in self.model.state_dict().items():
+                    ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else None
+                    if ptr is not None and ptr in seen:
+                        continue
+                    if ptr is not None:
+                        seen.add(ptr)
+                    state_dict[key] = tensor
+            super()._save(output_dir, state_dict=state_dict)
+
         def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
             output = super().evaluation_loop(*args, **kwargs)
             if extra_metrics is not None:
