@@ -150,3 +150,16 @@ def test_real_command_exit_status(tmp_path, toy_data_dir):
     assert not (tmp_path / "o").exists()
     proc = run_cli("report", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "results.json not found" in proc.stderr
+
+
+def test_adalora_run_gets_its_step_count_and_callback(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+    """AdaLoRA's total_step comes from the run's length (2 epochs x 8 steps) and the budget shrinks."""
+    code = _train(tmp_path, tiny_model_dir, toy_data_dir, "--method", "adalora", "--option", "init_r=4",
+                  "--option", "target_r=2", "--option", "tinit=2", "--option", "tfinal=4",
+                  "--option", "target_modules=[query,value]")
+    assert code == 0, capsys.readouterr().err
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["status"] == "ok" and run["config"]["total_step"] == 16
+    saved = json.loads((tmp_path / "out" / "runs" / "adalora" / run["adapter_dir"] / "adapter_config.json").read_text())
+    assert saved["total_step"] == 16
+    assert saved["rank_pattern"]  # the callback ran the budget allocation, which records the ranks kept

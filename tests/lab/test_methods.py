@@ -72,3 +72,23 @@ def test_adalora_callback_is_declared():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         methods.build_config("ia3", {"target_modules": ["key"], "feedforward_modules": []})
+
+
+def test_required_options_get_run_defaults():
+    assert methods.build_config("prompt-tuning", {}).num_virtual_tokens == 20
+    assert methods.build_config("prefix_tuning", {"num_virtual_tokens": 5}).num_virtual_tokens == 5
+    assert methods.build_config("selective", {}).bitfit is True
+    assert methods.build_config("adalora", {}, total_steps=40).total_step == 40
+    assert methods.build_config("adalora", {"total_step": 7, "tinit": 1, "tfinal": 2}, total_steps=40).total_step == 7
+
+
+@pytest.mark.parametrize(
+    ("epochs", "max_steps", "batch", "accumulate", "rows", "expected"),
+    [(1.0, -1, 16, 1, 2000, 125), (2.0, -1, 16, 1, 100, 14), (1.0, -1, 8, 4, 100, 3), (1.0, 9, 16, 1, 2000, 9), (0.5, -1, 10, 1, 95, 5)],
+)
+def test_optimizer_steps_match_the_trainer(epochs, max_steps, batch, accumulate, rows, expected):
+    from peftlab.lab.experiment import TrainConfig
+    from peftlab.lab.runner import optimizer_steps
+
+    train = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch, gradient_accumulation_steps=accumulate)
+    assert optimizer_steps(train, rows) == expected

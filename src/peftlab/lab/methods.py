@@ -29,6 +29,20 @@ TRAINER_CALLBACKS: dict[str, tuple[str, ...]] = {
 }
 
 
+# peft_type -> options a method cannot do without, filled in when a run leaves them out (the
+# library keeps them required, like peft; on the command line a working default is friendlier).
+RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "PROMPT_TUNING": {"num_virtual_tokens": 20},
+    "P_TUNING": {"num_virtual_tokens": 20},
+    "PREFIX_TUNING": {"num_virtual_tokens": 20},
+    "SELECTIVE": {"bitfit": True},
+}
+# Options that depend on the run's length (AdaLoRA's rank schedule): filled from the optimizer
+# step count the runner computes; validation before the data is loaded uses a placeholder.
+STEP_COUNT_OPTIONS = ("total_step",)
+PLACEHOLDER_STEPS = 1_000_000
+
+
 def _key(name: str) -> str:
     return name.replace("-", "").replace("_", "").lower()
 
@@ -52,10 +66,13 @@ def config_fields(config_cls: type[PeftConfig]) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(config_cls) if f.init)
 
 
-def build_config(method: str, options: dict[str, Any], task_type: TaskType = TaskType.SEQ_CLS) -> PeftConfig | None:
+def build_config(
+    method: str, options: dict[str, Any], task_type: TaskType = TaskType.SEQ_CLS, total_steps: int | None = None
+) -> PeftConfig | None:
     """The method's config from a run's options (None for full fine-tuning).
 
     Unknown option names and values the config rejects are reported with the valid fields.
+    ``total_steps`` (the run's optimizer steps) fills step-count options the run leaves out.
     """
     key = resolve_method(method)
     if key is None:
@@ -67,7 +84,10 @@ def build_config(method: str, options: dict[str, Any], task_type: TaskType = Tas
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise WorkbenchError(f"{method}: unknown options {unknown}; {config_cls.__name__} fields are: {', '.join(valid)}.")
-    values = dict(options)
+    values = {**RUN_DEFAULTS.get(key, {}), **options}
+    for name in STEP_COUNT_OPTIONS:
+        if name in valid and values.get(name) is None:
+            values[name] = total_steps if total_steps is not None else PLACEHOLDER_STEPS
     if "task_type" in valid and values.get("task_type") is None:
         values["task_type"] = task_type.value
     try:

@@ -30,8 +30,8 @@ import torch
 from peftlab.errors import PeftlabError, WorkbenchError
 from peftlab.lab import measure
 from peftlab.lab.data import Encoded, Splits, load_splits
-from peftlab.lab.experiment import RunConfig
-from peftlab.lab.methods import build_config, trainer_callbacks
+from peftlab.lab.experiment import RunConfig, TrainConfig
+from peftlab.lab.methods import PLACEHOLDER_STEPS, STEP_COUNT_OPTIONS, build_config, trainer_callbacks
 from peftlab.lab.results import DIVERGED, FAILED, INTERRUPTED, OK, EpochRecord, RunResult, save_run
 
 RUN_SPEC_NAME = "run.json"
@@ -231,6 +231,16 @@ def causal_metrics(model: torch.nn.Module, prep: "Prepared", batch_size: int) ->
     return {"accuracy": match["accuracy"], "perplexity": perplexity(model, prep.eval_set, pad_id, batch_size)}
 
 
+def optimizer_steps(train: TrainConfig, n_train: int) -> int:
+    """Optimizer steps the Trainer will take (as it counts them), for step-scheduled methods."""
+    if train.max_steps > 0:
+        return train.max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(n_train / (train.batch_size * world))
+    per_epoch = max(batches // train.gradient_accumulation_steps, 1)
+    return math.ceil(train.epochs * per_epoch)
+
+
 # ----- the run -----------------------------------------------------------------------------------
 class Prepared:
     """Model, tokenizer, data and method config of a run, built before anything is written."""
@@ -245,6 +255,10 @@ class Prepared:
         if self.quant is not None and self.peft_config is None:
             raise WorkbenchError(f"run {run.name!r}: full fine-tuning cannot train a quantized base; drop quantize or use lora.")
         self.splits: Splits = load_splits(run.data, run.train.seed)
+        if any(getattr(self.peft_config, name, None) == PLACEHOLDER_STEPS for name in STEP_COUNT_OPTIONS):
+            task = TaskType.CAUSAL_LM if self.causal else TaskType.SEQ_CLS
+            steps = optimizer_steps(run.train, len(self.splits.train_labels))
+            self.peft_config = build_config(run.method, run.options, task, total_steps=steps)
         self.model_path = resolve_model(run.model)
         self.template = None
         if self.causal:
