@@ -9,7 +9,6 @@ Measured on 2 shared CPU cores (validation accuracy, seeds 0 / 1 / 2; batch 16 u
   lr 3e-3 --train-pooler:             0.8016 / 0.7867 / 0.7924
   batch 8, lr 2e-3:                   0.788 / 0.799 / -
   lr 1e-3:                            0.775 / - / -
-WARMUP_LINE
 MiniLM's pooler was never trained (sentence-transformers uses mean pooling), yet training it
 with the head did not help here. The 80% target is met on average, not on every seed.
 """
