@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["good", "bad", "movie", "film", "plot", "actor", "scene", "story", "music", "very", "quite", "the", "a", "was", "is"]
@@ -39,7 +40,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT for sequence classification, without dropout, and its tokenizer."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    import torch
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
@@ -69,3 +69,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240, env_extra
                 "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})})
     return subprocess.run([sys.executable, "-m", "peftlab", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def sentiment_word_rows(n: int, seed: int = 0) -> list[dict]:
+    """Four-word texts whose one sentiment word decides the label (small enough for a tiny causal LM)."""
+    g = torch.Generator().manual_seed(seed)
+    pos, neg, filler = ["good", "great", "fine"], ["bad", "awful", "poor"], ["the", "a", "movie", "film"]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = [filler[int(torch.randint(4, (1,), generator=g))] for _ in range(3)]
+        words.insert(int(torch.randint(4, (1,), generator=g)), (pos if label else neg)[int(torch.randint(3, (1,), generator=g))])
+        rows.append({"text": " ".join(words), "label": label})
+    return rows

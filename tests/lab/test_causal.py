@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_word_tokenizer as word_tokenizer
+from _labutil import sentiment_word_rows
 from peftlab import LoraConfig, TaskType
 from peftlab.errors import PeftConfigError
 from peftlab.lab.causal import (
@@ -21,17 +22,6 @@ from peftlab.lab.causal import (
     train_causal,
 )
 
-
-def toy_rows(n: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    pos, neg, filler = ["good", "great", "fine"], ["bad", "awful", "poor"], ["the", "a", "movie", "film"]
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = [filler[int(torch.randint(4, (1,), generator=g))] for _ in range(3)]
-        words.insert(int(torch.randint(4, (1,), generator=g)), (pos if label else neg)[int(torch.randint(3, (1,), generator=g))])
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
 
 
 def test_labels_cover_only_the_answer():
@@ -95,7 +85,7 @@ def _greedy_one(model, tok, text: str) -> str:
 def test_exact_match_with_left_padding_equals_one_by_one():
     torch.manual_seed(3)
     model, tok = tiny_llama().eval(), word_tokenizer()
-    rows = toy_rows(6) + [{"text": "a good movie movie film the", "label": 1}]
+    rows = sentiment_word_rows(6) + [{"text": "a good movie movie film the", "label": 1}]
     result = exact_match_accuracy(model, tok, rows, batch_size=4)
     expected = [_greedy_one(model, tok, r["text"]) for r in rows]
     assert result["predictions"] == expected
@@ -112,7 +102,7 @@ def test_train_causal_learns_the_labels(tmp_path, quantized):
     base_dir = tmp_path / "base"
     model.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
-    train, held_out = toy_rows(64, seed=0), toy_rows(16, seed=1)
+    train, held_out = sentiment_word_rows(64, seed=0), sentiment_word_rows(16, seed=1)
     before_ppl = perplexity(model, build_causal_dataset(held_out, tok), tok.pad_token_id)
     assert exact_match_accuracy(model, tok, held_out)["accuracy"] < 0.9
     # The tiny random head is trained too: behind a frozen RMSNorm its logits are too small to

@@ -12,24 +12,13 @@ import torch
 from conftest import tiny_llama, tiny_word_tokenizer
 from peftlab.lab.cli import main
 from peftlab.lab.experiment import build_experiment
-from _labutil import ROOT, write_jsonl
+from _labutil import ROOT, sentiment_word_rows, write_jsonl
 
 FAST = ["--batch-size", "8", "--lr", "0.01", "--no-progress", "--cpu", "--task", "causal-lm"]
 # all-linear LoRA plus a trained head: the tiny random head is too weak to answer otherwise (see test_causal.py)
 LORA = ["--method", "lora", "--option", "r=8", "--option", "lora_alpha=16", "--option", "target_modules=all-linear",
         "--option", "modules_to_save=[lm_head]"]
 
-
-def causal_rows(n: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    pos, neg, filler = ["good", "great", "fine"], ["bad", "awful", "poor"], ["the", "a", "movie", "film"]
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = [filler[int(torch.randint(4, (1,), generator=g))] for _ in range(3)]
-        words.insert(int(torch.randint(4, (1,), generator=g)), (pos if label else neg)[int(torch.randint(3, (1,), generator=g))])
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +38,8 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def causal_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("causal-data")
-    write_jsonl(folder / "train.jsonl", causal_rows(64, 0))
-    write_jsonl(folder / "validation.jsonl", causal_rows(16, 1))
+    write_jsonl(folder / "train.jsonl", sentiment_word_rows(64, 0))
+    write_jsonl(folder / "validation.jsonl", sentiment_word_rows(16, 1))
     return folder
 
 
