@@ -40,7 +40,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT for sequence classification, without dropout, and its tokenizer."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
