@@ -68,7 +68,7 @@ def test_keep_mask_rate_and_reproducibility():
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])
-@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12), (4, 5, 12)])  # N < in: adapter added; N >= in: folded into W
 def test_fused_equals_plain_without_dropout(monkeypatch, bias, shape):
     model = lora_net(bias=bias)
     x = torch.randn(*shape, dtype=torch.float64)
@@ -90,6 +90,30 @@ def test_fused_float32_within_1e6(monkeypatch):
     monkeypatch.setenv("PEFTLAB_PLAIN", "1")
     ref_out, ref_grads = run(model, x)
     assert_close_all({"out": out, **grads}, {"out": ref_out, **ref_grads}, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [3, 20])  # fewer rows than input features, and more (W + s B A is folded)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_fused_function_gradcheck(rows, fan_in_fan_out, dropout):
+    """Every gradient of the fused node equals the finite-difference gradient of its formula."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(12, 7, dtype=torch.float64) if fan_in_fan_out else torch.randn(7, 12, dtype=torch.float64)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    lora_a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    keep = kernels.keep_mask((rows, 12), 0.25) if dropout else None
+    keep_scale = 1 / 0.75 if dropout else 1.0
+
+    def fused(x, bias, lora_a, lora_b):
+        return kernels.LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, keep, 0.5, keep_scale, fan_in_fan_out)
+
+    assert torch.autograd.gradcheck(fused, (x, bias, lora_a, lora_b))
+    w = weight.t() if fan_in_fan_out else weight
+    x_in = x if keep is None else x * keep * keep_scale
+    expected = x @ w.t() + bias + 0.5 * (x_in @ lora_a.t()) @ lora_b.t()
+    torch.testing.assert_close(fused(x, bias, lora_a, lora_b), expected, rtol=0, atol=1e-12)
 
 
 def _graph_names(t: torch.Tensor) -> set[str]:

@@ -77,6 +77,16 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu"
     return (bits.view(torch.int16)[:numel] >= threshold).view(*shape)
 
 
+def _effective_weight_t(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                        fan_in_fan_out: bool, merged: bool) -> torch.Tensor:
+    """The (in, out) matrix the input is multiplied by: ``W^T``, or ``(W + s B A)^T`` when merged."""
+    if not merged:
+        return weight if fan_in_fan_out else weight.t()
+    if fan_in_fan_out:  # Conv1D keeps W as (in, out)
+        return torch.addmm(weight, lora_a.t(), lora_b.t(), alpha=scaling)
+    return torch.addmm(weight, lora_b, lora_a, alpha=scaling).t()
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s * ((x * keep / (1 - p)) A^T) B^T`` with a frozen ``W`` (and maybe ``b``).
 
@@ -99,37 +109,51 @@ class LoraLinearFunction(torch.autograd.Function):
         keep_scale: float,
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
-        w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
+        # Without dropout A and W see the same input, so when there are more rows than input
+        # features it is cheaper to fold the update into the weight, W + s B A (one small
+        # (out, in) matmul), than to add s (x A^T) B^T to an (N, out) output.
+        merged = keep is None and x.shape[0] >= x.shape[1]
+        w_t = _effective_weight_t(weight, lora_a, lora_b, scaling, fan_in_fan_out, merged)  # (in, out)
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
         # A's input: x itself (often shared with sibling layers, so saving it is free), or the
-        # dropped x (unscaled; 1/(1-p) is applied to the small (N, r) tensors instead).
-        x_in = x if keep is None else torch.where(keep, x, 0.0)
-        h = torch.mm(x_in, lora_a.t())  # (N, r)
+        # dropped x (unscaled; 1/(1-p) is applied to the small rank-r tensors instead).
+        x_in = x if keep is None else x * keep
+        # The rank-r activation is computed as (r, N) = A x^T: BLAS is several times faster at a
+        # short-and-wide result than at the tall-and-skinny (N, r) one (benchmarks/bench_skinny_matmul.py).
+        h_t = torch.mm(lora_a, x_in.t())  # (r, N)
         if keep is not None:
-            h.mul_(keep_scale)
-        out.addmm_(h, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x_in, weight, lora_a, lora_b, h, keep)
-        ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out = scaling, keep_scale, fan_in_fan_out
+            h_t.mul_(keep_scale)
+        if not merged:
+            out.addmm_(h_t.t(), lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x_in, weight, lora_a, lora_b, h_t, keep)
+        ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out, ctx.merged = scaling, keep_scale, fan_in_fan_out, merged
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x_in, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
+        x_in, weight, lora_a, lora_b, h_t, keep = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_a = grad_b = None
         grad_out = grad_out.contiguous()
+        # Every product with a rank-r side is arranged so that the big (N, d) operand is the
+        # right-hand factor and the result is (r, d) or (r, N): the same numbers as the textbook
+        # grad_out^T h and grad_out B, at a fraction of the time.
         if need_b:
-            grad_b = torch.mm(grad_out.t(), h).mul_(ctx.scaling)  # (out, r)
-        # Gradient reaching A's output, with the dropout scale folded in: (N, r), cheap.
-        grad_h = torch.mm(grad_out, lora_b).mul_(ctx.scaling * (ctx.keep_scale if keep is not None else 1.0))
+            grad_b = torch.mm(h_t, grad_out).t().mul_(ctx.scaling)  # (out, r)
+        # Gradient reaching A's output, with the dropout scale folded in: (r, N), cheap.
+        grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * (ctx.keep_scale if keep is not None else 1.0))
         if need_a:
-            grad_a = torch.mm(grad_h.t(), x_in)  # (r, in)
+            grad_a = torch.mm(grad_h_t, x_in)  # (r, in)
         if need_x:
-            lora_part = torch.mm(grad_h, lora_a)  # (N, in)
-            if keep is not None:
-                lora_part.mul_(keep)
-            w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
-            grad_x = torch.addmm(lora_part, grad_out, w)
+            if ctx.merged:  # the same folded weight as forward (recomputed: it is cheap)
+                w_eff_t = _effective_weight_t(weight, lora_a, lora_b, ctx.scaling, ctx.fan_in_fan_out, True)
+                grad_x = torch.mm(grad_out, w_eff_t.t())
+            else:
+                lora_part = torch.mm(grad_h_t.t(), lora_a)  # (N, in)
+                if keep is not None:
+                    lora_part.mul_(keep)
+                w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
+                grad_x = torch.addmm(lora_part, grad_out, w)
         if need_bias:
             grad_bias = grad_out.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None

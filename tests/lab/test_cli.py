@@ -163,3 +163,4 @@ def test_adalora_run_gets_its_step_count_and_callback(tmp_path, tiny_model_dir, 
     saved = json.loads((tmp_path / "out" / "runs" / "adalora" / run["adapter_dir"] / "adapter_config.json").read_text())
     assert saved["total_step"] == 16
     assert saved["rank_pattern"]  # the callback ran the budget allocation, which records the ranks kept
+    assert run["config"]["rank_pattern"] == saved["rank_pattern"]  # the run record holds the final ranks too

@@ -110,3 +110,30 @@ def test_huge_learning_rate_is_caught(tmp_path, tiny_model_dir, toy_data_dir, ca
     assert code == 1
     assert "NaN/inf" in capsys.readouterr().err or "nan" in (out / "runs" / "full" / "result.json").read_text()
     assert json.loads((out / "runs" / "full" / "result.json").read_text())["status"] == "diverged"
+
+
+def test_crash_during_training_is_recorded_as_failed_run(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch, capsys):
+    """`peftlab train` records an unexpected exception as a failed run (with a report), exit 1."""
+    from transformers import Trainer
+
+    real = Trainer.training_step
+
+    def crashing(self, *args, **kwargs):
+        if self.state.global_step >= 2:
+            raise RuntimeError("simulated crash in step 3")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", crashing)
+    out = tmp_path / "crash"
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out),
+                 *ARGS[:-6], "--no-progress", "--cpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: simulated crash in step 3" in err
+    result = json.loads((out / "runs" / "lora" / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"] == "RuntimeError: simulated crash in step 3"
+    assert [step for step, _ in result["loss_curve"]] == [] or max(s for s, _ in result["loss_curve"]) <= 2
+    assert not (out / "runs" / "lora" / "adapter").exists()
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["runs"][0]["status"] == "failed"
+    assert (out / "report.html").exists()

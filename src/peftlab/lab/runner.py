@@ -393,6 +393,8 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
                             f"Run the same command with --resume to continue.")
         else:
             _final_eval(result, trainer)
+            if hasattr(prep.model, "peft_config"):  # methods such as AdaLoRA settle their config while training
+                result.config = prep.model.peft_config["default"].to_dict()
             result.status = OK
             if is_main_process():
                 _save_model(result, prep, run_dir)
@@ -405,6 +407,12 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
         where = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been written yet"
         result.status = DIVERGED
         result.error = f"{exc}; training stopped and {where}. Lower train.learning_rate (was {run.train.learning_rate:g})."
+    except Exception as exc:  # noqa: BLE001 - a crash mid-training is this run's result, not the caller's problem
+        traceback.print_exc()
+        result.train_seconds = train_watch.seconds()
+        _fill_history(result, trainer, timer.seconds)
+        result.status = FAILED
+        result.error = failure_message(exc)
     result.peak_rss_mb = round(measure.peak_rss_mb(), 1)
     cuda = measure.cuda_peak_mb()
     result.cuda_peak_mb = round(cuda, 1) if cuda is not None else None
@@ -518,6 +526,12 @@ def _save_model(result: RunResult, prep: Prepared, run_dir: str) -> None:
 
 
 # ----- worker process ------------------------------------------------------------------------------
+def failure_message(exc: BaseException) -> str:
+    """One line for the run record: our own errors as they are, others with their type."""
+    message = str(exc) if isinstance(exc, PeftlabError) else f"{type(exc).__name__}: {exc}"
+    return message.strip().splitlines()[0] if message.strip() else repr(exc)
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """Train the run in ``RUN_DIR/run.json``; exit 0 when it finished with status ok."""
     argv = sys.argv[1:] if argv is None else argv
@@ -530,8 +544,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     try:
         result = execute(run, run_dir)
     except Exception as exc:  # noqa: BLE001 - any failure of this run is recorded, never raised to the study
-        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PeftlabError) else str(exc)
-        result = RunResult(name=run.name, method=run.method, status=FAILED, error=message.splitlines()[0] if message else repr(exc),
+        result = RunResult(name=run.name, method=run.method, status=FAILED, error=failure_message(exc),
                            run=run.to_dict(), environment=measure.environment())
         result.peak_rss_mb = round(measure.peak_rss_mb(), 1)
         save_run(result, run_dir)

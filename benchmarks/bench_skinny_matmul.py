@@ -1,0 +1,69 @@
+"""Why the fused LoRA node orders its rank-r products the way it does.
+
+A LoRA layer multiplies (N, d) activations by rank-r matrices. Each product can be written
+two ways that give the same numbers: e.g. ``x @ A.T`` -> (N, r), or ``(A @ x.T).T`` -> a
+transposed view of an (r, N) result. BLAS on this CPU is several times slower at the
+tall-and-skinny (N, r) results and at a transposed (N, d) left operand, so
+``peftlab.kernels.LoraLinearFunction`` uses the fast form of each. This script times both forms
+of every product (medians over alternating calls) for one MiniLM-sized layer and also the
+folded weight ``W + s B A`` that replaces ``s (x A^T) B^T`` without dropout.
+
+    PYTHONPATH=src python benchmarks/bench_skinny_matmul.py --rows 1024 --in 384 --out 384
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _common as C
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1024, help="tokens in the batch (batch x sequence)")
+    parser.add_argument("--in", dest="in_features", type=int, default=384)
+    parser.add_argument("--out", dest="out_features", type=int, default=384)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n, d_in, d_out, r = args.rows, args.in_features, args.out_features, args.rank
+    x, g = torch.randn(n, d_in), torch.randn(n, d_out)
+    a, b, w = torch.randn(r, d_in), torch.randn(d_out, r), torch.randn(d_out, d_in)
+    h, h_t = torch.randn(n, r), torch.randn(r, n)
+    out = torch.randn(n, d_out)
+
+    # (question, textbook form, form used by peftlab)
+    pairs = {
+        "h = x A^T (N, r)": (lambda: torch.mm(x, a.t()), lambda: torch.mm(a, x.t())),
+        "grad_B = g^T h (out, r)": (lambda: torch.mm(g.t(), h), lambda: torch.mm(h_t, g)),
+        "grad_h = g B (N, r)": (lambda: torch.mm(g, b), lambda: torch.mm(b.t(), g.t())),
+        "grad_A = grad_h^T x (r, in)": (lambda: torch.mm(h.t(), x), lambda: torch.mm(h_t, x)),
+        "adapter out: out += s h B^T vs fold W + s B A": (
+            lambda: out.addmm_(h, b.t(), alpha=0.5), lambda: torch.addmm(w, b, a, alpha=0.5)),
+    }
+    fns = {}
+    for name, (textbook, ours) in pairs.items():
+        fns[f"{name} | textbook"] = textbook
+        fns[f"{name} | peftlab"] = ours
+    fns["reference: base matmul x W^T (N, out)"] = lambda: torch.mm(x, w.t())
+    times = C.alternate(fns, rounds=args.rounds, warmup=5)
+    rows, table = [], {}
+    base = C.median(times["reference: base matmul x W^T (N, out)"])
+    for name in pairs:
+        slow, fast = C.median(times[f"{name} | textbook"]), C.median(times[f"{name} | peftlab"])
+        table[name] = {"textbook_ms": slow * 1e3, "peftlab_ms": fast * 1e3,
+                       "peftlab_vs_textbook": C.paired_ratio(times, f"{name} | peftlab", f"{name} | textbook"),
+                       "peftlab_vs_base_matmul": fast / base}
+        rows.append([name, f"{slow * 1e3:.3f}", f"{fast * 1e3:.3f}", f"{table[name]['peftlab_vs_textbook']:.2f}",
+                     f"{fast / base:.3f}"])
+    rows.append(["reference: base matmul x W^T", f"{base * 1e3:.3f}", "", "", "1.000"])
+    C.print_table(["product", "textbook ms", "peftlab ms", "peftlab/textbook", "peftlab/base matmul"], rows)
+    C.write_results(f"skinny_matmul_n{n}_in{d_in}_out{d_out}", {"args": vars(args), "results": table})
+
+
+if __name__ == "__main__":
+    main()
