@@ -9,10 +9,23 @@ stock modules. It is correct but wasteful on training steps:
 
 :class:`LoraLinearFunction` computes the same value in one autograd node that keeps only what
 backward needs: A's input (without dropout that is ``x`` itself, usually shared with sibling
-layers, so no new memory), a 1-byte keep mask, and the rank-r activation ``A dropout(x)``. The mask is drawn from 16 random
-bits per element (a quarter of one 64-bit draw), four to six times cheaper than
-``nn.Dropout``; the adapter output is accumulated into the base output with one in-place
-``addmm``. Gradients are the exact gradients of the same formula.
+layers, so no new memory), a 1-byte keep mask, and the rank-r activation ``A dropout(x)``. The
+mask is drawn from 16 random bits per element (a quarter of one 64-bit draw), four to six
+times cheaper than ``nn.Dropout``. Two more things make it fast:
+
+* every product with a rank-r side is ordered so that BLAS returns a short-and-wide (r, N) or
+  (r, d) result from a non-transposed big operand; the textbook forms (``x A^T`` as (N, r),
+  ``g^T h``) compute the same numbers two to eight times slower on CPU
+  (``benchmarks/bench_skinny_matmul.py``);
+* without dropout the update is folded into the weight, ``x (W + s B A)^T``, instead of adding
+  ``s (x A^T) B^T`` to the (N, out) output when the batch has at least as many rows as the
+  layer has inputs; backward likewise computes the input gradient as ``g (W + s B A)`` when
+  N >= out, instead of adding an (N, in) ``(g B) A``. Each fold costs one pass over the
+  (out, in) weight in place of one over an (N, d) activation. With dropout, A sees a
+  different input than W, so nothing folds: the adapter output is accumulated into the base
+  output with one in-place ``addmm``.
+
+Gradients are the exact gradients of the same formula (checked by ``gradcheck``).
 
 :func:`mixed_lora_forward` serves mixed batches (one adapter per row): the base layer runs once,
 every adapter's ``A`` runs as one stacked matmul, a row selector zeroes the blocks of other
@@ -92,8 +105,9 @@ class LoraLinearFunction(torch.autograd.Function):
 
     Shapes: x (N, in), weight (out, in) or (in, out) when ``fan_in_fan_out``, lora_a (r, in),
     lora_b (out, r), keep (N, in) bool or None (no dropout). Saved for backward: A's input
-    (x itself without dropout; the dropped x with it), the 1-byte mask, and the (N, r) activation
-    h: 5 bytes per input element with dropout where ``nn.Dropout`` + ``nn.Linear`` keep 8.
+    (x itself without dropout; the dropped x with it), the 1-byte mask, and the rank-r
+    activation (stored as (r, N)): 5 bytes per input element with dropout where ``nn.Dropout``
+    + ``nn.Linear`` keep 8.
     """
 
     @staticmethod
@@ -109,24 +123,28 @@ class LoraLinearFunction(torch.autograd.Function):
         keep_scale: float,
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
-        # Without dropout A and W see the same input, so when there are more rows than input
-        # features it is cheaper to fold the update into the weight, W + s B A (one small
-        # (out, in) matmul), than to add s (x A^T) B^T to an (N, out) output.
-        merged = keep is None and x.shape[0] >= x.shape[1]
-        w_t = _effective_weight_t(weight, lora_a, lora_b, scaling, fan_in_fan_out, merged)  # (in, out)
+        rows, in_features = x.shape
+        out_features = lora_b.shape[0]
+        # Without dropout, A and W see the same input, so the update can be folded into the
+        # weight, x (W + s B A)^T. That costs one (out, in) pass; adding s (x A^T) B^T costs one
+        # (N, out) pass, so fold when N >= in. Backward likewise folds the input gradient,
+        # g (W + s B A), instead of adding an (N, in) g B A, when N >= out.
+        fold_forward = keep is None and rows >= in_features
+        ctx.fold_backward = keep is None and rows >= out_features
+        w_t = _effective_weight_t(weight, lora_a, lora_b, scaling, fan_in_fan_out, fold_forward)  # (in, out)
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
         # A's input: x itself (often shared with sibling layers, so saving it is free), or the
         # dropped x (unscaled; 1/(1-p) is applied to the small rank-r tensors instead).
-        x_in = x if keep is None else x * keep
+        x_in = x if keep is None else torch.where(keep, x, 0.0)
         # The rank-r activation is computed as (r, N) = A x^T: BLAS is several times faster at a
         # short-and-wide result than at the tall-and-skinny (N, r) one (benchmarks/bench_skinny_matmul.py).
         h_t = torch.mm(lora_a, x_in.t())  # (r, N)
         if keep is not None:
             h_t.mul_(keep_scale)
-        if not merged:
+        if not fold_forward:
             out.addmm_(h_t.t(), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x_in, weight, lora_a, lora_b, h_t, keep)
-        ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out, ctx.merged = scaling, keep_scale, fan_in_fan_out, merged
+        ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out = scaling, keep_scale, fan_in_fan_out
         return out
 
     @staticmethod
@@ -145,7 +163,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = torch.mm(grad_h_t, x_in)  # (r, in)
         if need_x:
-            if ctx.merged:  # the same folded weight as forward (recomputed: it is cheap)
+            if ctx.fold_backward:
                 w_eff_t = _effective_weight_t(weight, lora_a, lora_b, ctx.scaling, ctx.fan_in_fan_out, True)
                 grad_x = torch.mm(grad_out, w_eff_t.t())
             else:
