@@ -64,6 +64,22 @@ def release_memory() -> None:
         pass
 
 
+def say(setting: str, message: str) -> None:
+    """A progress line on stderr (stdout carries the child's JSON result)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {setting}: {message}", file=sys.stderr, flush=True)
+
+
+def progress_callback(setting: str, every: int = 10):  # noqa: ANN201 - a transformers.TrainerCallback
+    from transformers import TrainerCallback
+
+    class StepProgress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            if state.global_step % every == 0 or state.global_step == state.max_steps:
+                say(setting, f"step {state.global_step}/{state.max_steps}")
+
+    return StepProgress()
+
+
 def run_one(setting: str, args: argparse.Namespace) -> dict:
     import torch
 
@@ -77,10 +93,12 @@ def run_one(setting: str, args: argparse.Namespace) -> dict:
     train = causal.read_jsonl(data / "sst2" / "train.jsonl", limit=args.train_size, seed=args.seed)
     held_out = causal.read_jsonl(data / "sst2" / "validation.jsonl", limit=args.eval_size, seed=args.seed)
     quant = QuantConfig(bits=4, quant_type="nf4", double_quant=args.double_quant) if setting == "nf4" else None
+    say(setting, "loading SmolLM2-135M" + (" and quantizing it to NF4" if quant else ""))
     model, tokenizer = causal.load_causal_lm("smollm2-135m", quant)
     release_memory()
     template = causal.TEMPLATES["sst2"]
     eval_set = causal.build_causal_dataset(held_out, tokenizer, template, args.max_length)
+    say(setting, f"zero-shot evaluation on {len(held_out)} sentences")
     zero_shot = causal.exact_match_accuracy(model, tokenizer, held_out, template, args.eval_batch_size, args.max_length)
     before = {
         "accuracy": zero_shot["accuracy"],
@@ -91,11 +109,13 @@ def run_one(setting: str, args: argparse.Namespace) -> dict:
     release_memory()
     memory["rss_before_training_bytes"] = rss_bytes()
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets.split(","))
+    say(setting, f"training on {len(train)} sentences, then evaluating")
     with PeakSampler() as peak:
         result = causal.train_causal(
             model, train, held_out, tokenizer=tokenizer, template=template, lora_config=lora, quant=None,
             gradient_checkpointing=args.gradient_checkpointing, epochs=args.epochs, learning_rate=args.lr,
             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, eval_batch_size=args.eval_batch_size,
+            callbacks=[progress_callback(setting)],
         )
     memory["peak_rss_training_bytes"] = peak.peak
     after = causal.exact_match_accuracy(result.model, tokenizer, held_out[:8], template, args.eval_batch_size, args.max_length)
@@ -146,14 +166,15 @@ def main() -> None:
     procs = {}
     for setting in args.settings.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--one", setting]
-        procs[setting] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # stderr passes through: the children's progress lines (and any traceback) show as they happen.
+        procs[setting] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         if not args.parallel:
             procs[setting].wait()
     for setting, proc in procs.items():
-        stdout, stderr = proc.communicate()
+        stdout, _ = proc.communicate()
         if proc.returncode != 0:
-            runs[setting] = {"status": "failed", "stderr_tail": stderr[-3000:]}
-            print(f"{setting}: FAILED\n{stderr[-3000:]}", file=sys.stderr)
+            runs[setting] = {"status": "failed", "returncode": proc.returncode}
+            print(f"{setting}: FAILED with exit code {proc.returncode} (its traceback is above)", file=sys.stderr)
             continue
         runs[setting] = {"status": "ok", **json.loads(stdout.strip().splitlines()[-1])}
         print(json.dumps(runs[setting], indent=1))

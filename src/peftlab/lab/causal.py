@@ -316,13 +316,15 @@ def train_causal(
     max_length: int = 128,
     seed: int = 0,
     eval_batch_size: int = 32,
+    callbacks: Sequence[Any] = (),
 ) -> CausalResult:
     """LoRA-train a causal LM (optionally on a k-bit base) to answer with the label word.
 
     ``model`` is an alias/folder/hub id (``tokenizer`` then loaded with it) or a model object
     with its ``tokenizer``. ``quant`` (a :class:`peftlab.quantization.QuantConfig`) quantizes
     the frozen base before the adapter is added (QLoRA). The adapter and tokenizer are saved
-    to ``output_dir`` when given.
+    to ``output_dir`` when given. ``callbacks`` are extra ``transformers.TrainerCallback`` objects
+    (progress reporting, for example).
     """
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -352,7 +354,7 @@ def train_causal(
             logging_steps=10, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
             lr_scheduler_type="linear", warmup_steps=0,
         )
-        trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, data_collator=collator(tokenizer), callbacks=[timer.callback])
+        trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, data_collator=collator(tokenizer), callbacks=[timer.callback, *callbacks])
         start = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - start
