@@ -1,12 +1,13 @@
-"""Why the fused LoRA node orders its rank-r products the way it does.
+"""The rank-r products of one LoRA layer, each in the two orders that give the same numbers.
 
-A LoRA layer multiplies (N, d) activations by rank-r matrices. Each product can be written
-two ways that give the same numbers: e.g. ``x @ A.T`` -> (N, r), or ``(A @ x.T).T`` -> a
-transposed view of an (r, N) result. BLAS on this CPU is several times slower at the
-tall-and-skinny (N, r) results and at a transposed (N, d) left operand, so
-``peftlab.kernels.LoraLinearFunction`` uses the fast form of each. This script times both forms
-of every product (medians over alternating calls) for one MiniLM-sized layer and also the
-folded weight ``W + s B A`` that replaces ``s (x A^T) B^T`` without dropout.
+A LoRA layer multiplies (N, d) activations by rank-r matrices, and each product can be written
+two ways: e.g. ``g^T h`` -> (out, r) or ``(h^T g)^T``. BLAS speed depends on the order; this
+script times both forms of every product (medians over alternating calls, caches cold after a
+``gc.collect()``) for one MiniLM-sized layer, and what ``peftlab.kernels.LoraLinearFunction``
+uses. Measured on the 2-core CPU (docs/benchmarks.md): only the B gradient differs by much,
+(h^T g)^T in half the time of g^T h; the others are within noise of each other. The last row
+is the fold ``W + s B A`` (an alternative to adding ``s h B^T`` without dropout, not used:
+it costs more than the addmm it would replace).
 
     PYTHONPATH=src python benchmarks/bench_skinny_matmul.py --rows 1024 --in 384 --out 384
 """
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--in", dest="in_features", type=int, default=384)
     parser.add_argument("--out", dest="out_features", type=int, default=384)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -42,7 +43,7 @@ def main() -> None:
         "grad_B = g^T h (out, r)": (lambda: torch.mm(g.t(), h), lambda: torch.mm(h_t, g)),
         "grad_h = g B (N, r)": (lambda: torch.mm(g, b), lambda: torch.mm(b.t(), g.t())),
         "grad_A = grad_h^T x (r, in)": (lambda: torch.mm(h.t(), x), lambda: torch.mm(h_t, x)),
-        "adapter out: out += s h B^T vs fold W + s B A": (
+        "adapter out: out += s h B^T vs fold W + s B A (fold not used)": (
             lambda: out.addmm_(h, b.t(), alpha=0.5), lambda: torch.addmm(w, b, a, alpha=0.5)),
     }
     fns = {}

@@ -11,19 +11,17 @@ stock modules. It is correct but wasteful on training steps:
 backward needs: A's input (without dropout that is ``x`` itself, usually shared with sibling
 layers, so no new memory), a 1-byte keep mask, and the rank-r activation ``A dropout(x)``. The
 mask is drawn from 16 random bits per element (a quarter of one 64-bit draw), four to six
-times cheaper than ``nn.Dropout``. Two more things make it fast:
+times cheaper than ``nn.Dropout``. Also:
 
-* every product with a rank-r side is ordered so that BLAS returns a short-and-wide (r, N) or
-  (r, d) result from a non-transposed big operand; the textbook forms (``x A^T`` as (N, r),
-  ``g^T h``) compute the same numbers two to eight times slower on CPU
-  (``benchmarks/bench_skinny_matmul.py``);
-* without dropout the update is folded into the weight, ``x (W + s B A)^T``, instead of adding
-  ``s (x A^T) B^T`` to the (N, out) output when the batch has at least as many rows as the
-  layer has inputs; backward likewise computes the input gradient as ``g (W + s B A)`` when
-  N >= out, instead of adding an (N, in) ``(g B) A``. Each fold costs one pass over the
-  (out, in) weight in place of one over an (N, d) activation. With dropout, A sees a
-  different input than W, so nothing folds: the adapter output is accumulated into the base
-  output with one in-place ``addmm``.
+* the weight gradient of B, ``s g^T h``, is computed as ``s (h^T g)^T``: the same numbers,
+  but BLAS on this CPU takes half the time when the big (N, out) operand is not the
+  transposed left factor (``benchmarks/bench_skinny_matmul.py``; the other rank-r products
+  measured the same either way, within the benchmark's noise);
+* the adapter output is accumulated into the base output with one in-place ``addmm``.
+
+Folding the update into the weight (``x (W + s B A)^T``, possible without dropout) was tried
+and dropped: alone, the fold costs more than the addmm it replaces (bench_skinny_matmul.py),
+and whole training and inference steps were no faster with it.
 
 Gradients are the exact gradients of the same formula (checked by ``gradcheck``).
 
@@ -90,16 +88,6 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu"
     return (bits.view(torch.int16)[:numel] >= threshold).view(*shape)
 
 
-def _effective_weight_t(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                        fan_in_fan_out: bool, merged: bool) -> torch.Tensor:
-    """The (in, out) matrix the input is multiplied by: ``W^T``, or ``(W + s B A)^T`` when merged."""
-    if not merged:
-        return weight if fan_in_fan_out else weight.t()
-    if fan_in_fan_out:  # Conv1D keeps W as (in, out)
-        return torch.addmm(weight, lora_a.t(), lora_b.t(), alpha=scaling)
-    return torch.addmm(weight, lora_b, lora_a, alpha=scaling).t()
-
-
 class LoraLinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s * ((x * keep / (1 - p)) A^T) B^T`` with a frozen ``W`` (and maybe ``b``).
 
@@ -123,26 +111,16 @@ class LoraLinearFunction(torch.autograd.Function):
         keep_scale: float,
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
-        rows, in_features = x.shape
-        out_features = lora_b.shape[0]
-        # Without dropout, A and W see the same input, so the update can be folded into the
-        # weight, x (W + s B A)^T. That costs one (out, in) pass; adding s (x A^T) B^T costs one
-        # (N, out) pass, so fold when N >= in. Backward likewise folds the input gradient,
-        # g (W + s B A), instead of adding an (N, in) g B A, when N >= out.
-        fold_forward = keep is None and rows >= in_features
-        ctx.fold_backward = keep is None and rows >= out_features
-        w_t = _effective_weight_t(weight, lora_a, lora_b, scaling, fan_in_fan_out, fold_forward)  # (in, out)
+        w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
         # A's input: x itself (often shared with sibling layers, so saving it is free), or the
         # dropped x (unscaled; 1/(1-p) is applied to the small rank-r tensors instead).
         x_in = x if keep is None else torch.where(keep, x, 0.0)
-        # The rank-r activation is computed as (r, N) = A x^T: BLAS is several times faster at a
-        # short-and-wide result than at the tall-and-skinny (N, r) one (benchmarks/bench_skinny_matmul.py).
+        # The rank-r activation is kept as (r, N) = A x^T, the layout the B gradient wants.
         h_t = torch.mm(lora_a, x_in.t())  # (r, N)
         if keep is not None:
             h_t.mul_(keep_scale)
-        if not fold_forward:
-            out.addmm_(h_t.t(), lora_b.t(), alpha=scaling)
+        out.addmm_(h_t.t(), lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x_in, weight, lora_a, lora_b, h_t, keep)
         ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out = scaling, keep_scale, fan_in_fan_out
         return out
@@ -153,9 +131,7 @@ class LoraLinearFunction(torch.autograd.Function):
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_a = grad_b = None
         grad_out = grad_out.contiguous()
-        # Every product with a rank-r side is arranged so that the big (N, d) operand is the
-        # right-hand factor and the result is (r, d) or (r, N): the same numbers as the textbook
-        # grad_out^T h and grad_out B, at a fraction of the time.
+        # (h^T g)^T rather than g^T h: same numbers, half the time (the big operand is not transposed).
         if need_b:
             grad_b = torch.mm(h_t, grad_out).t().mul_(ctx.scaling)  # (out, r)
         # Gradient reaching A's output, with the dropout scale folded in: (r, N), cheap.
@@ -163,15 +139,11 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = torch.mm(grad_h_t, x_in)  # (r, in)
         if need_x:
-            if ctx.fold_backward:
-                w_eff_t = _effective_weight_t(weight, lora_a, lora_b, ctx.scaling, ctx.fan_in_fan_out, True)
-                grad_x = torch.mm(grad_out, w_eff_t.t())
-            else:
-                lora_part = torch.mm(grad_h_t.t(), lora_a)  # (N, in)
-                if keep is not None:
-                    lora_part.mul_(keep)
-                w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
-                grad_x = torch.addmm(lora_part, grad_out, w)
+            lora_part = torch.mm(grad_h_t.t(), lora_a)  # (N, in)
+            if keep is not None:
+                lora_part.mul_(keep)
+            w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
+            grad_x = torch.addmm(lora_part, grad_out, w)
         if need_bias:
             grad_bias = grad_out.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
