@@ -15,8 +15,8 @@ times cheaper than ``nn.Dropout``. Also:
 
 * the weight gradient of B, ``s g^T h``, is computed as ``s (h^T g)^T``: the same numbers,
   but BLAS on this CPU takes half the time when the big (N, out) operand is not the
-  transposed left factor (``benchmarks/bench_skinny_matmul.py``; the other rank-r products
-  measured the same either way, within the benchmark's noise);
+  transposed left factor (``benchmarks/bench_skinny_matmul.py``, which times both orders of
+  every rank-r product; the others are computed in whichever order measured faster);
 * the adapter output is accumulated into the base output with one in-place ``addmm``.
 
 Folding the update into the weight (``x (W + s B A)^T``, possible without dropout) was tried
@@ -93,8 +93,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
     Shapes: x (N, in), weight (out, in) or (in, out) when ``fan_in_fan_out``, lora_a (r, in),
     lora_b (out, r), keep (N, in) bool or None (no dropout). Saved for backward: A's input
-    (x itself without dropout; the dropped x with it), the 1-byte mask, and the rank-r
-    activation (stored as (r, N)): 5 bytes per input element with dropout where ``nn.Dropout``
+    (x itself without dropout; the dropped x with it), the 1-byte mask, and the (N, r)
+    activation h: 5 bytes per input element with dropout where ``nn.Dropout``
     + ``nn.Linear`` keep 8.
     """
 
@@ -116,24 +116,23 @@ class LoraLinearFunction(torch.autograd.Function):
         # A's input: x itself (often shared with sibling layers, so saving it is free), or the
         # dropped x (unscaled; 1/(1-p) is applied to the small rank-r tensors instead).
         x_in = x if keep is None else torch.where(keep, x, 0.0)
-        # The rank-r activation is kept as (r, N) = A x^T, the layout the B gradient wants.
-        h_t = torch.mm(lora_a, x_in.t())  # (r, N)
+        h = torch.mm(x_in, lora_a.t())  # (N, r)
         if keep is not None:
-            h_t.mul_(keep_scale)
-        out.addmm_(h_t.t(), lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x_in, weight, lora_a, lora_b, h_t, keep)
+            h.mul_(keep_scale)
+        out.addmm_(h, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x_in, weight, lora_a, lora_b, h, keep)
         ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out = scaling, keep_scale, fan_in_fan_out
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x_in, weight, lora_a, lora_b, h_t, keep = ctx.saved_tensors
+        x_in, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_a = grad_b = None
         grad_out = grad_out.contiguous()
         # (h^T g)^T rather than g^T h: same numbers, half the time (the big operand is not transposed).
         if need_b:
-            grad_b = torch.mm(h_t, grad_out).t().mul_(ctx.scaling)  # (out, r)
+            grad_b = torch.mm(h.t(), grad_out).t().mul_(ctx.scaling)  # (out, r)
         # Gradient reaching A's output, with the dropout scale folded in: (r, N), cheap.
         grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * (ctx.keep_scale if keep is not None else 1.0))
         if need_a:
