@@ -110,6 +110,16 @@ def is_quantized_model(model: nn.Module) -> bool:
 
 
 # ----- one layer ------------------------------------------------------------------------------
+def block_size_for(in_features: int) -> int:
+    """Weights per 4-bit scale: bitsandbytes' 64 when it divides a row, else 32.
+
+    bitsandbytes 0.50's AVX512 CPU dequantize kernel misreads 64-blocks that straddle rows: with
+    in_features 32, 96 or 160 the weight comes back with 25-40% relative error instead of NF4's 9%
+    (measured; 32-blocks are right for every width tried). Real models' widths are multiples of 64.
+    """
+    return 64 if in_features % 64 == 0 else 32
+
+
 def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     """A bitsandbytes layer holding ``linear``'s weight quantized (bias kept in full precision)."""
     bnb = require_bitsandbytes()
@@ -123,8 +133,13 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
         )
         layer.weight = bnb.nn.Params4bit(
             weight.to(config.compute_dtype), requires_grad=False, compress_statistics=config.double_quant,
-            quant_type=config.quant_type, module=layer,
+            quant_type=config.quant_type, blocksize=block_size_for(linear.in_features), module=layer,
         )
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on the first no-grad
+        # eval forward (bf16 block scales, a CPU-only layout). That fails for in_features below the
+        # block size, changes the numbers between eval and training, and leaves a layout our
+        # dequantize/merge/save path does not read; keep the one layout on every CPU.
+        layer.support_avx512bf16_for_cpu = False
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)

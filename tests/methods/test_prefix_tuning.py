@@ -69,8 +69,9 @@ def test_prefix_is_a_cache_of_num_virtual_tokens_positions():
 
 @pytest.mark.parametrize("kwargs", [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2), dict(do_sample=True, num_return_sequences=2)])
 def test_beam_search_and_sampling_match_peft(kwargs):
-    from _prompt_contract import twin_models
+    from _prompt_contract import require_peft_oracle, twin_models
 
+    require_peft_oracle(CASES["gpt2-causal"], generation=True)
     _, theirs, ours = twin_models(CASES["gpt2-causal"])
     inputs = text_inputs()
     outs = []
@@ -130,7 +131,7 @@ def test_model_without_a_cache_is_rejected_and_left_untouched():
 
     model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32,
                                                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
-    with pytest.raises(PeftConfigError, match="does not take past_key_values"):
+    with pytest.raises(PeftConfigError, match="does not take a key/value cache"):
         get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
     assert all(p.requires_grad for p in model.parameters())
     assert type(model.classifier).__name__ == "Linear"

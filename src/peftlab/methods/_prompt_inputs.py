@@ -21,7 +21,7 @@ from torch import nn
 
 from peftlab.config import TaskType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import PromptLearningConfig
+from peftlab.methods._prompt_learning import CACHE_ARGUMENTS, PromptLearningConfig, cache_argument
 
 
 def batch_size(kwargs: dict[str, Any]) -> int:
@@ -95,8 +95,7 @@ def prefix_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLearn
     """Forward inputs with the prefix cache and masks extended over the ``n`` cached positions."""
     kwargs = dict(kwargs)
     n = config.num_virtual_tokens
-    if kwargs.get("past_key_values") is not None:
-        raise PeftConfigError("prefix tuning supplies past_key_values itself; do not pass them to forward().")
+    _refuse_cache(kwargs, "prefix tuning supplies past_key_values itself; do not pass them to forward().")
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         kwargs["decoder_attention_mask"] = _with_leading(kwargs.get("decoder_attention_mask"), n)
     else:
@@ -105,7 +104,7 @@ def prefix_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLearn
         kwargs["position_ids"] = kwargs["position_ids"] + n
     if config.task_type == TaskType.CAUSAL_LM:
         _drop(kwargs, "token_type_ids", "virtual tokens have no segment")
-    kwargs["past_key_values"] = prefix_cache(base_model, rows, config, batch_size(kwargs))
+    kwargs[cache_argument(base_model) or "past_key_values"] = prefix_cache(base_model, rows, config, batch_size(kwargs))
     return kwargs
 
 
@@ -120,8 +119,7 @@ def generate_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLea
     input_ids = kwargs.get("input_ids")
     if input_ids is None or kwargs.get("inputs_embeds") is not None:
         raise PeftConfigError("generate() with a prompt method needs input_ids (and no inputs_embeds).")
-    if kwargs.get("past_key_values") is not None:
-        raise PeftConfigError("generate() with a prompt method starts its own cache; do not pass past_key_values.")
+    _refuse_cache(kwargs, "generate() with a prompt method starts its own cache; do not pass past_key_values.")
     n = config.num_virtual_tokens
     batch = int(input_ids.shape[0])
     mask = kwargs.get("attention_mask")
@@ -134,12 +132,18 @@ def generate_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLea
     if kind == "prefix":
         # generate() repeats every tensor input per beam / returned sequence, but not a cache object:
         # build the cache at the expanded batch size (all rows of the prefix are the same).
-        kwargs["past_key_values"] = prefix_cache(base_model, rows, config, batch * _expand_size(base_model, kwargs))
+        cache = prefix_cache(base_model, rows, config, batch * _expand_size(base_model, kwargs))
+        kwargs[cache_argument(base_model) or "past_key_values"] = cache
     else:
         embeds = base_model.get_input_embeddings()(input_ids)
         prompts = rows[:n].unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)
         kwargs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
     return kwargs
+
+
+def _refuse_cache(kwargs: dict[str, Any], message: str) -> None:
+    if any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS):
+        raise PeftConfigError(message)
 
 
 def _expand_size(base_model: nn.Module, kwargs: dict[str, Any]) -> int:

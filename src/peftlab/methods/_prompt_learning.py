@@ -96,6 +96,14 @@ def forward_accepts(model: nn.Module, argument: str) -> bool:
     return False
 
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 renamed past_key_values to cache
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which this model's forward takes a key/value cache, or None if it takes none."""
+    return next((name for name in CACHE_ARGUMENTS if forward_accepts(model, name)), None)
+
+
 def resolve_prompt_config(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
     """Fill the model-shape fields from the model's config, as peft does (config is a copy)."""
     method = type(config).__name__

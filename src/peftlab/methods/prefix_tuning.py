@@ -16,7 +16,7 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, forward_accepts, resolve_prompt_config
+from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, cache_argument, resolve_prompt_config
 from peftlab.registry import MethodSpec, register
 
 
@@ -99,9 +99,9 @@ def resolve_prefix_config(config: PrefixTuningConfig, model: nn.Module) -> Prefi
         )
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
-    if not forward_accepts(model, "past_key_values"):
+    if cache_argument(model) is None:
         raise PeftConfigError(
-            f"PrefixTuningConfig: {type(model).__name__} does not take past_key_values, which prefix tuning needs; "
+            f"PrefixTuningConfig: {type(model).__name__} does not take a key/value cache (past_key_values), which prefix tuning needs; "
             f"use PromptTuningConfig or PromptEncoderConfig for this model."
         )
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
