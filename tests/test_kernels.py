@@ -57,7 +57,8 @@ def assert_close_all(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **t
 def test_keep_mask_rate_and_reproducibility():
     torch.manual_seed(1)
     mask = kernels.keep_mask((400, 500), 0.1)
-    assert mask.dtype == torch.bool and mask.shape == (400, 500)
+    assert mask.dtype == torch.uint8 and mask.shape == (400, 500)
+    assert set(mask.unique().tolist()) == {0, 1}
     assert abs(mask.float().mean().item() - 0.9) < 0.005  # 200k draws: std ~0.0007
     torch.manual_seed(1)
     assert torch.equal(mask, kernels.keep_mask((400, 500), 0.1))
@@ -65,6 +66,18 @@ def test_keep_mask_rate_and_reproducibility():
     assert not torch.equal(mask[0], mask[1])
     assert abs(kernels.keep_mask((1000, 100), 0.5).float().mean().item() - 0.5) < 0.01
     assert kernels.keep_mask((3, 7), 0.0).all()
+    assert not kernels.keep_mask((3, 7), 1.0).any()
+
+
+@pytest.mark.parametrize("p", [1 / 65536, 0.1, 0.5, 0.99])
+def test_keep_mask_is_the_threshold_comparison_of_its_draws(p):
+    """The clamp trick gives exactly ``int16 draw >= -32768 + round(p * 65536)``."""
+    torch.manual_seed(7)
+    mask = kernels.keep_mask((37, 11), p)
+    torch.manual_seed(7)
+    bits = torch.empty((37 * 11 + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    expected = bits.view(torch.int16)[: 37 * 11] >= -32768 + round(p * 65536)
+    assert torch.equal(mask.bool().view(-1), expected)
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])

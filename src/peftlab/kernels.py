@@ -11,7 +11,7 @@ stock modules. It is correct but wasteful on training steps:
 backward needs: A's input (without dropout that is ``x`` itself, usually shared with sibling
 layers, so no new memory), a 1-byte keep mask, and the rank-r activation ``A dropout(x)``. The
 mask is drawn from 16 random bits per element (a quarter of one 64-bit draw), four to six
-times cheaper than ``nn.Dropout``. Also:
+times cheaper than ``nn.Dropout``, and kept as uint8 0/1 (applied by a multiply). Also:
 
 * the weight gradient of B, ``s g^T h``, is computed as ``s (h^T g)^T``: the same numbers,
   but BLAS on this CPU takes half the time when the big (N, out) operand is not the
@@ -74,25 +74,36 @@ def fast_base(base: nn.Module) -> bool:
 
 
 def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A bool mask, True with probability ``1 - p`` (to 1/65536), drawn from the default generator.
+    """A uint8 0/1 mask, 1 with probability ``1 - p`` (to 1/65536), drawn from the default generator.
 
     Four mask elements share one 64-bit draw, which is what makes it cheap; ``torch.manual_seed``
-    makes it reproducible like any other torch random op.
+    makes it reproducible like any other torch random op. Element ``i`` is 1 exactly when its 16
+    bits, read as int16, are ``>= -32768 + round(p * 65536)``. The 0/1 values come from an
+    integer clamp, and the mask is applied with a multiply, not ``torch.where`` on a bool mask:
+    with the in-place input-gradient ``addmm_`` that made MiniLM all-linear training steps ~5%
+    faster (``benchmarks/bench_kernel_ab.py`` against the bool/where kernel, docs/benchmarks.md).
     """
     numel = 1
     for n in shape:
         numel *= n
+    cut = round(p * 2**_MASK_BITS)  # how many of the 65536 values drop
+    if cut <= 0:
+        return torch.ones(tuple(shape), dtype=torch.uint8, device=device)
+    if cut >= 2**_MASK_BITS:
+        return torch.zeros(tuple(shape), dtype=torch.uint8, device=device)
     words = (numel + 3) // 4
     bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None)
-    threshold = -(2 ** (_MASK_BITS - 1)) + round(p * 2**_MASK_BITS)
-    return (bits.view(torch.int16)[:numel] >= threshold).view(*shape)
+    threshold = -(2 ** (_MASK_BITS - 1)) + cut
+    # clamp to {threshold - 1, threshold}, minus (threshold - 1): 0 below the threshold, 1 at or above.
+    mask = bits.view(torch.int16)[:numel].clamp_(threshold - 1, threshold).sub_(threshold - 1)
+    return mask.to(torch.uint8).view(*shape)
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s * ((x * keep / (1 - p)) A^T) B^T`` with a frozen ``W`` (and maybe ``b``).
 
     Shapes: x (N, in), weight (out, in) or (in, out) when ``fan_in_fan_out``, lora_a (r, in),
-    lora_b (out, r), keep (N, in) bool or None (no dropout). Saved for backward: A's input
+    lora_b (out, r), keep (N, in) uint8 0/1 or None (no dropout). Saved for backward: A's input
     (x itself without dropout; the dropped x with it), the 1-byte mask, and the (N, r)
     activation h: 5 bytes per input element with dropout where ``nn.Dropout``
     + ``nn.Linear`` keep 8.
@@ -115,7 +126,7 @@ class LoraLinearFunction(torch.autograd.Function):
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
         # A's input: x itself (often shared with sibling layers, so saving it is free), or the
         # dropped x (unscaled; 1/(1-p) is applied to the small rank-r tensors instead).
-        x_in = x if keep is None else torch.where(keep, x, 0.0)
+        x_in = x if keep is None else x * keep
         h = torch.mm(x_in, lora_a.t())  # (N, r)
         if keep is not None:
             h.mul_(keep_scale)
@@ -142,7 +153,7 @@ class LoraLinearFunction(torch.autograd.Function):
             if keep is not None:
                 lora_part.mul_(keep)
             w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
-            grad_x = torch.addmm(lora_part, grad_out, w)
+            grad_x = lora_part.addmm_(grad_out, w)  # in place: out-of-place addmm would copy lora_part first
         if need_bias:
             grad_bias = grad_out.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None

@@ -1,0 +1,74 @@
+"""A/B of two versions of the fused LoRA kernel on whole MiniLM training steps, in one process.
+
+Kernel changes move a training step by a few percent, less than run-to-run noise on a shared
+machine; only an interleaved comparison in one process settles them. This script loads another
+version of ``src/peftlab/kernels.py`` (e.g. the last commit's) beside the current one, and times
+training steps of one LoRA model switching between the two kernels' ``keep_mask`` and
+``LoraLinearFunction``, alternating with full fine-tuning steps; it prints medians, x full FT,
+and the median paired ratio current/other.
+
+    git show HEAD~1:src/peftlab/kernels.py > /tmp/kernels_before.py
+    cd benchmarks && PYTHONPATH=../src python bench_kernel_ab.py /tmp/kernels_before.py --dropout 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+
+import _common as C
+import torch
+
+from peftlab import kernels
+
+ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("other", help="path to the other version of kernels.py")
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = importlib.util.spec_from_file_location("other_kernels", args.other)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+
+    base = C.minilm_classifier()
+    inputs = C.batch(args.batch, args.seq)
+    config = C.peft_lora_config("peftlab", r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=ALL_LINEAR)
+    lora_step = C.train_step_fn(C.get_peft_model("peftlab", copy.deepcopy(base), config), inputs)
+    full_step = C.train_step_fn(copy.deepcopy(base), inputs)
+    current = (kernels.keep_mask, kernels.LoraLinearFunction)
+
+    def with_kernel(keep_mask, function):
+        def step() -> None:
+            kernels.keep_mask, kernels.LoraLinearFunction = keep_mask, function  # looked up per call
+            lora_step()
+        return step
+
+    fns = {"current": with_kernel(*current), "other": with_kernel(other.keep_mask, other.LoraLinearFunction),
+           "full_ft": full_step}
+    try:
+        times = C.alternate(fns, rounds=args.rounds, warmup=2)
+    finally:
+        kernels.keep_mask, kernels.LoraLinearFunction = current
+    rows, table = [], {}
+    for name in fns:
+        table[name] = {"median_ms": C.median(times[name]) * 1e3, "x_full_ft": C.paired_ratio(times, name, "full_ft")}
+        rows.append([name, f"{table[name]['median_ms']:.1f}", f"{table[name]['x_full_ft']:.3f}"])
+    ratio = C.paired_ratio(times, "current", "other")
+    C.print_table(["kernel", "median ms", "x full FT"], rows)
+    print(f"current / other (median of paired ratios): {ratio:.3f}")
+    name = f"kernel_ab_seq{args.seq}_d{args.dropout:g}" + (f"_{args.tag}" if args.tag else "")
+    C.write_results(name, {"args": vars(args), "results": table, "current_vs_other": ratio})
+
+
+if __name__ == "__main__":
+    main()
