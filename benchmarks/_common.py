@@ -154,6 +154,8 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": LOAD_AT_START,
+        "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "git_commit": _git_commit(),
     }
     try:
         import peft
@@ -162,6 +164,18 @@ def environment() -> dict:
     except ImportError:
         pass
     return env
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout the benchmark ran from, with "+dirty" when files were changed."""
+    import subprocess
+
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True, check=True).stdout.strip()
+        head = run("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def write_results(name: str, payload: dict) -> Path:

@@ -23,12 +23,10 @@ def load_line(data: dict) -> str:
 
 
 def training() -> None:
-    for seq in (64, 128):
-        data = load(f"train_seq{seq}")
-        if data is None:
-            continue
+    for path in sorted(RESULTS.glob("train_seq*.json")):
+        data = json.loads(path.read_text())
         res = data["results"]
-        print(f"\n#### Training step, seq {seq}, batch {data['batch']}\n")
+        print(f"\n#### Training step, seq {data['seq']}, batch {data['batch']} ({path.name})\n")
         print(load_line(data) + "\n")
         print("| configuration | peftlab x full FT | peft x full FT | peftlab time x peft | peftlab saved+grads MB | peft saved+grads MB |")
         print("|---|---:|---:|---:|---:|---:|")

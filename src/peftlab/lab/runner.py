@@ -401,18 +401,13 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
                 if not run.train.keep_checkpoints:
                     shutil.rmtree(checkpoints, ignore_errors=True)
     except NonFiniteError as exc:
-        result.train_seconds = train_watch.seconds()
-        _fill_history(result, trainer, timer.seconds)
         kept = last_checkpoint(run_dir)
         where = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been written yet"
-        result.status = DIVERGED
-        result.error = f"{exc}; training stopped and {where}. Lower train.learning_rate (was {run.train.learning_rate:g})."
+        advice = f"Lower train.learning_rate (was {run.train.learning_rate:g})."
+        _stopped_early(result, trainer, timer, train_watch, DIVERGED, f"{exc}; training stopped and {where}. {advice}")
     except Exception as exc:  # noqa: BLE001 - a crash mid-training is this run's result, not the caller's problem
         traceback.print_exc()
-        result.train_seconds = train_watch.seconds()
-        _fill_history(result, trainer, timer.seconds)
-        result.status = FAILED
-        result.error = failure_message(exc)
+        _stopped_early(result, trainer, timer, train_watch, FAILED, failure_message(exc))
     result.peak_rss_mb = round(measure.peak_rss_mb(), 1)
     cuda = measure.cuda_peak_mb()
     result.cuda_peak_mb = round(cuda, 1) if cuda is not None else None
@@ -420,6 +415,14 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
     if is_main_process():
         save_run(result, run_dir)
     return result
+
+
+def _stopped_early(result: RunResult, trainer: Any, timer: Any, train_watch: measure.Stopwatch, status: str, error: str) -> None:
+    """Record what a run that ended before its last step got done, and why it ended."""
+    result.train_seconds = train_watch.seconds()
+    _fill_history(result, trainer, timer.seconds)
+    result.status = status
+    result.error = error
 
 
 def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any, Any, Any]:
