@@ -88,6 +88,46 @@ def test_load_quantized_model_from_folder(tmp_path):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_loaded_model_owns_its_memory_and_keeps_tied_weights(tmp_path):
+    # load_quantized_model copies the full-precision parameters out of the safetensors mapping;
+    # the copies must be the same numbers, and tied embeddings must stay one parameter.
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from peftlab.quantization import load_quantized_model, quantize_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    loaded = load_quantized_model(str(tmp_path), QuantConfig()).eval()
+    reference = quantize_model(AutoModelForCausalLM.from_pretrained(str(tmp_path)), QuantConfig()).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    inputs = text_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
+    references = dict(reference.named_parameters())
+    file_backed = _mapped_from(tmp_path / "model.safetensors")
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, references[name]), name
+        if file_backed is not None:  # Linux: no parameter may still live in the file's mapping
+            assert not any(lo <= param.data_ptr() < hi for lo, hi in file_backed), name
+
+
+def _mapped_from(path) -> list[tuple[int, int]] | None:
+    """Address ranges of this process mapped from ``path`` (None where /proc is not there)."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return None
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
 def test_bad_quant_config():
     with pytest.raises(QuantizationError, match="bits"):
         QuantConfig(bits=3)
