@@ -102,12 +102,13 @@ def test_position_ids_shift_past_the_prefix():
     torch.testing.assert_close(run(ours, inputs), run(theirs, inputs), atol=1e-5, rtol=1e-5)
 
 
-def test_passing_past_key_values_is_refused():
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])  # transformers >= 5.24 calls it cache
+def test_passing_a_cache_is_refused(name):
     from transformers import DynamicCache
 
     model = get_peft_model(tiny_gpt2(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(PeftConfigError, match="supplies past_key_values itself"):
-        model(**text_inputs(), past_key_values=DynamicCache())
+        model(**text_inputs(), **{name: DynamicCache()})
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,10 @@ def loss_curves(runs: list[RunResult], path: str) -> str | None:
     return _save(fig, path)
 
 
+LABELS_IN_PLACE = 6
+MARKERS = ("o", "s", "^", "D")
+
+
 def accuracy_vs_params(runs: list[RunResult], path: str) -> str | None:
     """Validation accuracy against trainable parameters (log scale): the efficiency frontier."""
     drawn = [r for r in runs if r.status == OK and r.accuracy is not None and r.trainable_params]
@@ -63,9 +67,17 @@ def accuracy_vs_params(runs: list[RunResult], path: str) -> str | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in drawn:
-        ax.scatter(run.trainable_params, 100 * run.accuracy, s=40)
-        ax.annotate(run.name, (run.trainable_params, 100 * run.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # A few runs are labelled in place; many (the all-methods study) cluster at similar sizes and
+    # accuracies, where in-place labels print over each other: those get a legend, and a marker
+    # shape per run next to the colour so that no two runs look alike.
+    in_place = len(drawn) <= LABELS_IN_PLACE
+    for i, run in enumerate(drawn):
+        point = (run.trainable_params, 100 * run.accuracy)
+        ax.scatter(*point, s=40, marker=MARKERS[(i // 10) % len(MARKERS)], label=run.name)
+        if in_place:
+            ax.annotate(run.name, point, textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if not in_place:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     exact = any(r.task == "causal_lm" for r in drawn)
