@@ -224,7 +224,7 @@ def load_quantized_model(name_or_path: str, config: QuantConfig | None = None, m
     pages, read once while quantizing. They stay resident (and counted in RSS) for as long as
     any tensor still points into the mapping; the parameters left in full precision (embeddings,
     norms, head) are therefore copied out of it at the end, which releases the whole mapping:
-    SmolLM2-135M keeps ~300 MB less resident after loading (docs/qlora.md). The load itself still
+    SmolLM2-135M keeps ~420 MB less resident after loading (docs/qlora.md). The load itself still
     reads every fp32 weight once, so its peak is about the fp32 model's size.
     """
     require_bitsandbytes()
