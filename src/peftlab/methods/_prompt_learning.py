@@ -97,11 +97,19 @@ def forward_accepts(model: nn.Module, argument: str) -> bool:
 
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 renamed past_key_values to cache
+_CACHE_ARGUMENT_OF: dict[type, str | None] = {}
 
 
 def cache_argument(model: nn.Module) -> str | None:
-    """The name under which this model's forward takes a key/value cache, or None if it takes none."""
-    return next((name for name in CACHE_ARGUMENTS if forward_accepts(model, name)), None)
+    """The name under which this model's forward takes a key/value cache, or None if it takes none.
+
+    Asked on every prefix-tuning forward; reading signatures takes ~0.1 ms, so the answer is kept
+    per model class (a class's forward signature does not change).
+    """
+    kind = type(model)
+    if kind not in _CACHE_ARGUMENT_OF:
+        _CACHE_ARGUMENT_OF[kind] = next((name for name in CACHE_ARGUMENTS if forward_accepts(model, name)), None)
+    return _CACHE_ARGUMENT_OF[kind]
 
 
 def resolve_prompt_config(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
