@@ -277,7 +277,14 @@ def test_trainable_base_weight_keeps_readable_path():
     assert "base_model.lin.base_layer.weight" in grads
 
 
-def test_mixed_batch_fast_equals_plain(monkeypatch):
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a", "b", "__base__", "c", "b", "a"],  # mixed order: stacked adapters and a row selector
+        ["a", "a", "b", "b", "__base__", "c"],  # grouped by adapter: one slice per run
+    ],
+)
+def test_mixed_batch_fast_equals_plain(monkeypatch, names):
     torch.manual_seed(0)
     model = peftlab.get_peft_model(
         tiny_bert_cls(), peftlab.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), adapter_name="a"
@@ -286,7 +293,6 @@ def test_mixed_batch_fast_equals_plain(monkeypatch):
     model.add_adapter("c", peftlab.LoraConfig(r=3, target_modules="all-linear", init_lora_weights=False, use_rslora=True))
     model.eval()
     inputs = text_inputs(batch=6)
-    names = ["a", "b", "__base__", "c", "b", "a"]
     fast = main_output(model(**inputs, adapter_names=names))
     monkeypatch.setenv("PEFTLAB_PLAIN", "1")
     plain = main_output(model(**inputs, adapter_names=names))
@@ -321,3 +327,36 @@ def test_mixed_batch_stacked_kernel_is_used(monkeypatch):
     assert calls == [True]
     with model.disable_adapter():
         torch.testing.assert_close(out[2], model(x)[2])
+
+
+def test_row_runs():
+    assert kernels.row_runs(["a", "a", "b", "a"]) == [("a", 0, 2), ("b", 2, 3), ("a", 3, 4)]
+    assert kernels.row_runs(["x"]) == [("x", 0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "stacked"),
+    [
+        (["a", "a", "b", "b", "b", "__base__"], False),  # grouped: per-run slices
+        (["a", "b", "a", "b", "a", "b"], True),  # 6 runs of 2 adapters: stacked with a row selector
+    ],
+)
+def test_mixed_lora_forward_matches_per_row_formula(monkeypatch, rows, stacked):
+    selector_calls = []
+    real_selector = kernels._row_selector
+    monkeypatch.setattr(kernels, "_row_selector", lambda *a: selector_calls.append(1) or real_selector(*a))
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10).double().requires_grad_(False)
+    factors = {
+        "a": (torch.randn(4, 12, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64), 0.5),
+        "b": (torch.randn(2, 12, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64), 3.0),
+    }
+    x = torch.randn(len(rows), 5, 12, dtype=torch.float64)
+    out = kernels.mixed_lora_forward(base, x, rows, factors)
+    assert bool(selector_calls) == stacked
+    for i, name in enumerate(rows):
+        expected = base(x[i])
+        if name in factors:
+            a, b, s = factors[name]
+            expected = expected + s * x[i] @ a.t() @ b.t()
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-12)
