@@ -54,6 +54,22 @@ def assert_close_all(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **t
         torch.testing.assert_close(a[key], b[key], **tol, msg=lambda m, k=key: f"{k}: {m}")
 
 
+def test_random_words_are_uniform_and_follow_torch_manual_seed():
+    torch.manual_seed(3)
+    words = kernels.random_words(50_000)
+    assert words.dtype == torch.int64 and words.shape == (50_000,)
+    torch.manual_seed(3)
+    assert torch.equal(words, kernels.random_words(50_000))
+    assert not torch.equal(words, kernels.random_words(50_000))  # the torch generator moved on
+    # Every one of the 64 bits is a fair coin (std of each mean ~0.0022 over 50k words).
+    bit_means = torch.stack([((words >> i) & 1).double().mean() for i in range(64)])
+    assert (bit_means - 0.5).abs().max() < 0.015
+    # Consecutive 16-bit fields (the mask's elements) are uncorrelated.
+    fields = words.view(torch.int16).double()
+    corr = torch.corrcoef(torch.stack([fields[:-1], fields[1:]]))[0, 1]
+    assert abs(corr.item()) < 0.01
+
+
 def test_keep_mask_rate_and_reproducibility():
     torch.manual_seed(1)
     mask = kernels.keep_mask((400, 500), 0.1)
@@ -75,7 +91,7 @@ def test_keep_mask_is_the_threshold_comparison_of_its_draws(p):
     torch.manual_seed(7)
     mask = kernels.keep_mask((37, 11), p)
     torch.manual_seed(7)
-    bits = torch.empty((37 * 11 + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    bits = kernels.random_words((37 * 11 + 3) // 4)
     expected = bits.view(torch.int16)[: 37 * 11] >= -32768 + round(p * 65536)
     assert torch.equal(mask.bool().view(-1), expected)
 

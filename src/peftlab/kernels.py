@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,16 +75,30 @@ def fast_base(base: nn.Module) -> bool:
     return type(weight) is nn.Parameter and weight.is_floating_point() and not weight.requires_grad
 
 
-def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A uint8 0/1 mask, 1 with probability ``1 - p`` (to 1/65536), drawn from the default generator.
+def random_words(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``count`` uniformly random int64 words, reproducible under ``torch.manual_seed``.
 
-    Four mask elements share one 64-bit draw, which is what makes it cheap; ``torch.manual_seed``
+    On CPU the words come from numpy's SFC64 generator, seeded by one draw from torch's default
+    generator: torch's own CPU generator (a Mersenne Twister, one thread) takes ~4.5 ns per word,
+    SFC64 ~2.3 ns, and the draw is the largest part of a dropout mask's cost (``rng`` rows of
+    docs/benchmarks.md). Elsewhere torch's generator of that device fills them.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+
+
+def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A uint8 0/1 mask, 1 with probability ``1 - p`` (to 1/65536), from :func:`random_words`.
+
+    Four mask elements share one 64-bit word, which is what makes it cheap; ``torch.manual_seed``
     makes it reproducible like any other torch random op. Element ``i`` is 1 exactly when its 16
     bits, read as int16, are ``>= -32768 + round(p * 65536)``. The 0/1 values come from an
     integer clamp, and the mask is applied with a multiply, not ``torch.where`` on a bool mask:
-    with the in-place input-gradient ``addmm_`` that made MiniLM all-linear training steps 10%
-    faster with dropout 0.1 and 2% without (``benchmarks/bench_kernel_ab.py`` against the
-    bool/where kernel, docs/benchmarks.md).
+    on this CPU every op that makes or reads a bool tensor is several times slower than the
+    uint8 one (with the in-place input-gradient ``addmm_`` that made MiniLM all-linear training
+    steps 10% faster with dropout 0.1 and 2% without; docs/benchmarks.md).
     """
     numel = 1
     for n in shape:
@@ -93,8 +108,7 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu"
         return torch.ones(tuple(shape), dtype=torch.uint8, device=device)
     if cut >= 2**_MASK_BITS:
         return torch.zeros(tuple(shape), dtype=torch.uint8, device=device)
-    words = (numel + 3) // 4
-    bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None)
+    bits = random_words((numel + 3) // 4, device)
     threshold = -(2 ** (_MASK_BITS - 1)) + cut
     # clamp to {threshold - 1, threshold}, minus (threshold - 1): 0 below the threshold, 1 at or above.
     mask = bits.view(torch.int16)[:numel].clamp_(threshold - 1, threshold).sub_(threshold - 1)
