@@ -376,3 +376,48 @@ def test_mixed_lora_forward_matches_per_row_formula(monkeypatch, rows, stacked):
             a, b, s = factors[name]
             expected = expected + s * x[i] @ a.t() @ b.t()
         torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fused_under_bf16_autocast_matches_readable_path(monkeypatch, dropout):
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(
+        tiny_bert_cls(), peftlab.LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False)
+    )
+    inputs = text_inputs(batch=3)
+
+    def run_autocast():
+        torch.manual_seed(5)  # the same dropout masks on both paths
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = main_output(model(**inputs))
+        out.float().pow(2).sum().backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert FUSED_NODE in _graph_names(main_output(model(**inputs)))
+    out, grads = run_autocast()
+    assert out.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads.values())  # adapter weights stay fp32
+    if dropout == 0.0:  # masks differ between the paths (keep_mask vs nn.Dropout), so values only without dropout
+        monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+        ref_out, ref_grads = run_autocast()
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=0.05, atol=0.05)
+        for name in grads:
+            scale = ref_grads[name].abs().max().item()
+            assert (grads[name] - ref_grads[name]).abs().max().item() <= 0.05 * scale + 1e-3, name
+
+
+def test_mixed_batch_under_autocast_takes_the_generic_path():
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(tiny_bert_cls(), peftlab.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    inputs = text_inputs(batch=4)
+    names = ["a", "b", "a", "__base__"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = main_output(model(**inputs, adapter_names=names))
+        model.set_adapter("b")
+        alone = main_output(model(**{k: v[1:2] for k, v in inputs.items()}))
+    torch.testing.assert_close(mixed[1:2].float(), alone.float(), rtol=0.05, atol=0.05)

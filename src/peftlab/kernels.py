@@ -179,12 +179,33 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def lora_linear(base: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, dropout: float, training: bool) -> torch.Tensor | None:
-    """The fused LoRA forward of one layer, or None when the readable path must run instead."""
-    if plain_forced() or not fast_base(base) or torch.is_autocast_enabled(x.device.type):
+    """The fused LoRA forward of one layer, or None when the readable path must run instead.
+
+    Under autocast it computes in autocast's lower precision, as autocast would run the base
+    layer and both adapter matmuls (casts outside the fused node, so gradients reach the fp32
+    adapter weights through them).
+    """
+    if plain_forced() or not fast_base(base):
         return None
     weight, bias = base.weight, base.bias
-    if not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype) or x.device != weight.device:
+    if x.device != weight.device:
         return None
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        tensors = [x, weight, lora_a, lora_b] + ([bias] if bias is not None else [])
+        if any(t.dtype not in (torch.float32, low) for t in tensors):
+            return None  # autocast leaves float64 alone; so does the readable path
+        with torch.autocast(device_type, enabled=False):
+            return _fused(base, x.to(low), weight.to(low), None if bias is None else bias.to(low),
+                          lora_a.to(low), lora_b.to(low), scaling, dropout, training)
+    if not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
+        return None
+    return _fused(base, x, weight, bias, lora_a, lora_b, scaling, dropout, training)
+
+
+def _fused(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+           lora_b: torch.Tensor, scaling: float, dropout: float, training: bool) -> torch.Tensor | None:
     fan_in_fan_out = type(base) is not nn.Linear
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     if x.dim() == 0 or x.shape[-1] != in_features:
@@ -260,7 +281,7 @@ def mixed_lora_forward(base: nn.Module, x: torch.Tensor, rows: Sequence[str],
     selector keeps each row's own rank block: cheaper than many tiny slices, and it pays off while
     the summed rank stays small next to the layer width.
     """
-    if plain_forced() or not fast_base(base) or not adapters or x.dim() < 2:
+    if plain_forced() or not fast_base(base) or not adapters or x.dim() < 2 or torch.is_autocast_enabled(x.device.type):
         return None
     weight = base.weight
     if any(a.dtype != x.dtype or b.dtype != x.dtype for a, b, _ in adapters.values()) or weight.dtype != x.dtype:
