@@ -8,6 +8,7 @@ same configuration, and the memory a step holds at its peak (tensors saved for b
 plus gradients; see ``_common.step_memory``).
 
     PYTHONPATH=src python benchmarks/bench_train.py --seq 64 --rounds 15
+    PYTHONPATH=src python benchmarks/bench_train.py --seq 64 --rounds 8 --autocast bf16
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def build(lib: str, base: torch.nn.Module, spec: dict) -> torch.nn.Module:
     return C.get_peft_model(lib, copy.deepcopy(base), config)
 
 
+def under_bf16_autocast(step):
+    def wrapped() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step()
+
+    return wrapped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=64)
@@ -52,6 +61,7 @@ def main() -> None:
     parser.add_argument("--libs", nargs="*", default=["peftlab", "peft"])
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--tag", default="", help="suffix for the results file (a partial re-run keeps the full table)")
+    parser.add_argument("--autocast", choices=["bf16"], help="run every variant under CPU bf16 autocast (full_ft_fp32 added for reference)")
     args = parser.parse_args()
 
     base = C.minilm_classifier()
@@ -71,8 +81,17 @@ def main() -> None:
             models[f"{name}/{lib}"] = model
             steps[f"{name}/{lib}"] = C.train_step_fn(model, inputs)
 
+    if args.autocast:
+        steps = {name: under_bf16_autocast(step) for name, step in steps.items()}
+        models["full_ft_fp32"] = copy.deepcopy(base)
+        steps["full_ft_fp32"] = C.train_step_fn(models["full_ft_fp32"], inputs)
+
     times = C.alternate(steps, rounds=args.rounds, warmup=2)
-    memory = {} if args.no_memory else {name: C.step_memory(models[name], inputs) for name in steps}
+    memory = {}
+    if not args.no_memory:
+        for name in steps:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.autocast) and name != "full_ft_fp32"):
+                memory[name] = C.step_memory(models[name], inputs)
 
     rows, table = [], {}
     for name in steps:
@@ -94,7 +113,8 @@ def main() -> None:
             f"{memory[name]['total_mb']:.0f}" if memory else "",
         ])
     C.print_table(["variant", "ms", "x full FT", "x peft", "saved MB", "saved+grads MB"], rows)
-    C.write_results(f"train_seq{args.seq}" + (f"_{args.tag}" if args.tag else ""), {"seq": args.seq, "batch": args.batch, "rounds": args.rounds, "results": table})
+    name = f"train_seq{args.seq}" + ("_bf16" if args.autocast else "") + (f"_{args.tag}" if args.tag else "")
+    C.write_results(name, {"seq": args.seq, "batch": args.batch, "rounds": args.rounds, "autocast": args.autocast, "results": table})
 
 
 if __name__ == "__main__":

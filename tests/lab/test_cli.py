@@ -164,3 +164,24 @@ def test_adalora_run_gets_its_step_count_and_callback(tmp_path, tiny_model_dir, 
     assert saved["total_step"] == 16
     assert saved["rank_pattern"]  # the callback ran the budget allocation, which records the ranks kept
     assert run["config"]["rank_pattern"] == saved["rank_pattern"]  # the run record holds the final ranks too
+
+
+def test_bf16_flag_trains_under_bfloat16_autocast(tmp_path, tiny_model_dir, toy_data_dir, capsys, monkeypatch):
+    import torch
+
+    seen = []
+    real_forward = torch.nn.Linear.forward
+
+    def spy(self, x):
+        out = real_forward(self, x)
+        if self.training:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", spy)
+    code = _train(tmp_path, tiny_model_dir, toy_data_dir, "--method", "full", "--bf16")
+    assert code == 0, capsys.readouterr().err
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["status"] == "ok" and run["run"]["train"]["bf16"] is True
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(e["train_loss"] > 0 for e in run["epochs"])
