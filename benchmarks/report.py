@@ -26,11 +26,12 @@ def training() -> None:
     for path in sorted(RESULTS.glob("train_seq*.json")):
         data = json.loads(path.read_text())
         res = data["results"]
-        print(f"\n#### Training step, seq {data['seq']}, batch {data['batch']} ({path.name})\n")
+        precision = ", bf16 autocast (every variant)" if data.get("autocast") else ""
+        print(f"\n#### Training step, seq {data['seq']}, batch {data['batch']}{precision} ({path.name})\n")
         print(load_line(data) + "\n")
         print("| configuration | peftlab x full FT | peft x full FT | peftlab time x peft | peftlab saved+grads MB | peft saved+grads MB |")
         print("|---|---:|---:|---:|---:|---:|")
-        for name in ("full_ft", "frozen_floor"):
+        for name in ("full_ft", "frozen_floor", "full_ft_fp32"):
             if name in res:
                 mem = res[name].get("memory_mb") or {}
                 print(f"| {name} | {res[name]['vs_full_ft']:.2f} | | | {mem.get('total_mb', float('nan')):.0f} | |")
@@ -59,9 +60,11 @@ def inference() -> None:
 
 
 def mixed() -> None:
-    data = load("mixed_batch_seq64")
-    if data is None:
-        return
+    for path in sorted(RESULTS.glob("mixed_batch_seq*.json"), key=lambda p: int(p.stem.split("seq")[1])):
+        mixed_table(json.loads(path.read_text()))
+
+
+def mixed_table(data: dict) -> None:
     print(f"\n#### Mixed batch, {len(data['adapters'])} adapters, batch {data['batch']}, seq {data['seq']}\n")
     print(load_line(data) + f"; max abs diff of logits vs peft: {data['max_abs_diff']:.1e}\n")
     print("| variant | ms | rows/s | time x bare base | throughput x peft |")

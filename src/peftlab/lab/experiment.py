@@ -73,7 +73,7 @@ class TrainConfig:
         logging_steps: train-loss points per curve: one every this many steps.
         cpu: train on CPU even when a GPU is present.
         bf16: mixed precision: forward and backward under bfloat16 autocast, weights and optimizer
-            state in fp32. On CPUs with AVX512-BF16/AMX a MiniLM training step takes ~0.65x the
+            state in fp32. On CPUs with AVX512-BF16/AMX a MiniLM training step takes ~0.7x the
             fp32 time (docs/benchmarks.md); accuracy can differ slightly from fp32.
         progress: show progress bars.
     """
