@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import checkpoint, quantization, surgery, targeting
+from peftlab import checkpoint, quantization, regroup, surgery, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.layers import BASE_ROW, AdaptedLayer, ModulesToSave, iter_wrappers
@@ -175,7 +175,19 @@ class PeftModel(nn.Module):
             return self.base_model(**prompt.forward_kwargs(self.base_model, _named_inputs(self.base_model, args, kwargs)))
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
-        with self._rows_routed(adapter_names):
+        names = list(adapter_names)
+        order = regroup.grouping_order(names)
+        if order is not None and not regroup.takes_cache(self.base_model):
+            # Rows interleaved across adapters: run them grouped by adapter (each layer then works
+            # on one contiguous slice per adapter) and hand the outputs back in the caller's order.
+            sorted_args, sorted_kwargs = regroup.permute_inputs(args, kwargs, order, len(names))
+            with self._rows_routed([names[i] for i in order]):
+                output = self.base_model(*sorted_args, **sorted_kwargs)
+            restored = regroup.restore_output(output, order)
+            if restored is not None:
+                return restored
+            # Something in the output is not a batch-first tensor: run again in the caller's order.
+        with self._rows_routed(names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:

@@ -1,0 +1,146 @@
+"""Mixed batches with interleaved rows run grouped by adapter and come back in the caller's order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+import peftlab
+from peftlab import regroup
+from tests.conftest import main_output, text_inputs, tiny_bert_cls, tiny_gpt2
+
+INTERLEAVED = ["a", "b", "a", "b", "__base__", "a", "b", "a", "b", "a"]
+
+
+def test_grouping_order():
+    assert regroup.grouping_order(["a", "b", "a", "b", "a", "b"]) == [0, 2, 4, 1, 3, 5]
+    assert regroup.grouping_order(["b", "a", "b", "a", "b", "a"]) == [0, 2, 4, 1, 3, 5]  # by first appearance
+    assert regroup.grouping_order(["a", "a", "b", "b"]) is None  # already grouped
+    assert regroup.grouping_order(["a", "b", "a", "b"]) is None  # two runs per name: the kernel's slices still apply
+
+
+def test_restore_output_puts_rows_back_and_refuses_what_it_cannot_place():
+    order = [0, 2, 1]
+    rows = torch.arange(3.0).unsqueeze(1)  # row i holds i
+    permuted = rows[order]
+    out = SequenceClassifierOutput(loss=torch.tensor(1.5), logits=permuted, hidden_states=(permuted, permuted * 2))
+    back = regroup.restore_output(out, order)
+    assert isinstance(back, SequenceClassifierOutput)
+    assert back.loss.item() == 1.5
+    assert torch.equal(back.logits, rows) and torch.equal(back.hidden_states[1], rows * 2)
+    assert torch.equal(regroup.restore_output([permuted, None, 3], order)[0], rows)
+    assert regroup.restore_output(torch.zeros(2, 3), order) is None  # not batch-first
+    assert regroup.restore_output({"x": object()}, order) is None
+
+
+def two_adapter_bert() -> peftlab.PeftModel:
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(
+        tiny_bert_cls(), peftlab.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), adapter_name="a"
+    )
+    model.add_adapter("b", peftlab.LoraConfig(r=2, lora_alpha=6, target_modules=["query", "value"], init_lora_weights=False))
+    return model.eval()
+
+
+def per_row_reference(model: peftlab.PeftModel, inputs: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    rows = []
+    for i, name in enumerate(names):
+        row = {k: v[i : i + 1] for k, v in inputs.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(main_output(model(**row)))
+        else:
+            model.set_adapter(name)
+            rows.append(main_output(model(**row)))
+    return torch.cat(rows)
+
+
+def test_interleaved_rows_run_grouped_and_return_in_order(monkeypatch):
+    model = two_adapter_bert()
+    inputs = text_inputs(batch=len(INTERLEAVED))
+    seen_rows = []
+    real = peftlab.layers.mixed_lora_forward
+
+    def spy(base, x, rows, adapters, **kw):
+        seen_rows.append(list(rows))
+        return real(base, x, rows, adapters, **kw)
+
+    monkeypatch.setattr("peftlab.layers.mixed_lora_forward", spy)
+    with torch.no_grad():
+        out = model(**inputs, adapter_names=INTERLEAVED, output_hidden_states=True)
+        expected = per_row_reference(model, inputs, INTERLEAVED)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+    # The layers saw the rows grouped by adapter, in order of first appearance.
+    assert seen_rows and all(rows == ["a"] * 5 + ["b"] * 4 + ["__base__"] for rows in seen_rows)
+    # Hidden states come back in the caller's order too: row 4 (base) equals the bare model's.
+    with torch.no_grad(), model.disable_adapter():
+        bare = model(**{k: v[4:5] for k, v in inputs.items()}, output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[-1][4:5], bare.hidden_states[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_with_labels_matches_the_caller_order_loss():
+    model = two_adapter_bert()
+    inputs = text_inputs(batch=len(INTERLEAVED))
+    labels = torch.tensor([i % 2 for i in range(len(INTERLEAVED))])
+    with torch.no_grad():
+        out = model(**inputs, labels=labels, adapter_names=INTERLEAVED)
+        expected_logits = per_row_reference(model, inputs, INTERLEAVED)
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(expected_logits, labels), rtol=1e-5, atol=1e-6)
+
+
+def test_models_with_a_cache_keep_the_caller_order(monkeypatch):
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(tiny_gpt2(), peftlab.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    model.eval()
+    assert regroup.takes_cache(model.base_model)
+    called = []
+    monkeypatch.setattr(regroup, "permute_inputs", lambda *a: called.append(1) or a[:2])
+    names = ["a", "b", "a", "b", "a", "b"]
+    inputs = text_inputs(batch=len(names))
+    with torch.no_grad():
+        out = model(**inputs, adapter_names=names)
+        expected = per_row_reference(model, inputs, names)
+    assert not called
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+
+
+class OddOutput(nn.Module):
+    """A model whose output cannot be put back in order (an opaque object)."""
+
+    class Box:
+        def __init__(self, value: torch.Tensor) -> None:
+            self.value = value
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor):
+        self.calls += 1
+        return self.Box(self.lin(x))
+
+
+def test_unrestorable_output_runs_again_in_the_caller_order():
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(OddOutput(), peftlab.LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    model.eval()
+    names = ["a", "b", "a", "b", "a", "b"]
+    x = torch.randn(6, 6)
+    with torch.no_grad():
+        out = model(x, adapter_names=names)
+        expected = []
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            expected.append(model(x[i : i + 1]).value)
+    assert model.base_model.calls == 2 + len(names)  # grouped try, the caller-order run, then the references
+    torch.testing.assert_close(out.value, torch.cat(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("names", [["a", "b", "c"], ["a"] * 3])
+def test_short_or_uniform_batches_are_left_alone(names):
+    assert regroup.grouping_order(names) is None
