@@ -90,7 +90,7 @@ def test_loss_with_labels_matches_the_caller_order_loss():
     torch.testing.assert_close(out.loss, nn.functional.cross_entropy(expected_logits, labels), rtol=1e-5, atol=1e-6)
 
 
-def test_models_with_a_cache_keep_the_caller_order(monkeypatch):
+def test_models_with_a_cache_keep_the_caller_order_unless_use_cache_is_false(monkeypatch):
     torch.manual_seed(0)
     model = peftlab.get_peft_model(tiny_gpt2(), peftlab.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False), adapter_name="a")
     model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
@@ -104,6 +104,16 @@ def test_models_with_a_cache_keep_the_caller_order(monkeypatch):
         out = model(**inputs, adapter_names=names)
         expected = per_row_reference(model, inputs, names)
     assert not called
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    # Without a cache in or out (use_cache=False), the rows are regrouped like an encoder's.
+    seen_rows = []
+    real = peftlab.layers.mixed_lora_forward
+    monkeypatch.setattr("peftlab.layers.mixed_lora_forward", lambda base, x, rows, *a, **k: seen_rows.append(list(rows)) or real(base, x, rows, *a, **k))
+    with torch.no_grad():
+        out = model(**inputs, adapter_names=names, use_cache=False)
+    assert out.past_key_values is None
+    assert seen_rows and all(rows == ["a"] * 3 + ["b"] * 3 for rows in seen_rows)
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -177,7 +177,7 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
         names = list(adapter_names)
         order = regroup.grouping_order(names)
-        if order is not None and not regroup.takes_cache(self.base_model):
+        if order is not None and regroup.safe_to_reorder(self.base_model, kwargs):
             # Rows interleaved across adapters: run them grouped by adapter (each layer then works
             # on one contiguous slice per adapter) and hand the outputs back in the caller's order.
             sorted_args, sorted_kwargs = regroup.permute_inputs(args, kwargs, order, len(names))

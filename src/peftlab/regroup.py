@@ -8,8 +8,9 @@ seq 64, docs/benchmarks.md). So :class:`~peftlab.model.PeftModel` sorts the rows
 model's input, by adapter in order of first appearance, and puts the outputs back in the
 caller's order.
 
-Only where that is safe: models whose forward takes no cache (a cache built for permuted rows
-would come back permuted, so causal LMs and encoder-decoders run in the caller's order), and
+Only where that is safe: no cache in or out (a cache built for permuted rows would come back
+permuted, so causal LMs and encoder-decoders keep the caller's order unless the call passes
+``use_cache=False`` and no cache), and
 outputs made of batch-first tensors, scalars, ``None`` and containers of those. Anything else
 in the output and the batch is run again in the caller's order.
 """
@@ -48,6 +49,13 @@ def takes_cache(model: nn.Module) -> bool:
     except (TypeError, ValueError):
         return True  # unknown: treat as unsafe to reorder
     return any(name in params for name in _CACHE_ARGUMENTS)
+
+
+def safe_to_reorder(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """No cache goes in or comes out: the model takes none, or the call says ``use_cache=False``."""
+    if not takes_cache(model):
+        return True
+    return kwargs.get("use_cache") is False and all(kwargs.get(name) is None for name in ("past_key_values", "cache"))
 
 
 def permute_inputs(args: tuple, kwargs: dict[str, Any], order: list[int], batch: int) -> tuple[tuple, dict[str, Any]]:
