@@ -137,3 +137,25 @@ def test_mixed_batch_matches_peft(tmp_path):
         expected = theirs(**inputs, adapter_names=names).logits
         got = ours(**inputs, adapter_names=names).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_kind", ["bert_cls", "llama_no_cache"])
+def test_interleaved_mixed_batch_matches_peft(tmp_path, model_kind):
+    """Rows alternating between adapters: peftlab regroups them; the logits must not notice."""
+    torch.manual_seed(0)
+    if model_kind == "bert_cls":
+        base, task, targets, extra = tiny_bert_cls(), "SEQ_CLS", ["query", "value"], {}
+    else:
+        base, task, targets, extra = tiny_llama(), "CAUSAL_LM", ["q_proj", "v_proj"], {"use_cache": False}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type=task, r=4, target_modules=targets, init_lora_weights=False), "a")
+    theirs.add_adapter("b", peft.LoraConfig(task_type=task, r=2, target_modules="all-linear", init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a" if (tmp_path / "a").exists() else tmp_path, adapter_name="a")
+    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    names = ["a", "b", "__base__", "a", "b", "a", "b", "__base__"]
+    inputs = text_inputs(batch=len(names))
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        expected = theirs(**inputs, adapter_names=names, **extra).logits
+        got = ours(**inputs, adapter_names=names, **extra).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

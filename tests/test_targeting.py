@@ -56,3 +56,16 @@ def test_candidates_lists_linear_layers():
     query = found["bert.encoder.layer.0.attention.self.query"]
     assert query.type_name == "Linear" and query.shape == (32, 32) and query.num_params == 32 * 32 + 32
     assert isinstance(nn.Linear(1, 1), nn.Module)
+
+
+def test_peft_wrapper_names_in_target_modules_are_ignored():
+    """peft saves names like "classifier.original_module" for a second all-linear adapter; peft and we skip them."""
+    from peftlab.errors import TargetModuleError
+
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(target_modules=["query", "classifier.original_module", "classifier.modules_to_save.a"]))
+    adapted = [n for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    assert adapted and all(n.endswith("query") for n in adapted)
+    with pytest.raises(TargetModuleError, match="match no module"):
+        get_peft_model(tiny_bert_cls(), LoraConfig(target_modules=["query", "quary"]))  # a real typo still fails
+    with pytest.raises(TargetModuleError, match="selects no module"):
+        get_peft_model(tiny_bert_cls(), LoraConfig(target_modules=["classifier.original_module"]))

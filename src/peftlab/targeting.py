@@ -137,6 +137,16 @@ def default_target_modules(model: nn.Module, table: dict[str, list[str]], method
     )
 
 
+# Children of peft's ModulesToSaveWrapper. peft resolves "all-linear" for a second adapter against
+# the already-wrapped model, so its saved target_modules can name e.g. "classifier.original_module";
+# peft ignores such names when loading, and so do we (they can never name a layer of a fresh model).
+_PEFT_WRAPPER_PARTS = frozenset({"original_module", "modules_to_save"})
+
+
+def _peft_wrapper_artifact(target: str) -> bool:
+    return any(part in _PEFT_WRAPPER_PARTS for part in target.split("."))
+
+
 def find_targets(
     model: nn.Module,
     target_modules: str | Sequence[str],
@@ -172,7 +182,8 @@ def find_targets(
     else:
         matched = [n for n in names if name_matches(n, target_modules) and not any(n == s or n.endswith("." + s) for s in skip)]
         if not isinstance(target_modules, str):
-            unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+            unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)
+                         and not _peft_wrapper_artifact(t)]
             if unmatched:
                 raise TargetModuleError(
                     f"{method}: target_modules {unmatched} match no module in {type(model).__name__}. "
