@@ -154,3 +154,12 @@ def test_unrestorable_output_runs_again_in_the_caller_order():
 @pytest.mark.parametrize("names", [["a", "b", "c"], ["a"] * 3])
 def test_short_or_uniform_batches_are_left_alone(names):
     assert regroup.grouping_order(names) is None
+
+
+def test_dict_subclasses_it_does_not_know_are_not_restored():
+    from collections import defaultdict
+
+    order = [1, 0, 2]
+    out = defaultdict(list, {"x": torch.zeros(3, 2)})
+    assert regroup.restore_output(out, order) is None
+    assert torch.equal(regroup.restore_output({"x": torch.arange(3)}, order)["x"], torch.tensor([1, 0, 2]))

@@ -80,8 +80,8 @@ def random_words(count: int, device: torch.device | str = "cpu") -> torch.Tensor
 
     On CPU the words come from numpy's SFC64 generator, seeded by one draw from torch's default
     generator: torch's own CPU generator (a Mersenne Twister, one thread) takes ~4.5 ns per word,
-    SFC64 ~2.3 ns, and the draw is the largest part of a dropout mask's cost (``rng`` rows of
-    docs/benchmarks.md). Elsewhere torch's generator of that device fills them.
+    SFC64 ~2.3 ns, and the draw is the largest part of a dropout mask's cost (docs/benchmarks.md,
+    "What makes peftlab's LoRA fast"). Elsewhere torch's generator of that device fills them.
     """
     if torch.device(device).type != "cpu":
         return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None)
@@ -143,7 +143,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # A's input: x itself (often shared with sibling layers, so saving it is free), or the
         # dropped x (unscaled; 1/(1-p) is applied to the small rank-r tensors instead).
         # keep.to(dtype).mul_(x), not x * keep: the out-of-place float * uint8 multiply takes a
-        # slow mixed-dtype path on CPU (1.1 ms vs 0.11 ms for a (1024, 384) input; maskops bench).
+        # slow mixed-dtype path on CPU (3.7 ms vs 0.48 ms for a (1024, 1536) input; docs/benchmarks.md).
         x_in = x if keep is None else keep.to(x.dtype).mul_(x)
         h = torch.mm(x_in, lora_a.t())  # (N, r)
         if keep is not None:
@@ -248,6 +248,9 @@ def _row_selector(rows: Sequence[str], blocks: Sequence[tuple[str, int]], dtype:
     return sel
 
 
+_RUNS_CACHE: dict[tuple, list[tuple[str, int, int]]] = {}
+
+
 def row_runs(rows: Sequence[str]) -> list[tuple[str, int, int]]:
     """Maximal runs of equal names: ``["a", "a", "b", "a"]`` -> ``[("a", 0, 2), ("b", 2, 3), ("a", 3, 4)]``."""
     key = tuple(rows)
@@ -265,8 +268,6 @@ def row_runs(rows: Sequence[str]) -> list[tuple[str, int, int]]:
     return runs
 
 
-_RUNS_CACHE: dict[tuple, list[tuple[str, int, int]]] = {}
-
 
 def mixed_lora_forward(base: nn.Module, x: torch.Tensor, rows: Sequence[str],
                        adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
@@ -275,7 +276,7 @@ def mixed_lora_forward(base: nn.Module, x: torch.Tensor, rows: Sequence[str],
 
     ``adapters`` maps a name to (A (r, in), B (out, r), scaling) for the adapters this layer holds;
     rows naming anything else get the base output. The base layer runs once over the whole batch.
-    Then, when the rows come grouped by adapter (at most two runs of equal names per adapter),
+    Then, when the rows come grouped (at most two runs of equal names per distinct name),
     each run's update is computed on its own contiguous slice, which costs what a single-adapter
     batch costs. Otherwise every adapter's A runs on every row (one stacked matmul) and a row
     selector keeps each row's own rank block: cheaper than many tiny slices, and it pays off while
@@ -287,7 +288,7 @@ def mixed_lora_forward(base: nn.Module, x: torch.Tensor, rows: Sequence[str],
     if any(a.dtype != x.dtype or b.dtype != x.dtype for a, b, _ in adapters.values()) or weight.dtype != x.dtype:
         return None
     runs = row_runs(rows)
-    if len(runs) <= 2 * len(adapters):
+    if len(runs) <= 2 * len(set(rows)):  # the same test as peftlab.regroup.grouping_order
         out = base(x)
         in_features, out_features = x.shape[-1], out.shape[-1]
         x2, out2 = x.reshape(x.shape[0], -1, in_features), out.view(out.shape[0], -1, out_features)

@@ -18,6 +18,7 @@ in the output and the batch is run again in the caller's order.
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,7 +95,7 @@ def _restore(value: Any, inverse: list[int], batch: int, index_by_device: dict) 
         if index is None:
             index = index_by_device[value.device] = torch.tensor(inverse, device=value.device)
         return value.index_select(0, index)
-    if isinstance(value, dict):  # includes transformers' ModelOutput (an OrderedDict)
+    if type(value) in (dict, OrderedDict) or _is_model_output(value):
         items = {k: _restore(v, inverse, batch, index_by_device) for k, v in value.items()}
         if any(v is _NOT_RESTORABLE for v in items.values()):
             return _NOT_RESTORABLE
