@@ -163,3 +163,32 @@ def test_dict_subclasses_it_does_not_know_are_not_restored():
     out = defaultdict(list, {"x": torch.zeros(3, 2)})
     assert regroup.restore_output(out, order) is None
     assert torch.equal(regroup.restore_output({"x": torch.arange(3)}, order)["x"], torch.tensor([1, 0, 2]))
+
+
+@pytest.mark.parametrize(
+    "make_config",
+    [
+        lambda: peftlab.IA3Config(init_ia3_weights=False),
+        lambda: peftlab.LoHaConfig(r=2, target_modules=["query", "value"], init_weights=False),
+        lambda: peftlab.LoKrConfig(r=2, target_modules=["query", "value"], init_weights=False),
+        lambda: peftlab.BottleneckConfig(init_weights=False),
+        lambda: peftlab.LoraConfig(r=2, target_modules=["query"], use_dora=True, init_lora_weights=False),
+    ],
+    ids=["ia3", "loha", "lokr", "bottleneck", "dora"],
+)
+def test_regrouped_mixed_batches_for_every_layer_method(make_config):
+    """Regrouping happens at the model input, so it applies to every layer method's mixed batches."""
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(tiny_bert_cls(), make_config(), adapter_name="a")
+    model.add_adapter("b", make_config())
+    with torch.no_grad():  # make b differ from a
+        for name, param in model.named_parameters():
+            if ".b." in name or name.endswith(".b"):
+                param.add_(torch.randn_like(param) * 0.3)
+    model.eval()
+    assert regroup.grouping_order(INTERLEAVED) is not None
+    inputs = text_inputs(batch=len(INTERLEAVED))
+    with torch.no_grad():
+        out = model(**inputs, adapter_names=INTERLEAVED).logits
+        expected = per_row_reference(model, inputs, INTERLEAVED)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
