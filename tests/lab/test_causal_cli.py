@@ -237,3 +237,13 @@ def test_compare_checks_label_names_before_running(tmp_path, llama_dir, causal_d
                  "--output-dir", str(out), "--task", "causal-lm", "--label-names", "no"])
     assert code == 2 and "give one word per label" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_bf16_trains_on_a_4bit_base(tmp_path, llama_dir, causal_data, capsys):
+    out = tmp_path / "bf16"
+    code = main(["train", "--model", str(llama_dir), "--dataset", str(causal_data), "--output-dir", str(out),
+                 "--epochs", "1", "--bf16", "--quantize", "4bit", *FAST, *LORA])
+    assert code == 0, capsys.readouterr().err
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["status"] == "ok" and run["run"]["train"]["bf16"] is True and run["run"]["quantize"] == "4bit"
+    assert run["perplexity"] is not None and run["perplexity"] > 0
