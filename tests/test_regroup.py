@@ -192,3 +192,35 @@ def test_regrouped_mixed_batches_for_every_layer_method(make_config):
         out = model(**inputs, adapter_names=INTERLEAVED).logits
         expected = per_row_reference(model, inputs, INTERLEAVED)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+class ScaledLinear(nn.Module):
+    """forward(x, scale): ``scale`` is not per-row, though its length can equal the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * scale.sum()
+
+
+def test_inputs_that_may_not_be_per_row_keep_the_caller_order(monkeypatch):
+    torch.manual_seed(0)
+    model = peftlab.get_peft_model(ScaledLinear(), peftlab.LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    model.eval()
+    names = ["a", "b", "a", "b", "a", "b"]
+    x, scale = torch.randn(6, 6), torch.arange(6.0)  # len(scale) == batch size, by coincidence
+    seen_rows = []
+    real = peftlab.layers.mixed_lora_forward
+    monkeypatch.setattr("peftlab.layers.mixed_lora_forward", lambda base, x, rows, *a, **k: seen_rows.append(list(rows)) or real(base, x, rows, *a, **k))
+    with torch.no_grad():
+        out = model(x, scale=scale, adapter_names=names)
+    assert seen_rows == [names]  # not regrouped
+    assert regroup.permute_inputs((x,), {"scale": scale}, [0, 2, 4, 1, 3, 5], 6) is None
+    assert regroup.permute_inputs((x,), {"scale": scale[:2]}, [0, 2, 4, 1, 3, 5], 6) is not None
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1], scale=scale), rtol=1e-6, atol=1e-6)

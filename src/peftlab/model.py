@@ -177,10 +177,13 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
         names = list(adapter_names)
         order = regroup.grouping_order(names)
+        permuted = None
         if order is not None and regroup.safe_to_reorder(self.base_model, kwargs):
+            permuted = regroup.permute_inputs(args, kwargs, order, len(names))
+        if permuted is not None:
             # Rows interleaved across adapters: run them grouped by adapter (each layer then works
             # on one contiguous slice per adapter) and hand the outputs back in the caller's order.
-            sorted_args, sorted_kwargs = regroup.permute_inputs(args, kwargs, order, len(names))
+            sorted_args, sorted_kwargs = permuted
             with self._rows_routed([names[i] for i in order]):
                 output = self.base_model(*sorted_args, **sorted_kwargs)
             restored = regroup.restore_output(output, order)

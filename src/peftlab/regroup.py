@@ -10,9 +10,9 @@ caller's order.
 
 Only where that is safe: no cache in or out (a cache built for permuted rows would come back
 permuted, so causal LMs and encoder-decoders keep the caller's order unless the call passes
-``use_cache=False`` and no cache), and
-outputs made of batch-first tensors, scalars, ``None`` and containers of those. Anything else
-in the output and the batch is run again in the caller's order.
+``use_cache=False`` and no cache), inputs that are clearly per-row or clearly not, and outputs
+made of batch-first tensors, scalars, ``None`` and containers of those. Anything else in the
+output and the batch is run again in the caller's order.
 """
 
 from __future__ import annotations
@@ -59,18 +59,36 @@ def safe_to_reorder(model: nn.Module, kwargs: dict[str, Any]) -> bool:
     return kwargs.get("use_cache") is False and all(kwargs.get(name) is None for name in ("past_key_values", "cache"))
 
 
-def permute_inputs(args: tuple, kwargs: dict[str, Any], order: list[int], batch: int) -> tuple[tuple, dict[str, Any]]:
-    """Reorder every tensor input whose first dimension is the batch; leave the rest alone."""
+# Inputs known to hold one entry per row. Another tensor whose first dimension happens to equal
+# the batch size (a head mask with as many layers as rows, say) would be ambiguous: no regrouping.
+_ROW_INPUTS = frozenset({
+    "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels",
+    "pixel_values", "pixel_mask", "input_features", "input_values", "decoder_input_ids",
+    "decoder_attention_mask", "decoder_inputs_embeds",
+})
+
+
+def permute_inputs(args: tuple, kwargs: dict[str, Any], order: list[int], batch: int) -> tuple[tuple, dict[str, Any]] | None:
+    """The inputs with their rows in ``order``; None when some tensor might or might not be per-row.
+
+    Per-row inputs are the first positional argument and the names in ``_ROW_INPUTS``; other
+    tensors are left alone unless their first dimension equals the batch size (then: None).
+    """
     index: torch.Tensor | None = None
+
+    def is_batch_sized(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
 
     def reorder(value: Any) -> Any:
         nonlocal index
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            if index is None or index.device != value.device:
-                index = torch.tensor(order, device=value.device)
-            return value.index_select(0, index)
-        return value
+        if not is_batch_sized(value):
+            return value
+        if index is None or index.device != value.device:
+            index = torch.tensor(order, device=value.device)
+        return value.index_select(0, index)
 
+    if any(is_batch_sized(a) for a in args[1:]) or any(is_batch_sized(v) for k, v in kwargs.items() if k not in _ROW_INPUTS):
+        return None
     return tuple(reorder(a) for a in args), {k: reorder(v) for k, v in kwargs.items()}
 
 
