@@ -17,6 +17,7 @@ output and the batch is run again in the caller's order.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -45,8 +46,19 @@ def grouping_order(names: Sequence[str]) -> list[int] | None:
 
 def takes_cache(model: nn.Module) -> bool:
     """Whether ``model.forward`` accepts a key/value cache (its outputs may then hold one)."""
+    if "forward" in model.__dict__:  # a forward set on the instance: read it each time
+        return _signature_takes_cache(model.forward)
+    return _class_takes_cache(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_takes_cache(cls: type) -> bool:  # reading a signature costs ~20 us: once per class
+    return _signature_takes_cache(cls.forward)
+
+
+def _signature_takes_cache(forward: Any) -> bool:
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return True  # unknown: treat as unsafe to reorder
     return any(name in params for name in _CACHE_ARGUMENTS)
