@@ -185,3 +185,5 @@ def test_bf16_flag_trains_under_bfloat16_autocast(tmp_path, tiny_model_dir, toy_
     assert run["status"] == "ok" and run["run"]["train"]["bf16"] is True
     assert seen and set(seen) == {torch.bfloat16}
     assert all(e["train_loss"] > 0 for e in run["epochs"])
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| precision |" in table and "| bf16 autocast |" in table

@@ -40,9 +40,15 @@ def _quantized(runs: list[RunResult]) -> bool:
     return any(r.quantization for r in runs)
 
 
+def _bf16(r: RunResult) -> bool:
+    return bool((r.run.get("train") or {}).get("bf16"))
+
+
 def columns(runs: list[RunResult]) -> tuple[str, ...]:
-    """COLUMNS, plus perplexity for causal_lm studies and the base's storage for quantized ones."""
+    """COLUMNS, plus perplexity for causal_lm studies, the base's storage for quantized ones and
+    the compute precision when any run used bf16 autocast (its times and memory differ)."""
     extra = (("perplexity",) if _causal(runs) else ()) + (("base",) if _quantized(runs) else ())
+    extra += ("precision",) if any(_bf16(r) for r in runs) else ()
     return COLUMNS[:8] + extra + COLUMNS[8:]
 
 
@@ -55,7 +61,7 @@ def _base(r: RunResult) -> str:
 
 
 def rows(runs: list[RunResult]) -> list[list[str]]:
-    causal, quantized = _causal(runs), _quantized(runs)
+    causal, quantized, mixed_precision = _causal(runs), _quantized(runs), any(_bf16(r) for r in runs)
     out = []
     for r in runs:
         share = 100 * r.trainable_params / r.total_params if r.trainable_params and r.total_params else None
@@ -64,6 +70,7 @@ def rows(runs: list[RunResult]) -> list[list[str]]:
             _fmt(None if r.accuracy is None else 100 * r.accuracy, ".2f"), _fmt(None if r.f1 is None else 100 * r.f1, ".2f"),
             _fmt(r.eval_loss, ".4f"),
             *([_fmt(r.perplexity, ".3f")] if causal else []), *([_base(r)] if quantized else []),
+            *(["bf16 autocast" if _bf16(r) else "fp32"] if mixed_precision else []),
             _fmt(r.train_seconds, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.cuda_peak_mb, ".0f"),
             _size(r.adapter_bytes),
         ])
