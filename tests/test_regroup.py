@@ -224,3 +224,13 @@ def test_inputs_that_may_not_be_per_row_keep_the_caller_order(monkeypatch):
         for i, name in enumerate(names):
             model.set_adapter(name)
             torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1], scale=scale), rtol=1e-6, atol=1e-6)
+
+
+def test_a_passed_cache_is_never_reordered():
+    bert = tiny_bert_cls()  # its forward names no cache; one could still arrive through **kwargs
+    assert regroup.safe_to_reorder(bert, {})
+    assert not regroup.safe_to_reorder(bert, {"past_key_values": object()})
+    gpt2 = tiny_gpt2()
+    assert not regroup.safe_to_reorder(gpt2, {})
+    assert regroup.safe_to_reorder(gpt2, {"use_cache": False})
+    assert not regroup.safe_to_reorder(gpt2, {"use_cache": False, "past_key_values": object()})

@@ -65,10 +65,11 @@ def _signature_takes_cache(forward: Any) -> bool:
 
 
 def safe_to_reorder(model: nn.Module, kwargs: dict[str, Any]) -> bool:
-    """No cache goes in or comes out: the model takes none, or the call says ``use_cache=False``."""
-    if not takes_cache(model):
-        return True
-    return kwargs.get("use_cache") is False and all(kwargs.get(name) is None for name in ("past_key_values", "cache"))
+    """No cache goes in or comes out: none is passed (not even through a forward's ``**kwargs``),
+    and the model takes none or the call says ``use_cache=False``."""
+    if any(kwargs.get(name) is not None for name in ("past_key_values", "cache")):
+        return False
+    return not takes_cache(model) or kwargs.get("use_cache") is False
 
 
 # Inputs known to hold one entry per row. Another tensor whose first dimension happens to equal
