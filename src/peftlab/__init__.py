@@ -3,9 +3,9 @@
 The public API mirrors Hugging Face peft's names, so switching is a change of import.
 """
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from peftlab.config import PeftConfig, PeftType, TaskType
 from peftlab.errors import (
     AdapterStateError,
     CheckpointError,
@@ -15,24 +15,63 @@ from peftlab.errors import (
     QuantizationError,
     TargetModuleError,
 )
-from peftlab.methods.adalora import AdaLoraConfig
-from peftlab.methods.adalora_budget import orthogonal_regularization, update_and_allocate
-from peftlab.methods.bottleneck import BottleneckConfig
-from peftlab.methods.ia3 import IA3Config
-from peftlab.methods.loha import LoHaConfig
-from peftlab.methods.lokr import LoKrConfig
-from peftlab.methods.lora import LoraConfig
-from peftlab.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
-from peftlab.methods.prefix_tuning import PrefixTuningConfig
-from peftlab.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
-from peftlab.methods.selective import SelectiveConfig
-from peftlab.model import (
-    PeftModel,
-    get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
-)
-from peftlab.quantization import QuantConfig, prepare_model_for_kbit_training, quantize_model
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
+    from peftlab.config import PeftConfig
+    from peftlab.config import PeftType
+    from peftlab.config import TaskType
+    from peftlab.methods.adalora import AdaLoraConfig
+    from peftlab.methods.adalora_budget import orthogonal_regularization
+    from peftlab.methods.adalora_budget import update_and_allocate
+    from peftlab.methods.bottleneck import BottleneckConfig
+    from peftlab.methods.ia3 import IA3Config
+    from peftlab.methods.loha import LoHaConfig
+    from peftlab.methods.lokr import LoKrConfig
+    from peftlab.methods.lora import LoraConfig
+    from peftlab.methods.p_tuning import PromptEncoderConfig
+    from peftlab.methods.p_tuning import PromptEncoderReparameterizationType
+    from peftlab.methods.prefix_tuning import PrefixTuningConfig
+    from peftlab.methods.prompt_tuning import PromptTuningConfig
+    from peftlab.methods.prompt_tuning import PromptTuningInit
+    from peftlab.methods.selective import SelectiveConfig
+    from peftlab.model import PeftModel
+    from peftlab.model import get_peft_model
+    from peftlab.model import get_peft_model_state_dict
+    from peftlab.model import set_peft_model_state_dict
+    from peftlab.quantization import QuantConfig
+    from peftlab.quantization import prepare_model_for_kbit_training
+    from peftlab.quantization import quantize_model
+    from peftlab.adalora_callback import AdaLoraCallback
+
+# public name -> module that defines it. Importing peftlab imports neither torch nor transformers
+# (`peftlab --help` answers at once); each name loads its module on first use (PEP 562).
+_LAZY: dict[str, str] = {
+    "PeftConfig": "peftlab.config",
+    "PeftType": "peftlab.config",
+    "TaskType": "peftlab.config",
+    "AdaLoraConfig": "peftlab.methods.adalora",
+    "orthogonal_regularization": "peftlab.methods.adalora_budget",
+    "update_and_allocate": "peftlab.methods.adalora_budget",
+    "BottleneckConfig": "peftlab.methods.bottleneck",
+    "IA3Config": "peftlab.methods.ia3",
+    "LoHaConfig": "peftlab.methods.loha",
+    "LoKrConfig": "peftlab.methods.lokr",
+    "LoraConfig": "peftlab.methods.lora",
+    "PromptEncoderConfig": "peftlab.methods.p_tuning",
+    "PromptEncoderReparameterizationType": "peftlab.methods.p_tuning",
+    "PrefixTuningConfig": "peftlab.methods.prefix_tuning",
+    "PromptTuningConfig": "peftlab.methods.prompt_tuning",
+    "PromptTuningInit": "peftlab.methods.prompt_tuning",
+    "SelectiveConfig": "peftlab.methods.selective",
+    "PeftModel": "peftlab.model",
+    "get_peft_model": "peftlab.model",
+    "get_peft_model_state_dict": "peftlab.model",
+    "set_peft_model_state_dict": "peftlab.model",
+    "QuantConfig": "peftlab.quantization",
+    "prepare_model_for_kbit_training": "peftlab.quantization",
+    "quantize_model": "peftlab.quantization",
+    "AdaLoraCallback": "peftlab.adalora_callback",  # imports transformers' Trainer machinery
+}
 
 __version__ = "0.1.0"
 
@@ -73,9 +112,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The Trainer callback imports transformers' Trainer machinery: load it only when asked for.
-    if name == "AdaLoraCallback":
-        from peftlab.adalora_callback import AdaLoraCallback
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return AdaLoraCallback
-    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

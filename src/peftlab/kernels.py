@@ -36,6 +36,7 @@ Set ``PEFTLAB_PLAIN=1`` to force the readable path everywhere (for debugging and
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -51,14 +52,9 @@ def plain_forced() -> bool:
 
 
 def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional
-        return None
-    return Conv1D
-
-
-_CONV1D = _conv1d_type()
+    """GPT-2's Conv1D, if transformers is loaded: a model holding one has imported it already, so
+    looking it up here (instead of importing) keeps ``import peftlab`` free of transformers."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def fast_base(base: nn.Module) -> bool:
@@ -67,7 +63,7 @@ def fast_base(base: nn.Module) -> bool:
     Exact type checks on purpose: subclasses (bitsandbytes' quantized linears, or anything with
     its own forward) and layers with hooks keep calling their own ``forward``.
     """
-    if type(base) is not nn.Linear and (_CONV1D is None or type(base) is not _CONV1D):
+    if type(base) is not nn.Linear and type(base) is not _conv1d_type():
         return False
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
         return False
