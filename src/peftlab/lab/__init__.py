@@ -2,3 +2,7 @@
 
 It depends on the library and never the reverse; ``peftlab`` (the CLI) lives in ``cli.py``.
 """
+
+from peftlab.lab import quiet as _quiet
+
+_quiet.apply()  # the CLI and the worker processes alike: third-party noise only with -v

@@ -71,11 +71,19 @@ def _experiment_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--cpu", action="store_true", default=None, help="train on CPU even if a GPU is present")
     t.add_argument("--bf16", action="store_true", default=None,
                    help="mixed precision: compute in bfloat16 under autocast (weights and optimizer stay fp32)")
-    t.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
+    t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="hide progress bars (automatic when output is not a terminal)")
+    _verbose_flag(p, default=argparse.SUPPRESS)
+
+
+def _verbose_flag(p: argparse.ArgumentParser, default: object = False) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="show third-party logs (transformers' load reports, bitsandbytes notices)")
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="peftlab", description="Train and compare parameter-efficient fine-tuning methods.")
+    _verbose_flag(root)
     sub = root.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one method")
@@ -114,6 +122,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("keep_checkpoints", "cpu", "bf16", "progress"):
         if getattr(args, flag) is not None:
             train[flag] = getattr(args, flag)
+    if "progress" not in train and not sys.stderr.isatty():
+        train["progress"] = False  # progress bars redirected to a log are kilobytes of carriage returns
     if args.label_names:
         data["label_names"] = [w.strip() for w in args.label_names.split(",") if w.strip()]
     if args.prompt:
@@ -172,11 +182,12 @@ def _load_experiment(args: argparse.Namespace, selected_methods: list[str] | Non
 
 # ----- commands ------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from peftlab.lab import study
-    from peftlab.lab.results import OK
-    from peftlab.lab.runner import Prepared, execute, is_main_process
+    if not args.experiment and not args.method:
+        raise WorkbenchError("train needs an experiment file or --method NAME (with --model and --dataset); "
+                             "e.g. peftlab train examples/minilm_sst2_compare.yaml --run lora.")
+    experiment = _load_experiment(args)  # bad input is reported before torch and transformers load
+    from peftlab.lab import preflight
 
-    experiment = _load_experiment(args)
     runs = experiment.runs
     if args.run:
         runs = [r for r in runs if r.name == args.run]
@@ -186,6 +197,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise WorkbenchError(f"the experiment has {len(runs)} runs ({', '.join(r.name for r in runs)}); "
                              f"pick one with --run NAME, or use 'peftlab compare'.")
     run = runs[0]
+    preflight.check([run])
+    from peftlab.lab import study
+    from peftlab.lab.results import OK
+    from peftlab.lab.runner import Prepared, execute, is_main_process
+
     folder = study.run_dir(experiment, run)
     if args.resume:
         from peftlab.lab.runner import last_checkpoint
@@ -205,14 +221,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from peftlab.lab import study
-    from peftlab.lab.results import OK
-
     selected = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if not args.experiment and not selected:
         raise WorkbenchError("compare needs an experiment file or --methods full,lora,... with --model and --dataset.")
-    experiment = _load_experiment(args, selected)
+    experiment = _load_experiment(args, selected)  # bad input is reported before torch and transformers load
+    from peftlab.lab import preflight, study
+    from peftlab.lab.results import OK
+
     study.validate(experiment.runs)
+    preflight.check(experiment.runs)  # missing packages and unloadable models, before any run trains
     results = []
     for run in experiment.runs:
         print(f"== {run.name} ({run.method})", flush=True)
@@ -225,6 +242,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from peftlab.lab.preflight import check_model
+
+    check_model(args.model)  # an unknown name fails at once instead of after hub retries
     from peftlab.lab.inspect import describe
 
     print(describe(args.model, show_all=args.all))
@@ -269,6 +289,9 @@ COMMANDS = {"train": cmd_train, "compare": cmd_compare, "inspect": cmd_inspect, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from peftlab.lab import quiet
+
+    quiet.apply(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except PeftlabError as exc:

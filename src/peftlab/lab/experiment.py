@@ -263,9 +263,7 @@ def build_experiment(
         if quant_options and quantize is None:
             raise WorkbenchError(f"{sorted(quant_options)} need quantize: 4bit in the model section (or --quantize 4bit).")
         task = normalize_task(overrides.get("task") or raw.get("task") or spec.get("task") or "classification")
-        from peftlab.lab.methods import resolve_method
-
-        if quantize and resolve_method(method) is None:
+        if quantize and _is_full(method):
             raise WorkbenchError(f"run {run_name!r}: full fine-tuning cannot train a {quantize} quantized base (its weights are "
                                  f"frozen integers); drop quantize for this run or use an adapter method such as lora.")
         data = _merged(DataConfig, "data", spec.get("data"), raw.get("data"), overrides.get("data"))
@@ -357,6 +355,13 @@ def _resolve_path(value: str, base_dir: str | os.PathLike | None) -> str:
         if os.path.exists(candidate):
             return os.path.abspath(candidate)
     return value
+
+
+def _is_full(method: str) -> bool:
+    """Whether ``method`` names full fine-tuning (imports the method registry, and so torch, only when asked)."""
+    from peftlab.lab.methods import resolve_method
+
+    return resolve_method(method) is None
 
 
 def _slug(name: str) -> str:

@@ -296,6 +296,8 @@ class Prepared:
         if self.peft_config is not None:
             from peftlab import get_peft_model
 
+            if self.peft_config.base_model_name_or_path is None:  # the name given (alias, hub id), not this machine's folder
+                self.peft_config.base_model_name_or_path = run.model
             model = get_peft_model(model, self.peft_config)
         self.model = model
         max_length = self.max_length = run.data.max_length
