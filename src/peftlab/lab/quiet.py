@@ -2,7 +2,9 @@
 
 transformers logs a LOAD REPORT for every classifier head it initialises (expected when
 fine-tuning) and bitsandbytes warns about an optional CPU kernel package even when nothing is
-quantized. Both go through ``logging``; this sets their levels. The choice travels to the
+quantized. Both go through ``logging``; this sets their levels. Progress bars of model loading
+are turned off when stderr is not a terminal (the Trainer's follow ``--no-progress``, which the
+CLI sets then). The choice travels to the
 worker processes of ``peftlab compare`` in ``PEFTLAB_VERBOSE``.
 """
 
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 VERBOSE_ENV = "PEFTLAB_VERBOSE"
+_SET_BY_US = "PEFTLAB_QUIETED_TRANSFORMERS"  # so that -v can undo the default it replaced
 
 
 def verbose() -> bool:
@@ -22,14 +26,20 @@ def apply(verbose_flag: bool | None = None) -> None:
     """Set the loggers for this process (and, through the environment, its children)."""
     if verbose_flag is not None:
         os.environ[VERBOSE_ENV] = "1" if verbose_flag else "0"
+    if not sys.stderr.isatty():  # weight-loading and download bars (huggingface_hub / transformers) in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if verbose():
+        if os.environ.get(_SET_BY_US) == "1":  # undo what an earlier, quiet apply() did in this process
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+            os.environ.pop(_SET_BY_US)
+            logging.getLogger("bitsandbytes").setLevel(logging.NOTSET)
         return
     # Read by transformers when its logging is first set up; setting the level covers the case
     # where transformers was imported already.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ[_SET_BY_US] = "1"
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import sys
-
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
