@@ -4,6 +4,7 @@ keep third-party noise and progress bars out of logs, record the model name the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -124,3 +125,21 @@ def test_logs_have_no_load_report_and_no_progress_bars_unless_asked(tmp_path, he
     assert "it/s]" not in quiet.stderr and "\r" not in quiet.stderr  # stderr is a pipe: no progress bars
     loud = run_cli(*_train_args(str(headless_bert), toy_data_dir, tmp_path / "loud"), "-v")
     assert loud.returncode == 0 and "LOAD REPORT" in loud.stderr + loud.stdout
+
+
+def test_quiet_mode_silences_bitsandbytes_and_transformers_and_v_restores_them(monkeypatch):
+    import logging
+
+    from peftlab.lab import quiet
+
+    for var in ("PEFTLAB_VERBOSE", "TRANSFORMERS_VERBOSITY", "PEFTLAB_QUIETED_TRANSFORMERS"):
+        monkeypatch.delenv(var, raising=False)
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")  # logs "Failed to load CPU gemm_4bit_forward ..."
+    try:
+        quiet.apply(False)
+        assert not cpu_ops.isEnabledFor(logging.WARNING) and cpu_ops.isEnabledFor(logging.ERROR)
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+        quiet.apply(True)
+        assert cpu_ops.isEnabledFor(logging.WARNING) and "TRANSFORMERS_VERBOSITY" not in os.environ
+    finally:
+        quiet.apply(False)
