@@ -50,12 +50,20 @@ def acceptance(results: dict) -> str:
 SECTIONS: dict[str, tuple[Path, Callable[[dict], str]]] = {"acceptance": (ACCEPTANCE, acceptance)}
 
 
+def missing_results() -> list[Path]:
+    """Results files the README's sections need that are not in the repository yet."""
+    return [path for path, _ in SECTIONS.values() if not path.is_file()]
+
+
 def render(readme: str) -> str:
     """``readme`` with every marked section rewritten from its results file."""
     for name, (path, renderer) in SECTIONS.items():
         pattern = re.compile(rf"(<!-- numbers:{name} -->)(.*?)(<!-- /numbers:{name} -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(f"error: README.md has no <!-- numbers:{name} --> ... <!-- /numbers:{name} --> section.")
+        if not path.is_file():
+            raise SystemExit(f"error: {path.relative_to(ROOT)} does not exist; run the study, then "
+                             f"python tools/readme_numbers.py --from RESULTS_JSON.")
         text = renderer(json.loads(path.read_text(encoding="utf-8")))
         readme = pattern.sub(lambda m: m.group(1) + text + m.group(3), readme)
     return readme

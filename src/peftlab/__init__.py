@@ -115,9 +115,9 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+    # Not cached in the module's globals: an imported module is a dict lookup away, and nothing
+    # stale survives importlib.reload(peftlab).
+    return getattr(importlib.import_module(module), name)
 
 
 def __dir__() -> list[str]:
