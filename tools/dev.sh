@@ -2,7 +2,7 @@
 # peftlab from a fresh checkout, in one command each (Python 3.10+ and a package index needed):
 #
 #   tools/dev.sh study   # full fine-tuning vs LoRA vs IA3 on SST-2 (MiniLM) -> results/minilm-sst2-compare/report.html
-#   tools/dev.sh test    # the test suite (extra arguments go to pytest, e.g. -m "not slow")
+#   tools/dev.sh test    # the test suite (arguments go to pytest: -m "not slow", tests/test_io.py, ...)
 #   tools/dev.sh setup   # only the environment
 #
 # Set-up: a virtual environment in .venv (PEFTLAB_VENV overrides), torch first (exactly 2.13.0
@@ -64,7 +64,8 @@ study() {
 tests() {
     setup
     say "running the test suite (offline)"
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false run "$VENV/bin/python" -m pytest tests "$@"
+    # Arguments go to pytest as given; without paths pytest runs tests/ (testpaths in pyproject.toml).
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false run "$VENV/bin/python" -m pytest "$@"
 }
 
 case "${1:-}" in
