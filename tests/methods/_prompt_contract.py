@@ -52,7 +52,7 @@ def greedy_by_forward(model: nn.Module, inputs: dict, steps: int = GEN_KW["max_n
     Rows that produced EOS continue with the pad token, as ``generate`` does.
     """
     model.eval()
-    config = model.config if hasattr(model, "config") else model.base_model.config
+    config = model.config if hasattr(model, "config") else model.get_base_model().config
     eos, pad = config.eos_token_id, config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     if config.is_encoder_decoder:

@@ -115,7 +115,7 @@ def test_patterns_and_union_of_modes():
     }
     assert set(trainable(model)) == expected
     # Nothing was wrapped: selective tuning does no surgery.
-    assert [type(m) for m in model.base_model.modules()] == [type(m) for m in base.modules()]
+    assert [type(m) for m in model.get_base_model().modules()] == [type(m) for m in base.modules()]
 
 
 # ----- training, saving, switching ---------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_save_holds_exactly_the_tuned_tensors_and_loads_into_fresh_model(tmp_pat
     torch.testing.assert_close(run(loaded, inputs), expected, atol=0, rtol=0)
     assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
     untouched = {n: p for n, p in base.named_parameters() if n not in tuned}
-    loaded_params = dict(loaded.base_model.named_parameters())
+    loaded_params = dict(loaded.get_base_model().named_parameters())
     assert all(torch.equal(loaded_params[n], p) for n, p in untouched.items())
     trainable_again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     assert set(trainable(trainable_again)) == set(tuned)
@@ -226,7 +226,7 @@ def test_two_adapters_switch_save_load_delete(tmp_path):
     loaded.delete_adapter("b")  # the active one: the base values come back, then "default" is activated
     assert loaded.active_adapter == "default"
     torch.testing.assert_close(run(loaded, inputs), out_a, atol=0, rtol=0)
-    assert loaded.merge_and_unload(adapter_names=["default"]) is loaded.base_model
+    assert loaded.merge_and_unload(adapter_names=["default"]) is loaded.get_base_model()
 
 
 def test_merge_and_unload_of_an_inactive_adapter():
