@@ -66,7 +66,7 @@ def randomize_heads(model: torch.nn.Module) -> None:
         for name, param in model.named_parameters():
             if param.requires_grad and ".modules_to_save." in name:
                 param.add_(torch.randn_like(param) * 0.1)
-            if param.requires_grad and name.endswith("bias") and "lora" not in name and "copies" not in name:
+            if param.requires_grad and name.endswith("bias") and "lora" not in name and "modules_to_save" not in name:
                 param.add_(torch.randn_like(param) * 0.1)
 
 

@@ -38,7 +38,7 @@ from conftest import (
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters under their base-model names."""
-    return {n.removeprefix("base_model."): p for n, p in model.named_parameters() if p.requires_grad}
+    return {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def numel(params) -> int:
@@ -143,7 +143,7 @@ def test_only_selected_parameters_change(build, inputs, config):
     selected = set(trainable(model))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_steps(model, inputs())
-    changed = {n.removeprefix("base_model.") for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = {n.removeprefix("base_model.model.") for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == selected
 
 
@@ -262,7 +262,7 @@ def test_works_with_trainer(tmp_path):
     trainer.train()
     last = trainer.evaluate()["eval_loss"]
     assert last < first * 0.8, (first, last)
-    changed = {n.removeprefix("base_model.") for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = {n.removeprefix("base_model.model.") for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed <= selected and any(n.startswith("bert.") for n in changed)
 
 

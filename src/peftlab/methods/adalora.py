@@ -229,9 +229,10 @@ class SvdAdapter(LayerAdapter):
             in_dim, out_dim = self.weight_shape
         else:  # in/out_features, not weight.shape: quantized linears pack their weight
             in_dim, out_dim = base.in_features, base.out_features
+        # Declared in peft's order (A, B, E), so the layer's state_dict lists them as peft's does.
         self.lora_A = nn.Parameter(torch.empty(r, in_dim))
-        self.lora_E = nn.Parameter(torch.empty(r, 1))
         self.lora_B = nn.Parameter(torch.empty(out_dim, r))
+        self.lora_E = nn.Parameter(torch.empty(r, 1))
         # A frozen parameter, as in peft (so the layer holds ``ranknum.<adapter>``); not saved in files.
         self.ranknum = nn.Parameter(torch.tensor([float(init_r)]), requires_grad=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
