@@ -14,7 +14,6 @@ import copy
 import functools
 import os
 import types
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
