@@ -35,7 +35,9 @@ class LayerAdapter(nn.Module):
     """One adapter on one base layer.
 
     The wrapped layer computes ``adapt_output(x, base(adapt_input(x)))`` for each active,
-    unmerged adapter, in activation order. Subclasses keep only their own parameters.
+    unmerged adapter, in activation order. Subclasses declare only their own tensors, as plain
+    attributes named as peft names them; once :meth:`attach`-ed the object is a view over the
+    layer's containers (its own ``parameters()`` are then empty: the layer owns them).
     """
 
     #: True when ``adapt_input`` is not the identity (mixed batches then run per group).
