@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from peftlab import adapter_folder
 from peftlab.errors import CheckpointError
 from peftlab.io import atomic_write
 from peftlab.layers import AdaptedLayer, ModulesToSave
@@ -175,11 +176,77 @@ def load_adapter_weights(
                 f"{pickle_path} is a pickle file, which can run arbitrary code when loaded. "
                 f"Pass allow_pickle=True only if you trust its source, or convert it to safetensors."
             ) from None
-        return torch.load(pickle_path, map_location="cpu", weights_only=True)
+        return _load_pickle(pickle_path, pickle_path)
     try:
         return load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file ({exc}); the file is damaged.") from None
+
+
+def _load_pickle(source: Any, where: str) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict through torch's weights-only unpickler; anything else is refused."""
+    try:
+        data = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError...: all mean damaged or hostile
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{where} could not be loaded as a weights-only pickle ({type(exc).__name__}: {first}); "
+                              f"it is damaged or holds more than tensors.") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise CheckpointError(f"{where} does not hold a mapping of tensor names to tensors.")
+    return data
+
+
+def load_adapter(
+    path: str | os.PathLike, subfolder: str | None = None, allow_pickle: bool = False
+) -> tuple["PeftConfig", dict[str, torch.Tensor]]:
+    """Config and weights of a saved adapter, both read from one saved version of its folder.
+
+    A local folder is pinned while it is read (see :mod:`peftlab.adapter_folder`), so a save
+    swapping in a new version meanwhile never yields the config of one and the weights of the other.
+    """
+    from peftlab.config import CONFIG_NAME, MAX_CONFIG_BYTES, PeftConfig
+
+    local = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+    if not os.path.isdir(local):  # a hub id, or a missing folder: the per-file readers explain
+        return PeftConfig.from_pretrained(path, subfolder=subfolder), load_adapter_weights(path, subfolder, allow_pickle)
+
+    def read(pin: adapter_folder.PinnedFolder) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+        config_path = os.path.join(local, CONFIG_NAME)
+        if not pin.exists(CONFIG_NAME):
+            if pin.replaced():
+                raise adapter_folder.Vanished(CONFIG_NAME)
+            raise CheckpointError(f"{config_path} does not exist; is {local} an adapter folder saved by save_pretrained?")
+        with os.fdopen(pin.open(CONFIG_NAME), "rb") as fh:
+            config = PeftConfig.from_json_bytes(fh.read(MAX_CONFIG_BYTES + 1), config_path)
+        return config, _read_weights(pin, local, allow_pickle)
+
+    return adapter_folder.read_consistently(local, read)  # type: ignore[return-value]
+
+
+def _read_weights(pin: adapter_folder.PinnedFolder, local: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    if pin.exists(WEIGHTS_NAME):
+        where = os.path.join(local, WEIGHTS_NAME)
+        with os.fdopen(pin.open(WEIGHTS_NAME), "rb") as fh:
+            data = fh.read()
+        try:
+            return load_bytes(data)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{where} is not a readable safetensors file ({exc}); the file is damaged.") from None
+    if pin.exists(PICKLE_WEIGHTS_NAME):
+        where = os.path.join(local, PICKLE_WEIGHTS_NAME)
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{where} is a pickle file, which can run arbitrary code when loaded. "
+                f"Pass allow_pickle=True only if you trust its source, or convert it to safetensors."
+            )
+        with os.fdopen(pin.open(PICKLE_WEIGHTS_NAME), "rb") as fh:
+            return _load_pickle(fh, where)
+    if pin.replaced():
+        raise adapter_folder.Vanished(WEIGHTS_NAME)
+    raise CheckpointError(f"no {WEIGHTS_NAME} found for adapter {local!r}.")
 
 
 def save_adapter_weights(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import checkpoint, quantization, regroup, surgery, targeting
+from peftlab import adapter_folder, checkpoint, limits, quantization, regroup, surgery, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.layers import BASE_ROW, AdaptedLayer, ModulesToSave, iter_wrappers
@@ -70,8 +70,7 @@ class PeftModel(nn.Module):
     def _add(self, adapter_name: str, config: PeftConfig) -> None:
         if not isinstance(config, PeftConfig):
             raise PeftConfigError(f"expected a peftlab config (e.g. LoraConfig), got {type(config).__name__}.")
-        if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
-            raise AdapterStateError(f"invalid adapter name {adapter_name!r}: use a non-empty name without dots, not {BASE_ROW!r}.")
+        limits.check_adapter_name(adapter_name, reserved=(BASE_ROW,))
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"an adapter named {adapter_name!r} exists already; pick another name or delete it first.")
         if any(not isinstance(c, type(config)) and not isinstance(config, type(c)) for c in self.peft_config.values()):
@@ -361,12 +360,17 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise AdapterStateError(f"{save_directory} is a file; save_pretrained needs a folder path.")
         names = self._check_names(selected_adapters if selected_adapters is not None else list(self.peft_config))
-        for name in names:
-            folder = os.path.join(os.fspath(save_directory), name) if name != "default" else os.fspath(save_directory)
-            config = copy.deepcopy(self.peft_config[name])
-            config.inference_mode = True
-            checkpoint.save_adapter_weights(folder, get_peft_model_state_dict(self, adapter_name=name))
-            config.save_pretrained(folder)
+
+        def write(root: str) -> None:
+            for name in names:
+                folder = os.path.join(root, name) if name != "default" else root
+                config = copy.deepcopy(self.peft_config[name])
+                config.inference_mode = True
+                checkpoint.save_adapter_weights(folder, get_peft_model_state_dict(self, adapter_name=name))
+                config.save_pretrained(folder)
+
+        # Whole-folder atomic: a reader or a kill sees the old folder or the new one, never a mix.
+        adapter_folder.save_folder(save_directory, write)
 
     @classmethod
     def from_pretrained(
@@ -380,9 +384,12 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
     ) -> "PeftModel":
         """Wrap ``model`` and load a saved adapter; the model is left untouched on any error."""
-        config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        if config is None:
+            config, weights = checkpoint.load_adapter(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
+        else:
+            config = copy.deepcopy(config)
+            weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         config.inference_mode = not is_trainable
-        weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         flags = {p: p.requires_grad for p in model.parameters()}
         peft_model = None
         try:
@@ -406,9 +413,9 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
     ) -> None:
         """Load a saved adapter next to the existing ones under ``adapter_name``."""
-        config = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        limits.check_adapter_name(adapter_name)
+        config, weights = checkpoint.load_adapter(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         config.inference_mode = not is_trainable
-        weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         self._add(adapter_name, config)
         try:
             set_peft_model_state_dict(self, weights, adapter_name)
