@@ -27,7 +27,9 @@ import contextlib
 import ctypes
 import errno
 import os
+import random
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,7 +45,7 @@ _RENAME_EXCHANGE = 2
 # Per-file temporary names of peftlab's atomic writes (peftlab.io), left by saves killed before
 # whole-folder saves existed; never carried into a new version.
 _STALE_TMP_PREFIXES = (".adapter_model.safetensors.", ".adapter_config.json.")
-_READ_ATTEMPTS = 20
+_READ_ATTEMPTS = 100
 
 
 def save_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -238,7 +240,10 @@ def _holds_cwd(path: str) -> bool:
 
 # ----- reading one version -----------------------------------------------------------------------
 class Vanished(Exception):
-    """A file disappeared from a pinned folder because a save replaced the folder: read again."""
+    """A file disappeared from a pinned folder because a save replaced the folder: read again.
+
+    Readers should open every file they need before reading any: an open file stays readable
+    after a save deletes the version it belongs to."""
 
 
 @contextlib.contextmanager
@@ -287,11 +292,10 @@ def read_consistently(folder: str | os.PathLike, read: Callable[[PinnedFolder], 
             with pinned(folder) as pin:
                 return read(pin)
         except Vanished:
+            time.sleep(random.uniform(0, 0.005))  # let the save that replaced the folder finish
             continue
         except FileNotFoundError:
             if not os.path.lexists(folder):  # fallback swap in progress: the folder is back in a moment
-                import time
-
                 time.sleep(0.01)
                 continue
             raise

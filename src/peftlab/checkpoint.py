@@ -127,11 +127,22 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     bad_dtype = [k for k, v in given.items() if not (v.is_floating_point() or (k in expected and v.dtype == expected[k].dtype))]
     if bad_dtype:
         raise CheckpointError(f"adapter tensors {bad_dtype[:3]} are not floating point; the file is damaged.")
+    bad = non_finite(given)
+    if bad:
+        raise CheckpointError(
+            f"adapter {adapter_name!r}: {len(bad)} tensors hold NaN/inf values (e.g. {bad[:3]}); the file is damaged "
+            f"or the adapter diverged in training. Load another checkpoint; the model was left unchanged."
+        )
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(given[key].to(device=target.device, dtype=target.dtype))
     if prompt is not None:
         prompt.load_saved({k: given[k] for k in shapes if k not in expected})
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Sorted names of the floating-point tensors holding NaN/inf (such an adapter gives NaN outputs)."""
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
 
 
 def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None) -> str:
@@ -216,37 +227,46 @@ def load_adapter(
             if pin.replaced():
                 raise adapter_folder.Vanished(CONFIG_NAME)
             raise CheckpointError(f"{config_path} does not exist; is {local} an adapter folder saved by save_pretrained?")
-        with os.fdopen(pin.open(CONFIG_NAME), "rb") as fh:
-            config = PeftConfig.from_json_bytes(fh.read(MAX_CONFIG_BYTES + 1), config_path)
-        return config, _read_weights(pin, local, allow_pickle)
+        weights_name = WEIGHTS_NAME if pin.exists(WEIGHTS_NAME) else PICKLE_WEIGHTS_NAME
+        # Both files are opened before either is read: an open file outlives a save deleting its version.
+        weights_fd = pin.open(weights_name) if pin.exists(weights_name) else None
+        try:
+            with os.fdopen(pin.open(CONFIG_NAME), "rb") as fh:
+                config = PeftConfig.from_json_bytes(fh.read(MAX_CONFIG_BYTES + 1), config_path)
+        except BaseException:
+            if weights_fd is not None:
+                os.close(weights_fd)
+            raise
+        return config, _read_weights(pin, local, weights_name, weights_fd, allow_pickle)
 
     return adapter_folder.read_consistently(local, read)  # type: ignore[return-value]
 
 
-def _read_weights(pin: adapter_folder.PinnedFolder, local: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _read_weights(
+    pin: adapter_folder.PinnedFolder, local: str, name: str, fd: int | None, allow_pickle: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file ``name`` already opened as ``fd`` (None: there is none)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_bytes
 
-    if pin.exists(WEIGHTS_NAME):
-        where = os.path.join(local, WEIGHTS_NAME)
-        with os.fdopen(pin.open(WEIGHTS_NAME), "rb") as fh:
-            data = fh.read()
-        try:
-            return load_bytes(data)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{where} is not a readable safetensors file ({exc}); the file is damaged.") from None
-    if pin.exists(PICKLE_WEIGHTS_NAME):
-        where = os.path.join(local, PICKLE_WEIGHTS_NAME)
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{where} is a pickle file, which can run arbitrary code when loaded. "
-                f"Pass allow_pickle=True only if you trust its source, or convert it to safetensors."
-            )
-        with os.fdopen(pin.open(PICKLE_WEIGHTS_NAME), "rb") as fh:
+    if fd is None:
+        if pin.replaced():
+            raise adapter_folder.Vanished(WEIGHTS_NAME)
+        raise CheckpointError(f"no {WEIGHTS_NAME} found for adapter {local!r}.")
+    where = os.path.join(local, name)
+    with os.fdopen(fd, "rb") as fh:
+        if name == PICKLE_WEIGHTS_NAME:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{where} is a pickle file, which can run arbitrary code when loaded. "
+                    f"Pass allow_pickle=True only if you trust its source, or convert it to safetensors."
+                )
             return _load_pickle(fh, where)
-    if pin.replaced():
-        raise adapter_folder.Vanished(WEIGHTS_NAME)
-    raise CheckpointError(f"no {WEIGHTS_NAME} found for adapter {local!r}.")
+        data = fh.read()
+    try:
+        return load_bytes(data)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{where} is not a readable safetensors file ({exc}); the file is damaged.") from None
 
 
 def save_adapter_weights(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> str:

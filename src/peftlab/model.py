@@ -309,6 +309,7 @@ class PeftModel(nn.Module):
             )
         layers = [w for _, w in iter_wrappers(self.base_model) if isinstance(w, AdaptedLayer)]
         if safe_merge:
+            _check_adapter_is_finite(self, names)
             _check_merge_is_finite(layers, names)
         _untie_merged_weights(self.base_model, [l for l in layers if any(n in l.adapters for n in names)])
         for layer in layers:
@@ -473,6 +474,17 @@ def _untie_merged_weights(model: nn.Module, layers: list[AdaptedLayer]) -> None:
                 stacklevel=3,
             )
             layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+
+
+def _check_adapter_is_finite(model: PeftModel, names: Sequence[str]) -> None:
+    """Refuse NaN/inf in any tensor a merge writes as it is (trained head copies, biases, selective tensors)."""
+    for name in names:
+        bad = checkpoint.non_finite(checkpoint.adapter_tensors(model.base_model, model.peft_config[name], name))
+        if bad:
+            raise AdapterStateError(
+                f"adapter {name!r} holds NaN/inf in {bad[:3]}; merging would write them into the model "
+                f"(diverged training?). Nothing was merged."
+            )
 
 
 def _check_merge_is_finite(layers: list[AdaptedLayer], names: Sequence[str]) -> None:
