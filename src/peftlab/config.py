@@ -59,6 +59,10 @@ CLASSIFIER_HEAD_NAMES: dict[TaskType, tuple[str, ...]] = {
     TaskType.QUESTION_ANS: ("qa_outputs",),
 }
 
+# Matching names against a model's modules costs (names x modules); a model's fully trained modules
+# are a handful, so a longer list is a mistake (or hostile input that would run for minutes).
+MAX_MODULES_TO_SAVE = 1000
+
 # Keys that Hugging Face peft writes into adapter_config.json and that carry no meaning for
 # peftlab when they hold their default value. A non-default value means the adapter uses a
 # feature peftlab lacks, so loading it would silently give a different model: that is an error.
@@ -103,6 +107,11 @@ class PeftConfig:
             if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise PeftConfigError(f"modules_to_save must be a list of module names (strings), got {self.modules_to_save!r:.200}.")
             self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
+            if len(self.modules_to_save) > MAX_MODULES_TO_SAVE:
+                raise PeftConfigError(
+                    f"modules_to_save names {len(self.modules_to_save)} modules; at most {MAX_MODULES_TO_SAVE} are accepted "
+                    f"(fully trained modules are a handful: a classifier, score, embed_tokens). Name the parent modules instead."
+                )
 
     @property
     def is_prompt_learning(self) -> bool:
