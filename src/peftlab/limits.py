@@ -33,6 +33,9 @@ def check_adapter_name(name: object, reserved: tuple[str, ...] = ()) -> str:
         or any(ch in name for ch in "\r\n\t")
         or name in reserved
     )
+    if not bad and hasattr(nn.ModuleDict(), name):
+        # Adapters live in ModuleDicts keyed by name; torch refuses keys that are Module attributes.
+        raise AdapterStateError(f"invalid adapter name {name!r}: it is a torch.nn.Module attribute; pick another name.")
     if bad:
         extra = f", not {', '.join(map(repr, reserved))}" if reserved else ""
         raise AdapterStateError(
