@@ -373,7 +373,7 @@ def _resolve_path(value: str, base_dir: str | os.PathLike | None) -> str:
 def _slug(name: str) -> str:
     """A folder name under results/ for a study name; "." and ".." would leave results/, so they are refused."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "study"
-    if set(slug) == {"."}:
+    if slug in (".", ".."):
         raise WorkbenchError(f"study name {name!r} does not name a folder under results/; use letters or digits (--name my-study).")
     return slug
 
