@@ -9,6 +9,7 @@ fail later. Each check raises the library's typed error naming the value and the
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -73,10 +74,23 @@ def layer_sides(base: nn.Module) -> tuple[int, int] | None:
 
 
 def check_rank(method: str, r: int, base: nn.Module, module_name: str) -> None:
-    """Refuse a rank above min(in, out) of ``base`` before its factors are allocated."""
+    """Bound ``r`` by the layer's sides before its factors are allocated.
+
+    Above max(in, out) is refused: the factors would outgrow twice the layer's own weight (and a
+    typo such as r=10**9 would allocate gigabytes). Between min(in, out) and max(in, out) is allowed
+    with a warning, as peft allows it (r=8 on a 2-class head under "all-linear"): it adds
+    parameters but no rank.
+    """
     sides = layer_sides(base)
-    if sides is not None and r > min(sides):
+    if sides is None or r <= min(sides):
+        return
+    if r > max(sides):
         raise PeftConfigError(
-            f"{method}: r={r} for {module_name} exceeds min(in, out) = {min(sides)} of its {sides[0]}x{sides[1]} weight; "
-            f"a larger rank adds parameters but no rank. Use r <= {min(sides)} (rank_pattern sets it per module)."
+            f"{method}: r={r} for {module_name} exceeds both sides of its {sides[0]}x{sides[1]} weight; the rank of an "
+            f"update is at most min(in, out) = {min(sides)}. Use r <= {min(sides)} (rank_pattern sets it per module)."
         )
+    warnings.warn(
+        f"{method}: r={r} for {module_name} exceeds min(in, out) = {min(sides)} of its {sides[0]}x{sides[1]} weight; "
+        f"the extra rank adds parameters but cannot change the update's rank.",
+        stacklevel=4,
+    )
