@@ -166,7 +166,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_in, kill_at", [("torch", 4), ("safetensors", 2)])  # optimizer.pt / model.safetensors of checkpoint-16
+@pytest.mark.parametrize("kill_in, kill_at", [("torch", 6), ("safetensors", 2)])  # checkpoint-16: optimizer.pt (after training_args.bin) / model.safetensors
 def test_kill_inside_checkpoint_write_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, toy_data_dir, kill_in, kill_at):
     argv = ["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir)]
     assert main([*argv, "--output-dir", str(tmp_path / "ref"), *KILL_ARGS]) == 0
