@@ -217,7 +217,7 @@ def test_growing_finite_loss_is_diverged_and_keeps_last_good_checkpoint(tmp_path
     assert code == 1
     result = json.loads((out / "runs" / "lora" / "result.json").read_text())
     assert result["status"] == "diverged", result["error"]
-    assert "divergence rule" in result["error"] or "NaN" in result["error"] or "nan" in result["error"]
+    assert "divergence rule" in result["error"]  # finite throughout: the growth rule, not the NaN check, stopped it
     assert all(math.isfinite(loss) for _, loss in result["loss_curve"])
     assert not (out / "runs" / "lora" / "adapter").exists()
     from peftlab.lab.runner import last_checkpoint
