@@ -99,3 +99,46 @@ def test_mismatched_config_files(saved_adapter, tmp_path_factory, overrides):
     assert {k: v.shape for k, v in peftlab.get_peft_model_state_dict(loaded).items()} == {
         k: v.shape for k, v in peftlab.get_peft_model_state_dict(reference).items()
     }
+
+
+@FAST
+@given(st.text(max_size=20))
+def test_adapter_names_are_plain_or_refused(tmp_path_factory, name):
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"]))
+    try:
+        model.add_adapter(name, LoraConfig(r=2, target_modules=["query"]))
+    except peftlab.AdapterStateError:
+        assert list(model.peft_config) == ["default"]
+        return
+    assert name and not any(c in name for c in "./\\\x00")
+    folder = tmp_path_factory.mktemp("names")
+    model.save_pretrained(folder / "out")
+    assert [p.name for p in folder.iterdir()] == ["out"]
+    assert (folder / "out" / name / "adapter_config.json").is_file()  # a sub-folder of the save folder, nothing else
+
+
+@FAST
+@given(flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 7)), min_size=1, max_size=4))
+def test_bit_flips_in_weights_never_load_non_finite(saved_adapter, tmp_path_factory, flips):
+    folder = tmp_path_factory.mktemp("flipped")
+    (folder / "adapter_config.json").write_text((saved_adapter / "adapter_config.json").read_text())
+    data = bytearray((saved_adapter / "adapter_model.safetensors").read_bytes())
+    for position, bit in flips:
+        data[position % len(data)] ^= 1 << bit
+    (folder / "adapter_model.safetensors").write_bytes(bytes(data))
+    try:
+        loaded = PeftModel.from_pretrained(tiny_bert_cls(), folder)
+    except peftlab.PeftlabError:
+        return
+    # A flipped mantissa or sign loads (the file is valid); a NaN/inf never does.
+    assert all(torch.isfinite(t).all() for t in peftlab.get_peft_model_state_dict(loaded).values())
+
+
+@FAST
+@given(st.binary(max_size=200) | st.text(max_size=200).map(lambda t: t.encode("utf-8")))
+def test_random_config_bytes_give_config_errors(saved_adapter, tmp_path_factory, raw):
+    folder = tmp_path_factory.mktemp("rawcfg")
+    (folder / "adapter_config.json").write_bytes(raw)
+    (folder / "adapter_model.safetensors").write_bytes((saved_adapter / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(peftlab.PeftlabError):
+        PeftModel.from_pretrained(tiny_bert_cls(), folder)

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from peftlab import adapter_folder
 from peftlab.errors import CheckpointError
 from peftlab.io import atomic_write
+
+if TYPE_CHECKING:
+    from peftlab.config import PeftConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -96,11 +101,22 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     bad_dtype = [k for k, v in given.items() if not (v.is_floating_point() or (k in expected and v.dtype == expected[k].dtype))]
     if bad_dtype:
         raise CheckpointError(f"adapter tensors {bad_dtype[:3]} are not floating point; the file is damaged.")
+    bad = non_finite(given)
+    if bad:
+        raise CheckpointError(
+            f"adapter {adapter_name!r}: {len(bad)} tensors hold NaN/inf values (e.g. {bad[:3]}); the file is damaged "
+            f"or the adapter diverged in training. Load another checkpoint; the model was left unchanged."
+        )
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(given[key].to(device=target.device, dtype=target.dtype))
     if extra:
         tuner.load_extra_saved(adapter_name, {k: given[k] for k in shapes if k not in expected})
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Sorted names of the floating-point tensors holding NaN/inf (such an adapter gives NaN outputs)."""
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
 
 
 def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None) -> str:
@@ -145,11 +161,86 @@ def load_adapter_weights(
                 f"{pickle_path} is a pickle file, which can run arbitrary code when loaded. "
                 f"Pass allow_pickle=True only if you trust its source, or convert it to safetensors."
             ) from None
-        return torch.load(pickle_path, map_location="cpu", weights_only=True)
+        return _load_pickle(pickle_path, pickle_path)
     try:
         return load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file ({exc}); the file is damaged.") from None
+
+
+def _load_pickle(source: Any, where: str) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict through torch's weights-only unpickler; anything else is refused."""
+    try:
+        data = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError...: all mean damaged or hostile
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{where} could not be loaded as a weights-only pickle ({type(exc).__name__}: {first}); "
+                              f"it is damaged or holds more than tensors.") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise CheckpointError(f"{where} does not hold a mapping of tensor names to tensors.")
+    return data
+
+
+def load_adapter(
+    path: str | os.PathLike, subfolder: str | None = None, allow_pickle: bool = False
+) -> tuple["PeftConfig", dict[str, torch.Tensor]]:
+    """Config and weights of a saved adapter, both read from one saved version of its folder.
+
+    A local folder is pinned while it is read (see :mod:`peftlab.adapter_folder`), so a save
+    swapping in a new version meanwhile never yields the config of one and the weights of the other.
+    """
+    from peftlab.config import CONFIG_NAME, MAX_CONFIG_BYTES, PeftConfig
+
+    local = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+    if not os.path.isdir(local):  # a hub id, or a missing folder: the per-file readers explain
+        return PeftConfig.from_pretrained(path, subfolder=subfolder), load_adapter_weights(path, subfolder, allow_pickle)
+
+    def read(pin: adapter_folder.PinnedFolder) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+        config_path = os.path.join(local, CONFIG_NAME)
+        if not pin.exists(CONFIG_NAME):
+            if pin.replaced():
+                raise adapter_folder.Vanished(CONFIG_NAME)
+            raise CheckpointError(f"{config_path} does not exist; is {local} an adapter folder saved by save_pretrained?")
+        weights_name = WEIGHTS_NAME if pin.exists(WEIGHTS_NAME) else PICKLE_WEIGHTS_NAME
+        # Both files are opened before either is read: an open file outlives a save deleting its version.
+        weights_fd = pin.open(weights_name) if pin.exists(weights_name) else None
+        try:
+            with os.fdopen(pin.open(CONFIG_NAME), "rb") as fh:
+                config = PeftConfig.from_json_bytes(fh.read(MAX_CONFIG_BYTES + 1), config_path)
+        except BaseException:
+            if weights_fd is not None:
+                os.close(weights_fd)
+            raise
+        return config, _read_weights(pin, local, weights_name, weights_fd, allow_pickle)
+
+    return adapter_folder.read_consistently(local, read)  # type: ignore[return-value]
+
+
+def _read_weights(
+    pin: adapter_folder.PinnedFolder, local: str, name: str, fd: int | None, allow_pickle: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file ``name`` already opened as ``fd`` (None: there is none)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    if fd is None:
+        if pin.replaced():
+            raise adapter_folder.Vanished(WEIGHTS_NAME)
+        raise CheckpointError(f"no {WEIGHTS_NAME} found for adapter {local!r}.")
+    where = os.path.join(local, name)
+    with os.fdopen(fd, "rb") as fh:
+        if name == PICKLE_WEIGHTS_NAME:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{where} is a pickle file, which can run arbitrary code when loaded. "
+                    f"Pass allow_pickle=True only if you trust its source, or convert it to safetensors."
+                )
+            return _load_pickle(fh, where)
+        data = fh.read()
+    try:
+        return load_bytes(data)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{where} is not a readable safetensors file ({exc}); the file is damaged.") from None
 
 
 def save_adapter_weights(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> str:

@@ -59,6 +59,10 @@ CLASSIFIER_HEAD_NAMES: dict[TaskType, tuple[str, ...]] = {
     TaskType.QUESTION_ANS: ("qa_outputs",),
 }
 
+# Matching names against a model's modules costs (names x modules); a model's fully trained modules
+# are a handful, so a longer list is a mistake (or hostile input that would run for minutes).
+MAX_MODULES_TO_SAVE = 1000
+
 # Keys that Hugging Face peft writes into adapter_config.json and that carry no meaning for
 # peftlab when they hold their default value. A non-default value means the adapter uses a
 # feature peftlab lacks, so loading it would silently give a different model: that is an error.
@@ -100,7 +104,14 @@ class PeftConfig:
                     f"task_type={self.task_type!r} is not known; use one of: {choices}."
                 ) from None
         if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+                raise PeftConfigError(f"modules_to_save must be a list of module names (strings), got {self.modules_to_save!r:.200}.")
+            self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
+            if len(self.modules_to_save) > MAX_MODULES_TO_SAVE:
+                raise PeftConfigError(
+                    f"modules_to_save names {len(self.modules_to_save)} modules; at most {MAX_MODULES_TO_SAVE} are accepted "
+                    f"(fully trained modules are a handful: a classifier, score, embed_tokens). Name the parent modules instead."
+                )
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -179,14 +190,36 @@ class PeftConfig:
         from peftlab.checkpoint import resolve_adapter_file
 
         config_path = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder)
-        try:
-            with open(config_path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise PeftConfigError(f"{config_path} is not valid JSON ({exc}); the adapter folder is damaged.") from None
-        if not isinstance(data, dict):
-            raise PeftConfigError(f"{config_path} must hold a JSON object, found {type(data).__name__}.")
-        return cls.from_dict(data)
+        with open(config_path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        return cls.from_json_bytes(raw, config_path)
+
+    @classmethod
+    def from_json_bytes(cls, raw: bytes, where: str) -> "PeftConfig":
+        """Parse the bytes of an ``adapter_config.json``; any damage is a :class:`PeftConfigError`."""
+        return cls.from_dict(parse_config_json(raw, where))
+
+
+# A real adapter_config.json is a few kB (per-module rank patterns of a 70B model: well under 1 MB).
+MAX_CONFIG_BYTES = 8 * 2**20
+
+
+def parse_config_json(raw: bytes, where: str) -> dict[str, Any]:
+    """The JSON object in ``raw`` (read from ``where``), refusing huge, non-UTF-8 or deeply nested files."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise PeftConfigError(f"{where} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; an adapter config is a few kB, "
+                              f"so this is not one (or it is damaged).")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PeftConfigError(f"{where} is not UTF-8 text (byte {exc.start}); the adapter folder is damaged.") from None
+    except json.JSONDecodeError as exc:
+        raise PeftConfigError(f"{where} is not valid JSON ({exc}); the adapter folder is damaged.") from None
+    except RecursionError:
+        raise PeftConfigError(f"{where} nests JSON too deeply to be an adapter config; the file is damaged.") from None
+    if not isinstance(data, dict):
+        raise PeftConfigError(f"{where} must hold a JSON object, found {type(data).__name__}.")
+    return data
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:

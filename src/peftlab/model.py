@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import checkpoint, quantization, targeting
+from peftlab import adapter_folder, checkpoint, limits, quantization, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
 from peftlab.errors import AdapterStateError, PeftConfigError
 from peftlab.layers import BASE_ROW
@@ -83,8 +83,7 @@ class PeftModel(nn.Module):
     def _check_new(self, adapter_name: str, config: PeftConfig) -> None:
         if not isinstance(config, PeftConfig):
             raise PeftConfigError(f"expected a peftlab config (e.g. LoraConfig), got {type(config).__name__}.")
-        if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
-            raise AdapterStateError(f"invalid adapter name {adapter_name!r}: use a non-empty name without dots, not {BASE_ROW!r}.")
+        limits.check_adapter_name(adapter_name, reserved=(BASE_ROW,))
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"an adapter named {adapter_name!r} exists already; pick another name or delete it first.")
         if any(not isinstance(c, type(config)) and not isinstance(config, type(c)) for c in self.peft_config.values()):
@@ -216,7 +215,19 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (undo with :meth:`unmerge_adapter`)."""
         names = self._check_names(adapter_names)
+        if safe_merge:
+            self._check_adapter_is_finite(names)
         self.tuner.merge(names, self.peft_config, safe_merge)
+
+    def _check_adapter_is_finite(self, names: Sequence[str]) -> None:
+        """safe_merge: refuse NaN/inf in any tensor a merge writes as it is (head copies, biases, selective tensors)."""
+        for name in names:
+            bad = checkpoint.non_finite(self.tuner.adapter_tensors(name, self.peft_config[name]))
+            if bad:
+                raise AdapterStateError(
+                    f"adapter {name!r} holds NaN/inf in {bad[:3]}; merging would write them into the model "
+                    f"(diverged training?). Nothing was merged."
+                )
 
     def unmerge_adapter(self) -> None:
         self.tuner.unmerge()
@@ -230,6 +241,8 @@ class PeftModel(nn.Module):
         (lossy; see :func:`peftlab.quantization.merge_and_unload_quantized`).
         """
         names = self._check_names(adapter_names)
+        if safe_merge:
+            self._check_adapter_is_finite(names)
         if quantization.is_quantized_model(self.get_base_model()):
             return quantization.merge_and_unload_quantized(self, names, safe_merge, requantize)
         return self.tuner.unload(merge=True, names=names, configs=self.peft_config, safe_merge=safe_merge)
@@ -251,12 +264,17 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise AdapterStateError(f"{save_directory} is a file; save_pretrained needs a folder path.")
         names = self._check_names(selected_adapters if selected_adapters is not None else list(self.peft_config))
-        for name in names:
-            folder = os.path.join(os.fspath(save_directory), name) if name != "default" else os.fspath(save_directory)
-            config = copy.deepcopy(self.peft_config[name])
-            config.inference_mode = True
-            checkpoint.save_adapter_weights(folder, get_peft_model_state_dict(self, adapter_name=name))
-            config.save_pretrained(folder)
+
+        def write(root: str) -> None:
+            for name in names:
+                folder = os.path.join(root, name) if name != "default" else root
+                config = copy.deepcopy(self.peft_config[name])
+                config.inference_mode = True
+                checkpoint.save_adapter_weights(folder, get_peft_model_state_dict(self, adapter_name=name))
+                config.save_pretrained(folder)
+
+        # Whole-folder atomic: a reader or a kill sees the old folder or the new one, never a mix.
+        adapter_folder.save_folder(save_directory, write)
 
     @classmethod
     def from_pretrained(
@@ -270,9 +288,12 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
     ) -> "PeftModel":
         """Wrap ``model`` and load a saved adapter; the model is left untouched on any error."""
-        config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        if config is None:
+            config, weights = checkpoint.load_adapter(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
+        else:
+            config = copy.deepcopy(config)
+            weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         config.inference_mode = not is_trainable
-        weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         flags = {p: p.requires_grad for p in model.parameters()}
         peft_model = cls(model, config, adapter_name)  # undoes itself if it fails
         try:
@@ -291,9 +312,9 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
     ) -> None:
         """Load a saved adapter next to the existing ones under ``adapter_name``."""
-        config = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        limits.check_adapter_name(adapter_name)
+        config, weights = checkpoint.load_adapter(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         config.inference_mode = not is_trainable
-        weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         self._add_adapter(adapter_name, config, weights)
 
     # ----- attribute fall-through ---------------------------------------------------------------

@@ -187,3 +187,78 @@ def test_bf16_flag_trains_under_bfloat16_autocast(tmp_path, tiny_model_dir, toy_
     assert all(e["train_loss"] > 0 for e in run["epochs"])
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| precision |" in table and "| bf16 autocast |" in table
+
+
+def _lines(path, lines: list[bytes]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("case", ["non_utf8_jsonl", "huge_label", "stray_label", "eval_label_outside", "shuffled_row_line",
+                                  "deep_experiment", "non_utf8_experiment", "modules_to_save_number", "name_dotdot",
+                                  "output_dir_under_file"])
+def test_more_bad_input_one_line_exit_2(tmp_path, tiny_model_dir, toy_data_dir, capsys, case):
+    """Issue 17's inputs that used to end in tracebacks (or silently wrong runs): one line, exit 2, nothing written."""
+    good = [json.dumps(r).encode() for r in toy_rows(60, 0)]
+    data, method, extra, out = str(toy_data_dir), ["--method", "lora"], [], tmp_path / "out"
+    expected = {
+        "non_utf8_jsonl": "train.jsonl:3 is not UTF-8", "huge_label": "train.jsonl:51: label 1000000000",
+        "stray_label": "train.jsonl:51: label 7 makes 8 classes", "eval_label_outside": "validation.jsonl:2: label 2 is outside",
+        "shuffled_row_line": "data.jsonl:51 has a non-text", "deep_experiment": "nests", "non_utf8_experiment": "exp.yaml:2 is not UTF-8",
+        "modules_to_save_number": "modules_to_save must be a list of module names", "name_dotdot": "does not name a folder",
+        "output_dir_under_file": "lies under the file",
+    }[case]
+    if case == "non_utf8_jsonl":
+        data = str(tmp_path / "d")
+        _lines(tmp_path / "d" / "train.jsonl", [*good[:2], b'{"text": "caf\xe9", "label": 0}', *good[2:]])
+    elif case in ("huge_label", "stray_label"):
+        data = str(tmp_path / "d")
+        label = 10**9 if case == "huge_label" else 7
+        _lines(tmp_path / "d" / "train.jsonl", [*good[:50], json.dumps({"text": "x", "label": label}).encode(), *good[50:]])
+    elif case == "eval_label_outside":
+        data = str(tmp_path / "d")
+        _lines(tmp_path / "d" / "train.jsonl", good)
+        _lines(tmp_path / "d" / "validation.jsonl", [good[0], json.dumps({"text": "x", "label": 2}).encode()])
+    elif case == "shuffled_row_line":  # validation carved out of a single shuffled file: the message names the file line
+        data = str(_lines(tmp_path / "data.jsonl", [*good[:50], json.dumps({"text": 5, "label": 0}).encode(), *good[50:]]))
+    elif case in ("deep_experiment", "non_utf8_experiment"):
+        exp = tmp_path / "exp.yaml"
+        exp.write_bytes(b"model: x\ndata: {dataset: caf\xe9}\n" if case == "non_utf8_experiment" else b"runs: " + b"[" * 100_000)
+        extra = [str(exp)]
+        method = []
+    elif case == "modules_to_save_number":
+        method += ["--option", "modules_to_save=[123]"]
+    elif case == "name_dotdot":
+        extra, out = ["--name", ".."], None
+    elif case == "output_dir_under_file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "sub"
+    argv = ["train", *extra, "--model", str(tiny_model_dir), "--dataset", data, *method, *FAST]
+    if out is not None:
+        argv += ["--output-dir", str(out)]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("peftlab: error: ") and expected in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "results").exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(tmp_path / "out"),
+                 "--method", "lora", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is a file" in err[0]
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_name_stays_under_results(tmp_path, monkeypatch):
+    from peftlab.lab.experiment import build_experiment
+
+    monkeypatch.chdir(tmp_path)
+    spec = {"model": "m", "data": {"dataset": "d"}, "method": "lora"}
+    for name in ("../x", "a/../../b", "/etc", "..."):
+        exp = build_experiment(spec, overrides={"top": {"name": name}})
+        resolved = os.path.realpath(exp.output_dir)
+        assert resolved.startswith(str(tmp_path / "results") + os.sep), (name, exp.output_dir)

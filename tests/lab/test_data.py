@@ -92,7 +92,7 @@ def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{"text": "a", "label": "pos"}], "label 'pos' in row 0 .* not a class index"),
+        ([{"text": "a", "label": "pos"}], "train.jsonl:1: label 'pos' is not a class index"),
         ([{"text": "a", "label": 1.5}], "not a class index"),
         ([{"text": "a", "label": -1}], "not a class index"),
         ([{"text": "a", "label": True}], "not a class index"),

@@ -137,3 +137,99 @@ def test_crash_during_training_is_recorded_as_failed_run(tmp_path, tiny_model_di
     summary = json.loads((out / "results.json").read_text())
     assert summary["runs"][0]["status"] == "failed"
     assert (out / "report.html").exists()
+
+
+# ----- kills inside checkpoint writes; divergence without NaN (issue 17) ----------------------------
+KILL_ARGS = [*ARGS[:8], "--epochs", "1", "--batch-size", "2", "--lr", "0.01", "--save-steps", "8", "--no-progress", "--cpu",
+             "--seed", "3"]
+_KILL_DRIVER = """
+import os, signal, sys
+import safetensors.torch, torch
+target, at = os.environ["KILL_IN"], int(os.environ["KILL_AT"])
+calls = {"n": 0}
+def dying(real):
+    def save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:  # write half a file, then die as SIGKILL would leave it
+            with open(path, "wb") as fh:
+                fh.write(b"PK\\x03\\x04 half a file")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(obj, path, *args, **kwargs)
+    return save
+if target == "torch":
+    torch.save = dying(torch.save)
+else:
+    safetensors.torch.save_file = dying(safetensors.torch.save_file)
+from peftlab.lab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_in, kill_at", [("torch", 6), ("safetensors", 2)])  # checkpoint-16: optimizer.pt (after training_args.bin) / model.safetensors
+def test_kill_inside_checkpoint_write_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, toy_data_dir, kill_in, kill_at):
+    argv = ["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir)]
+    assert main([*argv, "--output-dir", str(tmp_path / "ref"), *KILL_ARGS]) == 0
+    reference = _adapter(tmp_path / "ref")
+
+    out = tmp_path / "cut"
+    env = {**_env(), "KILL_IN": kill_in, "KILL_AT": str(kill_at)}
+    killed = subprocess.run([sys.executable, "-c", _KILL_DRIVER, *argv, "--output-dir", str(out), *KILL_ARGS], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoints = out / "runs" / "lora" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-16", "checkpoint-8"]
+    from peftlab.lab.runner import last_checkpoint
+
+    assert last_checkpoint(str(out / "runs" / "lora")) == str(checkpoints / "checkpoint-8")
+
+    resumed = subprocess.run(_cmd(tiny_model_dir, toy_data_dir, out, "--resume")[:-len(ARGS) - 1] + [*KILL_ARGS, "--resume"],
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "skipping checkpoint-16: its write was cut short" in resumed.stderr
+    final = _adapter(out)
+    assert final.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_skips_and_names_torn_checkpoints(tmp_path):
+    from peftlab.lab.runner import COMPLETE_MARK, last_checkpoint, torn_checkpoints
+
+    run = tmp_path / "run"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = run / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / COMPLETE_MARK).write_text(json.dumps({"global_step": step}))
+    (run / "checkpoints" / "checkpoint-16").mkdir()
+    (run / "checkpoints" / "checkpoint-16" / COMPLETE_MARK).write_text(json.dumps({"global_step": 4}))  # copied mark: not its own
+    assert last_checkpoint(str(run)) == str(run / "checkpoints" / "checkpoint-8")
+    assert torn_checkpoints(str(run)) == [str(run / "checkpoints" / "checkpoint-16"), str(run / "checkpoints" / "checkpoint-12")]
+
+
+def test_growing_finite_loss_is_diverged_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+    """No injection: at lr 1e6 the loss stays finite but grows by orders of magnitude (the divergence rule)."""
+    out = tmp_path / "big-lr"
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out),
+                 *ARGS[:8], "--epochs", "2", "--batch-size", "2", "--lr", "1e6", "--save-steps", "1", "--keep-checkpoints",
+                 "--no-progress", "--cpu"])
+    assert code == 1
+    result = json.loads((out / "runs" / "lora" / "result.json").read_text())
+    assert result["status"] == "diverged", result["error"]
+    assert "divergence rule" in result["error"]  # finite throughout: the growth rule, not the NaN check, stopped it
+    assert all(math.isfinite(loss) for _, loss in result["loss_curve"])
+    assert not (out / "runs" / "lora" / "adapter").exists()
+    from peftlab.lab.runner import last_checkpoint
+
+    kept = last_checkpoint(str(out / "runs" / "lora"))
+    assert kept is not None and os.path.basename(kept) in result["error"]
+
+
+def test_divergence_rule():
+    from peftlab.lab.runner import divergence
+
+    assert divergence(0.7, 0.69) is None and divergence(60.0, 0.69) is None  # floor of 1: 100x max(first, 1)
+    assert "divergence rule" in divergence(101.0, 0.69)
+    assert divergence(1e-2, 1e-6) is None  # a tiny first loss does not make noise look like divergence
+    assert divergence(900.0, 10.0) is None and divergence(1001.0, 10.0) is not None

@@ -147,8 +147,8 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
             raise WorkbenchError(f"--option {pair!r} is not KEY=VALUE (e.g. --option r=8).")
         try:
             options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise WorkbenchError(f"--option {pair!r}: the value is not valid YAML.") from None
+        except (yaml.YAMLError, RecursionError):
+            raise WorkbenchError(f"--option {pair[:80]!r}: the value is not valid YAML.") from None
     return options
 
 
@@ -204,10 +204,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     folder = study.run_dir(experiment, run)
     if args.resume:
-        from peftlab.lab.runner import last_checkpoint
+        from peftlab.lab.runner import last_checkpoint, torn_checkpoints
 
         if last_checkpoint(folder) is None:
-            raise WorkbenchError(f"--resume: no checkpoint in {folder}/checkpoints; start the run without --resume.")
+            torn = [os.path.basename(p) for p in torn_checkpoints(folder)]
+            raise WorkbenchError(f"--resume: no checkpoint written completely in {folder}/checkpoints"
+                                 f"{f' ({len(torn)} cut short by a kill: {torn})' if torn else ''}; "
+                                 f"start the run without --resume.")
     prepared = Prepared(run)  # raises on bad input before anything is written
     result = execute(run, folder, resume=args.resume, prepared=prepared)
     if is_main_process():
@@ -296,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except PeftlabError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"peftlab: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (OSError, UnicodeError, RecursionError, MemoryError) as exc:
+        # Input the checks above did not foresee (an unreadable file, a path that is a file, input too
+        # deep or too large): still one line and exit 2, never a traceback. Failures during training
+        # never get here: they are the run's recorded result (exit 1).
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
         print(f"peftlab: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

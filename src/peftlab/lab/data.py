@@ -25,6 +25,21 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TOKENIZE_BATCH = 1000  # texts per tokenizer call: fast-tokenizer batching without huge lists
 
 
+class Row(dict):
+    """One example as a dict, remembering where it came from (``file:line``) for error messages."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        super().__init__(data)
+        self.where = where
+
+
+def _where(row: dict[str, Any], index: int, split: str, dataset: str) -> str:
+    """``file:line`` of a row read from a file, else its position in the split."""
+    return row.where if isinstance(row, Row) else f"{dataset}: row {index} of the {split} split"
+
+
 @dataclass
 class Splits:
     """Training and evaluation rows as parallel lists, plus where the evaluation rows came from."""
@@ -46,6 +61,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         )
     train = raw["train"]
     _check_columns(train, cfg, "train")
+    # Labels are checked on whole files, before any shuffle, so errors name file lines.
+    num_labels = _check_classes(raw, cfg)
     if cfg.eval_split in raw:
         evaluation = raw[cfg.eval_split]
         _check_columns(evaluation, cfg, cfg.eval_split)
@@ -70,8 +87,42 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         raise WorkbenchError(f"{cfg.dataset}: the evaluation split is empty; lower validation_split or add rows.")
     train_texts, train_labels = _columns(train, cfg, "train")
     eval_texts, eval_labels = _columns(evaluation, cfg, source)
-    num_labels = max(train_labels + eval_labels) + 1
     return Splits(train_texts, train_labels, eval_texts, eval_labels, source, max(num_labels, 2))
+
+
+def _check_classes(raw: dict[str, list[dict[str, Any]]], cfg: DataConfig) -> int:
+    """The number of classes: the training labels must be exactly 0..K-1 (K = len(label_names) when
+    given), and evaluation labels within them. A stray label (7 in a 0/1 file) would silently train
+    a head with classes that never occur, so it is an error naming its file line."""
+    declared = len(cfg.label_names) if cfg.label_names else None
+    train = raw["train"]
+    labels = {i: _label(row[cfg.label_column], cfg, "train", i, row) for i, row in enumerate(train) if cfg.label_column in row}
+    observed = sorted(set(labels.values()))
+    if declared is not None:
+        k = declared
+    else:
+        k = observed[-1] + 1 if observed else 0
+        present = set(observed)
+        # Classes 0..K-1 all occur exactly when there are K distinct labels (bounded work even for a label of 10**9).
+        if len(present) != k:
+            missing = [c for c in range(min(k, len(present) + 6)) if c not in present]
+            first_missing = missing[0]
+            stray = next(i for i, y in labels.items() if y > first_missing)
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if k - len(present) > 5 else "")
+            raise WorkbenchError(
+                f"{_where(train[stray], stray, 'train', cfg.dataset)}: label {labels[stray]} makes {k} classes, but classes "
+                f"{shown} never occur in train; labels must be 0..K-1 with every class present. Fix or drop that row."
+            )
+    for split, rows in raw.items():
+        for i, row in enumerate(rows):
+            if cfg.label_column not in row:
+                continue  # reported with the split's columns later
+            y = _label(row[cfg.label_column], cfg, split, i, row)
+            if y >= k:
+                why = f"label_names declares {k} classes" if declared is not None else f"train has classes 0..{k - 1}"
+                raise WorkbenchError(f"{_where(row, i, split, cfg.dataset)}: label {y} is outside the classes ({why}); "
+                                     f"fix or drop that row.")
+    return k
 
 
 def _subsample(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
@@ -99,24 +150,25 @@ def _columns(rows: list[dict[str, Any]], cfg: DataConfig, split: str) -> tuple[l
     labels: list[int] = []
     for index, row in enumerate(rows):
         if cfg.text_column not in row or cfg.label_column not in row:
-            raise WorkbenchError(f"{cfg.dataset}: row {index} of the {split} split lacks {cfg.text_column!r} or {cfg.label_column!r}.")
+            raise WorkbenchError(f"{_where(row, index, split, cfg.dataset)} lacks {cfg.text_column!r} or {cfg.label_column!r}.")
         text = row[cfg.text_column]
         if not isinstance(text, str):
-            raise WorkbenchError(f"{cfg.dataset}: row {index} of the {split} split has a non-text {cfg.text_column!r}: {text!r}.")
+            raise WorkbenchError(f"{_where(row, index, split, cfg.dataset)} has a non-text {cfg.text_column!r}: {text!r:.80}.")
         texts.append(text)
-        labels.append(_label(row[cfg.label_column], cfg, split, index))
+        labels.append(_label(row[cfg.label_column], cfg, split, index, row))
     return texts, labels
 
 
-def _label(value: Any, cfg: DataConfig, split: str, index: int) -> int:
+def _label(value: Any, cfg: DataConfig, split: str, index: int, row: dict[str, Any] | None = None) -> int:
     """Labels are class indices; CSV gives them as digit strings, which are accepted."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and 0 < len(value.strip()) <= 18 and value.strip().lstrip("-").isdigit():
         value = int(value.strip())
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()  # numpy / arrow scalars
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        where = _where(row, index, split, cfg.dataset) if row is not None else f"{cfg.dataset}: row {index} of the {split} split"
         raise WorkbenchError(
-            f"{cfg.dataset}: label {value!r} in row {index} of the {split} split is not a class index; "
+            f"{where}: label {value!r:.40} is not a class index; "
             f"labels must be integers 0..K-1 (map names such as 'pos'/'neg' to numbers first)."
         )
     return value
@@ -160,28 +212,50 @@ def read_file(path: str) -> list[dict[str, Any]]:
     """Rows of one JSONL / CSV / Parquet file as dicts."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
+        rows: list[dict[str, Any]] = []
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise WorkbenchError(f"{path}:{number} is not UTF-8 text (byte {exc.start + 1} of the line); "
+                                         f"save the file as UTF-8.") from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise WorkbenchError(f"{path}:{number} is not valid JSON ({exc.msg}); expected one object per line.") from None
+                except RecursionError:
+                    raise WorkbenchError(f"{path}:{number} nests JSON too deeply; expected one flat object per line.") from None
                 if not isinstance(row, dict):
                     raise WorkbenchError(f"{path}:{number} holds {type(row).__name__}, expected a JSON object per line.")
-                rows.append(row)
+                rows.append(Row(row, f"{path}:{number}"))
         return rows
     if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh))
+        rows = []
+        try:
+            with open(path, encoding="utf-8", newline="") as fh:
+                reader = csv.DictReader(fh)
+                start = 2  # line 1 is the header
+                for row in reader:
+                    rows.append(Row(row, f"{path}:{start}"))
+                    start = reader.line_num + 1
+        except UnicodeDecodeError as exc:
+            raise WorkbenchError(f"{path} is not UTF-8 text (near line {len(rows) + 2}, {exc.reason}); save the file as UTF-8.") from None
+        except csv.Error as exc:
+            raise WorkbenchError(f"{path}:{len(rows) + 2} is not valid CSV ({exc}).") from None
+        return rows
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise WorkbenchError(f"reading {path} needs pyarrow; pip install pyarrow, or convert the file to JSONL.") from None
-        return pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types for damaged files
+            raise WorkbenchError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]}).") from None
+        return [Row(row, f"{path}: row {i + 1}") for i, row in enumerate(table)]
     raise WorkbenchError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}.")
 
 

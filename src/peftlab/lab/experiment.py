@@ -151,6 +151,7 @@ class Experiment:
     runs: list[RunConfig]
 
 
+MAX_EXPERIMENT_BYTES = 4 * 2**20
 _TOP_KEYS = {"name", "output_dir", "model", "data", "train", "runs", "method", "options", "task"}
 _RUN_KEYS = {"name", "method", "options", "model", "data", "train", "task"}
 _MODEL_KEYS = {"name", "quantize", *QUANT_OPTIONS}
@@ -196,11 +197,20 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"experiment file {path} does not exist; pass the path of a YAML file (see examples/).")
+    if path.stat().st_size > MAX_EXPERIMENT_BYTES:
+        raise WorkbenchError(f"{path} is larger than {MAX_EXPERIMENT_BYTES // 2**20} MiB; an experiment file is a few kB.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise WorkbenchError(f"{path}:{line} is not UTF-8 text; save the file as UTF-8.") from None
+    except RecursionError:
+        raise WorkbenchError(f"{path} nests its sections too deeply to be an experiment file.") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WorkbenchError(f"{path} is not valid YAML ({first}); fix the file.") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise WorkbenchError(f"{at} is not valid YAML ({first}); fix the file.") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -230,6 +240,7 @@ def build_experiment(
     top = overrides.get("top", {})
     name = str(top.get("name") or spec.get("name") or default_name)
     output_dir = str(top.get("output_dir") or spec.get("output_dir") or os.path.join("results", _slug(name)))
+    check_output_dir(output_dir)
     runs_raw = spec.get("runs")
     if runs_raw is None:
         # A file without a runs list is one run described by top-level method/options.
@@ -278,7 +289,7 @@ def build_experiment(
     if dupes:
         raise WorkbenchError(f"run names must be unique; {dupes} appear more than once. Give each run a 'name'.")
     for run in runs:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", run.name):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", run.name) or run.name in (".", ".."):
             raise WorkbenchError(f"run name {run.name!r} may only use letters, digits, '.', '_' and '-' (it names a folder).")
     return Experiment(name=name, output_dir=output_dir, runs=runs)
 
@@ -365,5 +376,24 @@ def _is_full(method: str) -> bool:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "study"
+    """A folder name under results/ for a study name; "." and ".." would leave results/, so they are refused."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "study"
+    if slug in (".", ".."):
+        raise WorkbenchError(f"study name {name!r} does not name a folder under results/; use letters or digits (--name my-study).")
+    return slug
+
+
+def check_output_dir(path: str) -> None:
+    """Refuse an output folder that is a file or lies under one, before anything is trained."""
+    probe = os.path.abspath(path)
+    while True:
+        if os.path.exists(probe):
+            if not os.path.isdir(probe):
+                what = "is a file" if probe == os.path.abspath(path) else f"lies under the file {probe}"
+                raise WorkbenchError(f"output folder {path} {what}; pass --output-dir a folder path.")
+            return
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
 

@@ -39,7 +39,24 @@ CHECKPOINTS = "checkpoints"
 
 
 class NonFiniteError(PeftlabError, RuntimeError):
-    """Training produced a NaN/inf loss or weight; the run stops and keeps its last checkpoint."""
+    """Training produced a NaN/inf loss or weight, or a diverging loss; the run stops and keeps its last checkpoint."""
+
+
+# The divergence rule: a training-step loss above DIVERGENCE_FACTOR times max(the first step's loss in
+# this process, 1) stops the run as diverged. A cross-entropy loss (classification or next token)
+# starts near ln(classes) and a healthy run never reaches 100x that on one batch: the model would give
+# the right answer a probability below e^-100. The floor of 1 keeps a near-zero first loss (a model
+# that already fits) from making ordinary noise look like divergence.
+DIVERGENCE_FACTOR = 100.0
+
+
+def divergence(loss: float, first: float) -> str | None:
+    """Why ``loss`` counts as diverged given the run's first loss ``first``, or None."""
+    limit = DIVERGENCE_FACTOR * max(first, 1.0)
+    if loss > limit:
+        return (f"the training loss grew to {loss:.3g}, over {DIVERGENCE_FACTOR:g}x max(first loss {first:.3g}, 1) "
+                f"(the divergence rule)")
+    return None
 
 
 def world_size() -> int:
@@ -65,17 +82,62 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def last_checkpoint(run_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+# Written into a checkpoint folder once the Trainer has saved everything in it (see CompleteMark):
+# a checkpoint without it was cut short by a kill and is never resumed from.
+COMPLETE_MARK = "peftlab-complete.json"
 
+
+def _numbered_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the ``checkpoint-N`` folders of a run, newest first."""
     folder = os.path.join(run_dir, CHECKPOINTS)
-    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for entry in os.listdir(folder):
+        prefix, _, step = entry.partition("-")
+        path = os.path.join(folder, entry)
+        if prefix == "checkpoint" and step.isdigit() and os.path.isdir(path):
+            found.append((int(step), path))
+    return sorted(found, reverse=True)
+
+
+def is_complete(checkpoint: str) -> bool:
+    """True when every file of ``checkpoint`` was written (its completion mark names its step)."""
+    try:
+        with open(os.path.join(checkpoint, COMPLETE_MARK), encoding="utf-8") as fh:
+            step = json.load(fh).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"checkpoint-{step}" == os.path.basename(checkpoint)
+
+
+def last_checkpoint(run_dir: str) -> str | None:
+    """The newest *complete* checkpoint of a run (torn ones, cut by a kill mid-write, are skipped)."""
+    return next((path for _, path in _numbered_checkpoints(run_dir) if is_complete(path)), None)
+
+
+def torn_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoints newer than :func:`last_checkpoint` whose write was cut short."""
+    newest = last_checkpoint(run_dir)
+    return [path for _, path in _numbered_checkpoints(run_dir) if path != newest and not is_complete(path)
+            and (newest is None or int(path.rsplit("-", 1)[1]) > int(newest.rsplit("-", 1)[1]))]
 
 
 # ----- callbacks -------------------------------------------------------------------------------
-def _callbacks() -> tuple[type, type, type]:
+def _callbacks() -> tuple[type, type, type, type]:
     """Callback classes, built on first use so importing this module stays light."""
     from transformers import TrainerCallback
+
+    from peftlab.io import atomic_write_text
+
+    class CompleteMark(TrainerCallback):
+        """Mark a checkpoint complete once the Trainer has written all of it (on_save runs after)."""
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if args.should_save and os.path.isdir(folder):
+                atomic_write_text(os.path.join(folder, COMPLETE_MARK), json.dumps({"global_step": state.global_step}))
+            return control
 
     class EpochTimer(TrainerCallback):
         """Wall time of each epoch's training steps (evaluation excluded)."""
@@ -122,7 +184,7 @@ def _callbacks() -> tuple[type, type, type]:
                         raise NonFiniteError(f"weight {name} became NaN/inf at step {state.global_step}")
             return control
 
-    return EpochTimer, StopOnSignal, FiniteWeights
+    return EpochTimer, StopOnSignal, FiniteWeights, CompleteMark
 
 
 def head_parameters(model: torch.nn.Module) -> set[int]:
@@ -180,8 +242,13 @@ def _trainer_class(head_learning_rate: float | None = None, extra_metrics: Any =
 
         def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
             loss = super().training_step(*args, **kwargs)
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}")
+            value = float(loss.detach().float().mean())
+            if not math.isfinite(value):
+                raise NonFiniteError(f"the training loss became {value} at step {self.state.global_step + 1}")
+            first = self.__dict__.setdefault("_first_loss", value)
+            why = divergence(value, first)
+            if why is not None:
+                raise NonFiniteError(f"{why} at step {self.state.global_step + 1}")
             return loss
 
     return LabTrainer
@@ -363,7 +430,15 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
     if resume:
         resume_from = last_checkpoint(run_dir)
         if resume_from is None:
-            raise WorkbenchError(f"--resume: no checkpoint in {os.path.join(run_dir, CHECKPOINTS)}; start the run without --resume.")
+            torn = [os.path.basename(p) for p in torn_checkpoints(run_dir)]
+            raise WorkbenchError(f"--resume: no checkpoint written completely in {os.path.join(run_dir, CHECKPOINTS)}"
+                                 f"{f' ({len(torn)} cut short by a kill: {torn})' if torn else ''}; "
+                                 f"start the run without --resume.")
+        for path in torn_checkpoints(run_dir):
+            if is_main_process():
+                print(f"peftlab: skipping {os.path.basename(path)}: its write was cut short (no {COMPLETE_MARK}); "
+                      f"resuming from {os.path.basename(resume_from)}", file=sys.stderr)
+                shutil.rmtree(path, ignore_errors=True)  # else the Trainer would count it among the kept checkpoints
     total = measure.Stopwatch()
     prep = prepared or Prepared(run)
     result = RunResult(name=run.name, method=run.method, run=run.to_dict(), world_size=world_size(),
@@ -431,7 +506,7 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any,
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     cfg = run.train
-    EpochTimer, StopOnSignal, FiniteWeights = _callbacks()
+    EpochTimer, StopOnSignal, FiniteWeights, CompleteMark = _callbacks()
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
     steps_per_epoch = max(1, math.ceil(len(prep.train_set) / per_step))
     cpu = cfg.cpu or not torch.cuda.is_available()
@@ -467,7 +542,7 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any,
         prediction_loss_only=prep.causal,
     )
     timer, stopper = EpochTimer(), StopOnSignal()
-    callbacks = [timer, stopper, FiniteWeights(), *trainer_callbacks(prep.peft_config, prep.model)]
+    callbacks = [timer, stopper, FiniteWeights(), CompleteMark(), *trainer_callbacks(prep.peft_config, prep.model)]
     if prep.causal:
         from peftlab.lab.causal import collator
 

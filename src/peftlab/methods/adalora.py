@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab import functional as Fn
+from peftlab import limits
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import AdaptedLayer, LayerAdapter, iter_wrappers
@@ -298,6 +299,7 @@ def make_adalora_adapter(base: nn.Module, config: AdaLoraConfig, adapter_name: s
             f"nn.Conv2d. Target that module's linear sublayers instead."
         )
     kept = config.kept_rows(module_name)
+    limits.check_rank("AdaLoRA", config.init_r, base, module_name)  # before any factor is allocated
     r = config.init_r if kept is None else sum(kept)
     adapter = SvdAdapter(base, r, config.init_r, config.lora_alpha, config.lora_dropout, fan_in_fan_out)
     adapter.reset(identity=bool(config.init_lora_weights))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftlab import functional as Fn
+from peftlab import limits
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
 from peftlab.layers import LayerAdapter
@@ -89,6 +90,7 @@ class LoHaAdapter(LycorisAdapter):
 def make_loha_adapter(base: nn.Module, config: LoHaConfig, adapter_name: str, module_name: str) -> LayerAdapter:
     check_lycoris_target("LoHa", base, module_name)
     r, scaling = config.rank_and_scaling(module_name)
+    limits.check_rank("LoHa", r, base, module_name)  # before any factor is allocated
     adapter = LoHaAdapter(base, r, scaling, config.rank_dropout, config.module_dropout, config.use_effective_conv2d)
     adapter.reset(identity=config.init_weights)
     return adapter

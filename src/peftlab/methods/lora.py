@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab import functional as Fn
-from peftlab import kernels
+from peftlab import kernels, limits
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import AdaptedLayer, LayerAdapter
@@ -116,6 +116,7 @@ class LoraConfig(LayerConfig):
             raise PeftConfigError(f"LoraConfig: r must be a positive integer, got {self.r!r}; try r=8.")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
             raise PeftConfigError(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}.")
+        limits.check_scale("LoraConfig", "lora_alpha / r", Fn.lora_scaling(self.r, float(self.lora_alpha), self.use_rslora))
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise PeftConfigError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
@@ -138,6 +139,7 @@ class LoraConfig(LayerConfig):
         for key, alpha in self.alpha_pattern.items():
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
                 raise PeftConfigError(f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {alpha!r}.")
+            limits.check_scale("LoraConfig", f"alpha_pattern[{key!r}] / r", float(alpha))
         for key, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise PeftConfigError(f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {rank!r}.")
@@ -311,6 +313,7 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
     r = int(pattern_value(config.rank_pattern, module_name, config.r))
     alpha = float(pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
     scaling = Fn.lora_scaling(r, alpha, config.use_rslora)
+    limits.check_rank("LoRA", r, base, module_name)  # before any factor is allocated
     if config.use_dora:
         if is_quantized_linear(base):
             raise TargetModuleError(

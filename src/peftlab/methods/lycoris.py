@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab import functional as Fn
+from peftlab import limits
 from peftlab.config import LayerConfig
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import LayerAdapter
@@ -52,6 +53,7 @@ class LycorisConfig(LayerConfig):
             raise PeftConfigError(f"{name}: r must be a positive integer, got {self.r!r}; try r=8.")
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise PeftConfigError(f"{name}: alpha must be a finite number, got {self.alpha!r}.")
+        limits.check_scale(name, "alpha / r", float(self.alpha) / self.r)
         for key in ("rank_dropout", "module_dropout"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
@@ -64,6 +66,7 @@ class LycorisConfig(LayerConfig):
         """(r, alpha / r) for one module after rank_pattern / alpha_pattern."""
         r = int(pattern_value(self.rank_pattern, module_name, self.r))
         alpha = float(pattern_value(self.alpha_pattern, module_name, self.alpha))
+        limits.check_scale(type(self).__name__, "alpha / r", alpha / r)
         return r, alpha / r
 
 

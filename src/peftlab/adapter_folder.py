@@ -1,0 +1,302 @@
+"""Whole-folder atomic adapter saves, and loads that read one saved version.
+
+A save writes every adapter ("default" in the folder itself, others in sub-folders) into a
+private staging folder beside the target, then swaps it in with one system call, so a reader
+or a kill at any instant finds the old folder or the new one, never a mix.
+
+Design (Linux): ``renameat2(RENAME_EXCHANGE)`` swaps the staging folder and the target
+atomically (a plain ``rename`` cannot replace a non-empty folder); the old version then sits
+under the staging name and is deleted. Files in the old folder that the new save does not
+write (a tokenizer, a README, adapters not selected this time) are hard-linked into the
+staging folder first, as peft keeps them when it saves into an existing folder. Where the
+exchange is unavailable (other systems, some network file systems) the target is renamed aside
+and the staging folder renamed in: never a mix, but a reader may briefly find no folder.
+
+A staging folder is ``flock``-ed by its writer for its whole life; the next save beside it
+deletes every unlocked staging folder, i.e. those of killed saves. Two concurrent saves into
+one folder each swap in a whole version: the last swap wins.
+
+A reader pins the folder (an open directory descriptor) and reads the config and the weights
+relative to it. If a save swaps the folder and deletes the old version mid-read, a file vanishes
+from the pinned folder; the reader then starts again on the new version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import random
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locks, leftovers are kept
+    fcntl = None  # type: ignore[assignment]
+
+STAGING_MARK = ".peftlab-save-"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+# Per-file temporary names of peftlab's atomic writes (peftlab.io), left by saves killed before
+# whole-folder saves existed; never carried into a new version.
+_STALE_TMP_PREFIXES = (".adapter_model.safetensors.", ".adapter_config.json.")
+_READ_ATTEMPTS = 100
+
+
+def save_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(staging_folder)`` and swap the result in as ``target`` as a whole.
+
+    On any exception the staging folder is removed and ``target`` is untouched.
+    """
+    target = os.path.realpath(os.fspath(target))
+    parent, base = os.path.split(target)
+    if not base or _holds_cwd(target):
+        # Swapping the current folder would leave this process inside the deleted old version.
+        warnings.warn(f"saving into the current folder {target} file by file; a save into a sub-folder is atomic "
+                      f"as a whole.", stacklevel=3)
+        write(target)
+        return
+    os.makedirs(parent, exist_ok=True)
+    remove_leftovers(target)
+    staging, lock_fd = _new_staging(parent, base)
+    try:
+        write(staging)
+        if os.path.isdir(target):
+            _carry_over(target, staging)
+            with contextlib.suppress(OSError):
+                os.chmod(staging, os.stat(target).st_mode & 0o7777)
+        _fsync_tree(staging)
+        _swap_in(staging, target)
+        _fsync_dir(parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after a swap: the old version
+        os.close(lock_fd)
+
+
+def remove_leftovers(target: str | os.PathLike) -> list[str]:
+    """Delete staging folders beside ``target`` whose writer is gone (killed saves); return them."""
+    target = os.path.realpath(os.fspath(target))
+    parent, base = os.path.split(target)
+    prefix = f".{base}{STAGING_MARK}"
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    if not os.path.lexists(target):  # a fallback swap killed between its renames: put the old version back
+        for entry in entries:
+            if entry.startswith(prefix) and entry.endswith("-old"):
+                with contextlib.suppress(OSError):
+                    os.rename(os.path.join(parent, entry), target)
+                    break
+    for entry in entries:
+        if not entry.startswith(prefix):
+            continue
+        path = os.path.join(parent, entry)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            if fcntl is None:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live save is writing it
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _new_staging(parent: str, base: str) -> tuple[str, int]:
+    """A fresh, locked, empty staging folder beside the target, and its lock descriptor."""
+    for _ in range(100):
+        path = os.path.join(parent, f".{base}{STAGING_MARK}{uuid.uuid4().hex[:12]}")
+        os.mkdir(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        # Another save's clean-up may have taken the folder between mkdir and flock: retry.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return path, fd
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "could not create a staging folder", parent)
+
+
+def _carry_over(old: str, new: str) -> None:
+    """Hard-link (or copy) into ``new`` every entry of ``old`` that ``new`` lacks."""
+    for entry in os.listdir(old):
+        if entry.startswith(_STALE_TMP_PREFIXES) and entry.endswith(".tmp"):
+            continue
+        src, dst = os.path.join(old, entry), os.path.join(new, entry)
+        if os.path.isdir(src) and not os.path.islink(src):
+            if not os.path.exists(dst):
+                os.mkdir(dst)
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                _carry_over(src, dst)
+        elif not os.path.lexists(dst):
+            try:
+                if os.path.islink(src):
+                    os.symlink(os.readlink(src), dst)
+                else:
+                    os.link(src, dst)
+            except FileNotFoundError:
+                pass  # deleted meanwhile (a concurrent save's old version)
+            except OSError:
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copy2(src, dst)
+
+
+def _swap_in(staging: str, target: str) -> None:
+    for _ in range(100):
+        if os.path.lexists(target):
+            try:
+                _exchange(staging, target)
+                return
+            except FileNotFoundError:
+                continue  # the target vanished (a fallback swap of another save): rename instead
+            except _NoExchange:
+                _rename_aside(staging, target)
+                return
+        try:
+            os.rename(staging, target)  # also replaces an empty folder
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    raise OSError(errno.EAGAIN, "the folder kept changing during the save", target)
+
+
+class _NoExchange(Exception):
+    """The system or file system cannot exchange two names atomically."""
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _exchange(a: str, b: str) -> None:
+    """Atomically swap the folders at paths ``a`` and ``b`` (Linux renameat2)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        raise _NoExchange
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        raise _NoExchange
+    raise OSError(err, os.strerror(err), b)
+
+
+def _rename_aside(staging: str, target: str) -> None:
+    """Fallback swap: move the old folder under a staging name, then the new one in."""
+    aside = f"{staging}-old"
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    os.rename(aside, staging)  # deleted by the caller, or by the next save if we are killed
+
+
+def _fsync_tree(folder: str) -> None:
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _holds_cwd(path: str) -> bool:
+    cwd = os.path.realpath(os.getcwd())
+    return cwd == path or cwd.startswith(path.rstrip(os.sep) + os.sep)
+
+
+# ----- reading one version -----------------------------------------------------------------------
+class Vanished(Exception):
+    """A file disappeared from a pinned folder because a save replaced the folder: read again.
+
+    Readers should open every file they need before reading any: an open file stays readable
+    after a save deletes the version it belongs to."""
+
+
+@contextlib.contextmanager
+def pinned(folder: str | os.PathLike) -> Iterator["PinnedFolder"]:
+    """Hold ``folder`` open so every file is read from the same saved version."""
+    fd = os.open(os.fspath(folder), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield PinnedFolder(os.fspath(folder), fd)
+    finally:
+        os.close(fd)
+
+
+class PinnedFolder:
+    """An open folder: files are opened relative to it, whatever is renamed meanwhile."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.fd)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def open(self, name: str) -> int:
+        """A descriptor of ``name`` in this version; :class:`Vanished` when a save replaced it."""
+        try:
+            return os.open(name, os.O_RDONLY, dir_fd=self.fd)
+        except FileNotFoundError:
+            if self.replaced():
+                raise Vanished(name) from None
+            raise
+
+    def replaced(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino != os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return True
+
+
+def read_consistently(folder: str | os.PathLike, read: Callable[[PinnedFolder], object]) -> object:
+    """``read(pinned_folder)``, started again when a concurrent save swaps the folder mid-read."""
+    for _ in range(_READ_ATTEMPTS):
+        try:
+            with pinned(folder) as pin:
+                return read(pin)
+        except Vanished:
+            time.sleep(random.uniform(0, 0.005))  # let the save that replaced the folder finish
+            continue
+        except FileNotFoundError:
+            if not os.path.lexists(folder):  # fallback swap in progress: the folder is back in a moment
+                time.sleep(0.01)
+                continue
+            raise
+    raise OSError(errno.EAGAIN, f"{folder} was replaced {_READ_ATTEMPTS} times while being read", os.fspath(folder))
