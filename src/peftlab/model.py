@@ -405,7 +405,14 @@ class PeftModel(nn.Module):
         subfolder: str | None = None,
         allow_pickle: bool = False,
     ) -> None:
-        """Load a saved adapter next to the existing ones under ``adapter_name``."""
+        """Load a saved adapter next to the existing ones under ``adapter_name``.
+
+        If ``adapter_name`` exists already, its weights are replaced by the saved ones (as peft
+        does; the Trainer resumes and restores the best checkpoint this way).
+        """
+        if adapter_name in self.peft_config:
+            self._reload_weights(model_id, adapter_name, subfolder, allow_pickle)
+            return
         config = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
         config.inference_mode = not is_trainable
         weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
@@ -421,6 +428,16 @@ class PeftModel(nn.Module):
             del self.peft_config[adapter_name]
             raise
         self._mark_trainable()
+
+    def _reload_weights(self, model_id: str | os.PathLike, adapter_name: str, subfolder: str | None, allow_pickle: bool) -> None:
+        """Copy a saved adapter's weights into the existing adapter ``adapter_name`` (checked first)."""
+        saved = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        if saved.peft_type != self.peft_config[adapter_name].peft_type:
+            raise AdapterStateError(
+                f"{os.fspath(model_id)} holds a {saved.peft_type.value} adapter but adapter {adapter_name!r} is "
+                f"{self.peft_config[adapter_name].peft_type.value}; load it under another name."
+            )
+        set_peft_model_state_dict(self, checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle), adapter_name)
 
     # ----- attribute fall-through ---------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
