@@ -88,13 +88,42 @@ def enable_trainer_support() -> None:
                 _replaced.append((module, attr, value))
                 setattr(module, attr, originals[id(value)])
     _wrap_trainer_save()
+    _teach_trl_adapted_layers()
+
+
+def _teach_trl_adapted_layers() -> None:
+    """Let trl's "adapter on lm_head" check see peftlab's adapted layers too.
+
+    trl's SFTTrainer computes log-probabilities from ``lm_head.weight`` directly, so it refuses a
+    PEFT model whose output embedding is an adapter layer (peft's ``BaseTunerLayer``); without
+    this, a peftlab adapter on ``lm_head`` would be silently left untrained. Without peft
+    installed, trl never defines that name, and the check would raise ``NameError``.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        return
+    from peftlab.layers import AdaptedLayer
+
+    importlib.import_module("trl.trainer.sft_trainer")
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("trl."):
+            continue
+        current = module.__dict__.get("BaseTunerLayer", None)
+        if current is None and name != "trl.trainer.sft_trainer":
+            continue
+        _replaced.append((module, "BaseTunerLayer", current))
+        module.BaseTunerLayer = AdaptedLayer if current is None else (current, AdaptedLayer)
 
 
 def disable_trainer_support() -> None:
     """Put back every object :func:`enable_trainer_support` replaced."""
     while _replaced:
         owner, attr, original = _replaced.pop()
-        setattr(owner, attr, original)
+        if original is None:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, original)
 
 
 def _widened(original: Callable[..., bool]) -> Callable[..., bool]:
