@@ -33,11 +33,45 @@ from peftlab.model import (
     set_peft_model_state_dict,
 )
 from peftlab.quantization import QuantConfig, prepare_model_for_kbit_training, quantize_model
+from peftlab.task_models import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from peftlab.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from peftlab.mapping import get_peft_config, inject_adapter_in_model, load_peft_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraCallback",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "get_peft_config",
+    "inject_adapter_in_model",
+    "load_peft_weights",
     "AdaLoraConfig",
     "AdapterStateError",
     "BottleneckConfig",

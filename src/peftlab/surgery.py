@@ -101,15 +101,19 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
                 replace_submodule(model, name, wrapper.original_module)
 
 
-def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = None) -> nn.Module:
-    """Take every wrapper out of ``model``; with ``merge`` fold the active adapters in first."""
+def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = None, restore: bool = False) -> nn.Module:
+    """Take every wrapper out of ``model``; with ``merge`` fold the active adapters in first.
+
+    ``restore=True`` (undoing a failed wrap) puts every original module back unchanged.
+    """
     for name, wrapper in list(iter_wrappers(model)):
         if isinstance(wrapper, AdaptedLayer):
             if merge:
                 wrapper.merge(adapter_names if adapter_names is not None else wrapper.active_adapters)
             replace_submodule(model, name, wrapper.base_layer)
         else:
-            chosen = adapter_names if adapter_names is not None else wrapper.active_adapters
-            keep = next((wrapper.copies[n] for n in chosen if n in wrapper.copies), None) if merge else None
+            # As peft: with or without merging, and whatever adapter_names says, a fully trained
+            # module comes back as the active adapter's copy (the original if it has none).
+            keep = None if restore else next((wrapper.copies[n] for n in wrapper.active_adapters if n in wrapper.copies), None)
             replace_submodule(model, name, keep if keep is not None else wrapper.original_module)
     return model
