@@ -136,9 +136,7 @@ def cast_adapter_to_base_dtype(model: "PeftModel", adapter_name: str) -> None:
     """``autocast_adapter_dtype=False``: keep an adapter in the base model's floating dtype (e.g. bfloat16)."""
     import torch
 
-    from peftlab.checkpoint import adapter_tensors
-
-    tensors = adapter_tensors(model.get_base_model(), model.peft_config[adapter_name], adapter_name)
+    tensors = model.tuner.adapter_tensors(adapter_name, model.peft_config[adapter_name])
     own = {id(t) for t in tensors.values()}
     dtype = next((p.dtype for p in model.get_base_model().parameters() if id(p) not in own and p.is_floating_point()), None)
     if dtype is None:

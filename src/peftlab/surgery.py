@@ -95,17 +95,14 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
             wrapper.remove(adapter_name)
             if not wrapper.adapters:
                 replace_submodule(model, name, wrapper.base_layer)
-        elif isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.copies:
+        elif isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.modules_to_save:
             wrapper.remove(adapter_name)
-            if not wrapper.copies:
+            if not wrapper.modules_to_save:
                 replace_submodule(model, name, wrapper.original_module)
 
 
-def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = None, restore: bool = False) -> nn.Module:
-    """Take every wrapper out of ``model``; with ``merge`` fold the active adapters in first.
-
-    ``restore=True`` (undoing a failed wrap) puts every original module back unchanged.
-    """
+def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Take every wrapper out of ``model``; with ``merge`` fold the active adapters in first."""
     for name, wrapper in list(iter_wrappers(model)):
         if isinstance(wrapper, AdaptedLayer):
             if merge:
@@ -114,6 +111,6 @@ def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = 
         else:
             # As peft: with or without merging, and whatever adapter_names says, a fully trained
             # module comes back as the active adapter's copy (the original if it has none).
-            keep = None if restore else next((wrapper.copies[n] for n in wrapper.active_adapters if n in wrapper.copies), None)
+            keep = next((wrapper.modules_to_save[n] for n in wrapper.active_adapters if n in wrapper.modules_to_save), None)
             replace_submodule(model, name, keep if keep is not None else wrapper.original_module)
     return model
