@@ -21,6 +21,7 @@ from peftlab import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForSequenceClassification,
+    get_layer_status,
     get_peft_config,
     get_peft_model,
     get_peft_model_state_dict,
@@ -226,3 +227,26 @@ def test_push_to_hub_uploads_the_adapter_folder(tmp_path, monkeypatch):
     assert calls["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     ours = get_peft_model_state_dict(model)
     assert all(torch.equal(calls["weights"][k], ours[k]) for k in ours)
+
+
+def test_layer_and_model_status_match_peft():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_bert_cls()
+    statuses = {}
+    for lib in (peft, peftlab):
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+        model.add_adapter("b", lib.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+        model.merge_adapter(["b"])
+        statuses[lib.__name__] = (lib.get_layer_status(model), model.get_model_status())
+    ours_layers, ours_model = statuses["peftlab"]
+    theirs_layers, theirs_model = statuses["peft"]
+    fields = ("name", "module_type", "enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices")
+    norm = lambda v: repr(sorted(v.items())) if isinstance(v, dict) else repr(v)  # noqa: E731 - dict order aside
+    as_rows = lambda layers: sorted(tuple(norm(getattr(s, f)) for f in fields) for s in layers)  # noqa: E731
+    assert as_rows(ours_layers) == as_rows(theirs_layers)
+    for field in ("base_model_type", "trainable_params", "total_params", "num_adapter_layers", "enabled", "active_adapters",
+                  "merged_adapters", "requires_grad", "available_adapters", "devices", "peft_types"):
+        assert getattr(ours_model, field) == getattr(theirs_model, field), field
+    with pytest.raises(AdapterStateError, match="prompt"):
+        get_peft_model(tiny_bert_cls(), peftlab.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2)).get_layer_status()

@@ -51,6 +51,7 @@ from peftlab.auto import (
     AutoPeftModelForTokenClassification,
 )
 from peftlab.mapping import get_peft_config, inject_adapter_in_model, load_peft_weights
+from peftlab.model_status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,10 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_config",
     "inject_adapter_in_model",
     "load_peft_weights",

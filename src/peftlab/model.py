@@ -202,6 +202,18 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name].inference_mode = inference_mode
         self._mark_trainable()
 
+    def get_layer_status(self) -> list[Any]:
+        """Per adapted layer: active, merged, trainable and available adapters (see :mod:`peftlab.model_status`)."""
+        from peftlab.model_status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The layer statuses summed up for the whole model (see :mod:`peftlab.model_status`)."""
+        from peftlab.model_status import get_model_status
+
+        return get_model_status(self)
+
     def disable_adapter_layers(self) -> None:
         """Run as the base model until :meth:`enable_adapter_layers` (``disable_adapter()`` is the scoped form)."""
         if "_layers_off" not in self.__dict__:
