@@ -202,6 +202,13 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name].inference_mode = inference_mode
         self._mark_trainable()
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """A new LoRA adapter from weighted existing ones: "linear", "cat" or "svd" (see :mod:`peftlab.weighted`)."""
+        from peftlab.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
     def get_layer_status(self) -> list[Any]:
         """Per adapted layer: active, merged, trainable and available adapters (see :mod:`peftlab.model_status`)."""
         from peftlab.model_status import get_layer_status
