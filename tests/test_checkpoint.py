@@ -17,7 +17,7 @@ def test_round_trip_multiple_adapters(tmp_path):
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, init_lora_weights=False))
     model.add_adapter("second", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "second"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "second"]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["inference_mode"] is True and config["r"] == 4
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
@@ -26,7 +26,7 @@ def test_round_trip_multiple_adapters(tmp_path):
     with torch.no_grad():
         for name in ("default", "second"):
             model.set_adapter(name)
-            loaded.set_adapter(name)
+            loaded.set_adapter(name, inference_mode=True)  # as peft: plain set_adapter would make it trainable
             torch.testing.assert_close(main_output(loaded(**inputs)), main_output(model(**inputs)))
     assert not any(p.requires_grad for p in loaded.parameters()), "loaded for inference: frozen"
 

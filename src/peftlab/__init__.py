@@ -42,6 +42,26 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.quantization import prepare_model_for_kbit_training
     from peftlab.quantization import quantize_model
     from peftlab.adalora_callback import AdaLoraCallback
+    from peftlab.task_models import PeftModelForCausalLM
+    from peftlab.task_models import PeftModelForFeatureExtraction
+    from peftlab.task_models import PeftModelForQuestionAnswering
+    from peftlab.task_models import PeftModelForSeq2SeqLM
+    from peftlab.task_models import PeftModelForSequenceClassification
+    from peftlab.task_models import PeftModelForTokenClassification
+    from peftlab.auto import AutoPeftModel
+    from peftlab.auto import AutoPeftModelForCausalLM
+    from peftlab.auto import AutoPeftModelForFeatureExtraction
+    from peftlab.auto import AutoPeftModelForQuestionAnswering
+    from peftlab.auto import AutoPeftModelForSeq2SeqLM
+    from peftlab.auto import AutoPeftModelForSequenceClassification
+    from peftlab.auto import AutoPeftModelForTokenClassification
+    from peftlab.mapping import get_peft_config
+    from peftlab.mapping import inject_adapter_in_model
+    from peftlab.mapping import load_peft_weights
+    from peftlab.model_status import TunerLayerStatus
+    from peftlab.model_status import TunerModelStatus
+    from peftlab.model_status import get_layer_status
+    from peftlab.model_status import get_model_status
 
 # public name -> module that defines it. Importing peftlab imports neither torch nor transformers
 # (`peftlab --help` answers at once); each name loads its module on first use (PEP 562).
@@ -70,6 +90,26 @@ _LAZY: dict[str, str] = {
     "QuantConfig": "peftlab.quantization",
     "prepare_model_for_kbit_training": "peftlab.quantization",
     "quantize_model": "peftlab.quantization",
+    "PeftModelForCausalLM": "peftlab.task_models",
+    "PeftModelForFeatureExtraction": "peftlab.task_models",
+    "PeftModelForQuestionAnswering": "peftlab.task_models",
+    "PeftModelForSeq2SeqLM": "peftlab.task_models",
+    "PeftModelForSequenceClassification": "peftlab.task_models",
+    "PeftModelForTokenClassification": "peftlab.task_models",
+    "AutoPeftModel": "peftlab.auto",
+    "AutoPeftModelForCausalLM": "peftlab.auto",
+    "AutoPeftModelForFeatureExtraction": "peftlab.auto",
+    "AutoPeftModelForQuestionAnswering": "peftlab.auto",
+    "AutoPeftModelForSeq2SeqLM": "peftlab.auto",
+    "AutoPeftModelForSequenceClassification": "peftlab.auto",
+    "AutoPeftModelForTokenClassification": "peftlab.auto",
+    "get_peft_config": "peftlab.mapping",
+    "inject_adapter_in_model": "peftlab.mapping",
+    "load_peft_weights": "peftlab.mapping",
+    "TunerLayerStatus": "peftlab.model_status",
+    "TunerModelStatus": "peftlab.model_status",
+    "get_layer_status": "peftlab.model_status",
+    "get_model_status": "peftlab.model_status",
     "AdaLoraCallback": "peftlab.adalora_callback",  # imports transformers' Trainer machinery
 }
 
@@ -77,6 +117,26 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraCallback",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_config",
+    "inject_adapter_in_model",
+    "load_peft_weights",
     "AdaLoraConfig",
     "AdapterStateError",
     "BottleneckConfig",

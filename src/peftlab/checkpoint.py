@@ -41,18 +41,38 @@ _PEFT_DUPLICATE_MARKERS = (".original_module.", ".modules_to_save.")
 def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping | None = None, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """One adapter's tensors as saved on disk (detached, ``base_model.model.`` prefixed).
 
-    ``state_dict`` is accepted for signature compatibility with peft and ignored: the
-    tensors are read from the adapter modules themselves.
+    Read from the adapter modules themselves, or, when ``state_dict`` (the model's own
+    ``state_dict()``, e.g. gathered from FSDP shards) is given, from it by each tensor's name.
     """
     config = model.peft_config[adapter_name]
     tuner = model.tuner
     tensors = tuner.adapter_tensors(adapter_name, config)
+    if state_dict is not None:
+        tensors = _from_state_dict(model, tensors, state_dict)
     # A method may store tensors on disk in another form (AdaLoRA keeps only allocated ranks).
     to_disk = getattr(config, "checkpoint_tensors", None)
     if to_disk is not None:
         tensors = to_disk(tensors)
     out = {tuner.key_prefix + k: v.detach() for k, v in tensors.items()}
     out.update(tuner.extra_saved_tensors(adapter_name))
+    return out
+
+
+def _from_state_dict(model: nn.Module, live: dict[str, torch.Tensor], state_dict: Mapping) -> dict[str, torch.Tensor]:
+    """The values in ``state_dict`` of the live adapter tensors, matched by the model's own names."""
+    names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+    out, missing = {}, []
+    for key, tensor in live.items():
+        name = names.get(id(tensor))
+        if name is None or name not in state_dict:
+            missing.append(name or key)
+        else:
+            out[key] = state_dict[name]
+    if missing:
+        raise CheckpointError(
+            f"state_dict lacks {len(missing)} of this adapter's tensors (e.g. {missing[:3]}); pass the model's own "
+            f"state_dict() (same parameter names), or leave state_dict=None to read the live adapter."
+        )
     return out
 
 

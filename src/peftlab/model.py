@@ -180,13 +180,58 @@ class PeftModel(nn.Module):
         """Add another adapter (not active until :meth:`set_adapter`)."""
         self._add_adapter(adapter_name, peft_config)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one used in forward and trained."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the one used in forward, and trainable unless ``inference_mode`` (as peft).
+
+        An adapter loaded with ``is_trainable=False`` becomes trainable here, as in peft.
+        """
+        if not isinstance(adapter_name, str):
+            names = list(adapter_name)
+            if len(names) != 1:
+                raise AdapterStateError(
+                    f"peftlab activates one adapter at a time (got {names}); to apply several together use "
+                    f"merge_adapter({names}) (their updates add up, undo with unmerge_adapter()), or pass "
+                    f"adapter_names=[...] per row for a mixed batch."
+                )
+            adapter_name = names[0]
         if adapter_name not in self.peft_config:
             raise AdapterStateError(f"no adapter named {adapter_name!r}; known: {sorted(self.peft_config)}.")
         self.tuner.activate(adapter_name)
         self.active_adapter = adapter_name
+        self.peft_config[adapter_name].inference_mode = inference_mode
         self._mark_trainable()
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """A new LoRA adapter from weighted existing ones: "linear", "cat" or "svd" (see :mod:`peftlab.weighted`)."""
+        from peftlab.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
+    def get_layer_status(self) -> list[Any]:
+        """Per adapted layer: active, merged, trainable and available adapters (see :mod:`peftlab.model_status`)."""
+        from peftlab.model_status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The layer statuses summed up for the whole model (see :mod:`peftlab.model_status`)."""
+        from peftlab.model_status import get_model_status
+
+        return get_model_status(self)
+
+    def disable_adapter_layers(self) -> None:
+        """Run as the base model until :meth:`enable_adapter_layers` (``disable_adapter()`` is the scoped form)."""
+        if "_layers_off" not in self.__dict__:
+            switch = self.tuner.disabled()
+            switch.__enter__()
+            self.__dict__["_layers_off"] = switch
+
+    def enable_adapter_layers(self) -> None:
+        """Use the adapters again after :meth:`disable_adapter_layers`."""
+        switch = self.__dict__.pop("_layers_off", None)
+        if switch is not None:
+            switch.__exit__(None, None, None)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -258,23 +303,52 @@ class PeftModel(nn.Module):
 
     # ----- save / load ------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None, **_: Any
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Write each adapter as peft does: "default" in the folder, others in sub-folders."""
+        """Write each adapter as peft does: "default" in the folder, others in sub-folders, plus a model card.
+
+        ``safe_serialization=False`` writes ``adapter_model.bin`` (pickle) instead of safetensors;
+        ``is_main_process=False`` writes nothing (the other ranks of a distributed run);
+        ``state_dict`` (the model's full state dict, e.g. gathered under FSDP) is where the adapter
+        tensors are read from. See :func:`peftlab.hub.check_save_kwargs` for the rest.
+        """
+        from peftlab import hub
+
+        hub.check_save_kwargs(self, save_embedding_layers, kwargs)
         if os.path.isfile(save_directory):
             raise AdapterStateError(f"{save_directory} is a file; save_pretrained needs a folder path.")
         names = self._check_names(selected_adapters if selected_adapters is not None else list(self.peft_config))
+        if not is_main_process:
+            return
 
         def write(root: str) -> None:
             for name in names:
                 folder = os.path.join(root, name) if name != "default" else root
                 config = copy.deepcopy(self.peft_config[name])
                 config.inference_mode = True
-                checkpoint.save_adapter_weights(folder, get_peft_model_state_dict(self, adapter_name=name))
+                tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
+                if safe_serialization:
+                    checkpoint.save_adapter_weights(folder, tensors)
+                else:
+                    hub.save_pickled_weights(folder, tensors)
                 config.save_pretrained(folder)
+                hub.write_model_card(folder, config)
 
         # Whole-folder atomic: a reader or a kill sees the old folder or the new one, never a mix.
         adapter_folder.save_folder(save_directory, write)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapter folder (what :meth:`save_pretrained` writes) to the Hugging Face Hub, not the base model."""
+        from peftlab import hub
+
+        return hub.push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -286,18 +360,41 @@ class PeftModel(nn.Module):
         config: PeftConfig | None = None,
         subfolder: str | None = None,
         allow_pickle: bool = False,
+        revision: str | None = None,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
     ) -> "PeftModel":
-        """Wrap ``model`` and load a saved adapter; the model is left untouched on any error."""
+        """Wrap ``model`` and load a saved adapter; the model is left untouched on any error.
+
+        As in peft: ``revision`` picks the hub revision of the adapter repo; ``torch_device`` is
+        where the saved tensors are read to; ``autocast_adapter_dtype=False`` keeps adapters of a
+        float16/bfloat16 base in that dtype (default: float32, as peft); ``low_cpu_mem_usage`` is
+        accepted (adapters are built on the base layer's device, no meta-device stage to skip).
+        Returned as the ``PeftModelFor*`` class of the config's task type when called on PeftModel.
+        """
+        from peftlab import hub
+        from peftlab.task_models import task_model_class
+
+        hub.check_load_kwargs(kwargs)
+        model_id = hub.resolve_revision(model_id, revision, subfolder)
         if config is None:
             config, weights = checkpoint.load_adapter(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         else:
             config = copy.deepcopy(config)
             weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         config.inference_mode = not is_trainable
+        if torch_device is not None:
+            weights = {k: v.to(torch_device) for k, v in weights.items()}
+        if cls is PeftModel:
+            cls = task_model_class(config.task_type)
         flags = {p: p.requires_grad for p in model.parameters()}
         peft_model = cls(model, config, adapter_name)  # undoes itself if it fails
         try:
             set_peft_model_state_dict(peft_model, weights, adapter_name)
+            if not autocast_adapter_dtype:
+                hub.cast_adapter_to_base_dtype(peft_model, adapter_name)
         except BaseException:
             peft_model._rollback(adapter_name, flags)
             raise
@@ -311,11 +408,28 @@ class PeftModel(nn.Module):
         subfolder: str | None = None,
         allow_pickle: bool = False,
     ) -> None:
-        """Load a saved adapter next to the existing ones under ``adapter_name``."""
+        """Load a saved adapter next to the existing ones under ``adapter_name``.
+
+        If ``adapter_name`` exists already, its weights are replaced by the saved ones (as peft
+        does; the Trainer resumes and restores the best checkpoint this way).
+        """
+        if adapter_name in self.peft_config:
+            self._reload_weights(model_id, adapter_name, subfolder, allow_pickle)
+            return
         limits.check_adapter_name(adapter_name)
         config, weights = checkpoint.load_adapter(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         config.inference_mode = not is_trainable
         self._add_adapter(adapter_name, config, weights)
+
+    def _reload_weights(self, model_id: str | os.PathLike, adapter_name: str, subfolder: str | None, allow_pickle: bool) -> None:
+        """Copy a saved adapter's weights into the existing adapter ``adapter_name`` (checked first)."""
+        saved = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        if saved.peft_type != self.peft_config[adapter_name].peft_type:
+            raise AdapterStateError(
+                f"{os.fspath(model_id)} holds a {saved.peft_type.value} adapter but adapter {adapter_name!r} is "
+                f"{self.peft_config[adapter_name].peft_type.value}; load it under another name."
+            )
+        set_peft_model_state_dict(self, checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle), adapter_name)
 
     # ----- attribute fall-through ---------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -335,9 +449,35 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: Any, adap
     checkpoint.set_peft_model_state_dict(model, peft_model_state_dict, adapter_name)
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
     """Wrap ``model`` with a new adapter built from ``peft_config``; the base weights are frozen.
 
     On any error ``model`` is left as it was (PeftModel undoes a failed adapter itself).
+    Returns the ``PeftModelFor*`` class of ``peft_config.task_type`` (a PeftModel), as peft does.
+    ``autocast_adapter_dtype=False`` keeps adapters of a float16/bfloat16 base in that dtype;
+    ``revision`` is recorded in the config; ``low_cpu_mem_usage`` is accepted (no meta-device
+    stage here). ``mixed=True`` (peft's PeftMixedModel) is refused with what to use instead.
     """
-    return PeftModel(model, peft_config, adapter_name)
+    from peftlab import hub
+    from peftlab.task_models import task_model_class
+
+    if mixed:
+        raise AdapterStateError(
+            "peftlab has no PeftMixedModel (adapters of different methods in one model); use one method per model, "
+            "or several adapters of one method with add_adapter()/set_adapter()."
+        )
+    if revision is not None and isinstance(peft_config, PeftConfig):
+        peft_config = copy.deepcopy(peft_config)
+        peft_config.revision = revision
+    peft_model = task_model_class(getattr(peft_config, "task_type", None))(model, peft_config, adapter_name)
+    if not autocast_adapter_dtype:
+        hub.cast_adapter_to_base_dtype(peft_model, adapter_name)
+    return peft_model

@@ -109,7 +109,8 @@ def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = 
                 wrapper.merge(adapter_names if adapter_names is not None else wrapper.active_adapters)
             replace_submodule(model, name, wrapper.base_layer)
         else:
-            chosen = adapter_names if adapter_names is not None else wrapper.active_adapters
-            keep = next((wrapper.modules_to_save[n] for n in chosen if n in wrapper.modules_to_save), None) if merge else None
+            # As peft: with or without merging, and whatever adapter_names says, a fully trained
+            # module comes back as the active adapter's copy (the original if it has none).
+            keep = next((wrapper.modules_to_save[n] for n in wrapper.active_adapters if n in wrapper.modules_to_save), None)
             replace_submodule(model, name, keep if keep is not None else wrapper.original_module)
     return model
