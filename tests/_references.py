@@ -212,10 +212,35 @@ def prefix_reference_logits(base: nn.Module, saved: dict[str, torch.Tensor], inp
         return PREFIX_REFERENCES[type(base).__name__](model, saved[PROMPT_KEY], input_ids)
 
 
-def greedy_by_reference(forward, input_ids: torch.Tensor, steps: int, eos: int | None, pad: int | None) -> torch.Tensor:
-    """Greedy decoding with a full recompute per step through ``forward(ids) -> logits`` (decoder-only)."""
-    out = input_ids
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+def prompt_reference_logits(base: nn.Module, kind: str, saved: dict[str, torch.Tensor], num_virtual_tokens: int,
+                            input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Reference logits of a prompt method, or None where no reference is written (prefix tuning on T5).
+
+    ``kind`` "prefix": the hand-built attention above. "embeddings" (prompt tuning, P-tuning; Lester et
+    al. 2021): the saved rows go in front of the base model's own input embeddings, with the attention
+    mask covering them; causal-LM logits keep the n virtual positions in front, as peft's do.
+    """
+    if kind == "prefix":
+        if type(base).__name__ not in PREFIX_REFERENCES:
+            return None
+        return prefix_reference_logits(base, saved, input_ids)
+    model = with_saved_heads(base, saved).eval()
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(input_ids)
+        rows = saved[PROMPT_KEY][:num_virtual_tokens].to(embeds.dtype)
+        inputs = {"inputs_embeds": torch.cat((rows.expand(input_ids.shape[0], -1, -1), embeds), dim=1)}
+        inputs["attention_mask"] = torch.ones(inputs["inputs_embeds"].shape[:2], dtype=torch.long)
+        if decoder_input_ids is not None:
+            inputs["decoder_input_ids"] = decoder_input_ids
+        return model(**inputs).logits
+
+
+def greedy_by_reference(forward, start: torch.Tensor, steps: int, eos: int | None, pad: int | None) -> torch.Tensor:
+    """Greedy decoding with a full recompute per step: ``forward(sequence) -> logits`` whose last position
+    predicts the next token; ``start`` is the prompt (decoder-only) or the decoder start column (seq2seq).
+    Rows that produced EOS continue with the pad token, as ``generate`` does."""
+    out = start
+    done = torch.zeros(start.shape[0], dtype=torch.bool)
     for _ in range(steps):
         step = forward(out)[:, -1].argmax(-1)
         step = torch.where(done, torch.full_like(step, pad if pad is not None else 0), step)
