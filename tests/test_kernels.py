@@ -115,8 +115,10 @@ def test_fused_equals_plain_without_dropout(monkeypatch, bias, shape):
 def test_fused_float32_within_1e6(monkeypatch):
     model = lora_net(dtype=torch.float32)
     x = torch.randn(4, 6, 12)
+    assert FUSED_NODE in _graph_names(model(x.requires_grad_(True)))
     out, grads = run(model, x)
     monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    assert FUSED_NODE not in _graph_names(model(x))
     ref_out, ref_grads = run(model, x)
     assert_close_all({"out": out, **grads}, {"out": ref_out, **ref_grads}, rtol=1e-6, atol=1e-6)
 
