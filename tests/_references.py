@@ -184,11 +184,57 @@ def bert_prefix_reference(model: nn.Module, rows: torch.Tensor, input_ids: torch
     return head.out_proj(torch.tanh(head.dense(h[:, 0])))
 
 
+def t5_prefix_reference(model: nn.Module, rows: torch.Tensor, input_ids: torch.Tensor,
+                        decoder_input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a T5ForConditionalGeneration whose decoder self-attention also attends to the prefix.
+
+    The encoder and cross-attention are untouched. peft's seq2seq layout doubles the row blocks and
+    reads them in groups of four (self k, self v, cross k, cross v), so decoder layer i takes blocks
+    4i and 4i + 1 modulo 2 * num_layers. T5 attention is unscaled and carries a relative position
+    bias (layer 0's table, shared by all layers) from query positions n..n+T-1 to keys 0..n+T-1.
+    """
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    cfg = model.config
+    heads, layers = cfg.num_heads, cfg.num_decoder_layers
+    n, length = rows.shape[0], decoder_input_ids.shape[1]
+    blocks = rows.reshape(n, layers * 2, heads, -1).permute(1, 2, 0, 3)
+    encoded = model.encoder(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
+    decoder = model.decoder
+    table = decoder.block[0].layer[0].SelfAttention.relative_attention_bias
+    relative = torch.arange(n + length)[None, :] - torch.arange(n, n + length)[:, None]  # key - query
+    buckets = T5Attention._relative_position_bucket(relative, bidirectional=False, num_buckets=cfg.relative_attention_num_buckets,
+                                                    max_distance=cfg.relative_attention_max_distance)
+    bias = table(buckets).permute(2, 0, 1)[None]  # (1, heads, T, n + T)
+    seen = torch.ones(length, n + length, dtype=torch.bool)
+    seen[:, n:] = torch.ones(length, length, dtype=torch.bool).tril()
+    eps = cfg.layer_norm_epsilon
+    h = decoder.embed_tokens(decoder_input_ids)
+    for i, block in enumerate(decoder.block):
+        sa = block.layer[0].SelfAttention
+        x = _rms(h, block.layer[0].layer_norm, eps)
+        keys = torch.cat((blocks[(4 * i) % (2 * layers)].expand(h.shape[0], -1, -1, -1), _heads(sa.k(x), heads)), dim=2)
+        values = torch.cat((blocks[(4 * i + 1) % (2 * layers)].expand(h.shape[0], -1, -1, -1), _heads(sa.v(x), heads)), dim=2)
+        scores = (_heads(sa.q(x), heads) @ keys.transpose(-1, -2) + bias).masked_fill(~seen, float("-inf"))
+        h = h + sa.o(_merge_heads(scores.softmax(-1) @ values))
+        ca = block.layer[1].EncDecAttention
+        x = _rms(h, block.layer[1].layer_norm, eps)
+        scores = _heads(ca.q(x), heads) @ _heads(ca.k(encoded), heads).transpose(-1, -2)
+        h = h + ca.o(_merge_heads(scores.softmax(-1) @ _heads(ca.v(encoded), heads)))
+        ff = block.layer[2].DenseReluDense
+        h = h + ff.wo(F.relu(ff.wi(_rms(h, block.layer[2].layer_norm, eps))))
+    h = _rms(h, decoder.final_layer_norm, eps)
+    if cfg.tie_word_embeddings:  # T5 rescales before a tied output layer
+        h = h * cfg.d_model ** -0.5
+    return model.lm_head(h)
+
+
 PREFIX_REFERENCES = {
     "LlamaForCausalLM": llama_prefix_reference,
     "GPT2LMHeadModel": gpt2_prefix_reference,
     "BertForSequenceClassification": bert_prefix_reference,
     "RobertaForSequenceClassification": bert_prefix_reference,
+    "T5ForConditionalGeneration": t5_prefix_reference,  # takes decoder_input_ids too
 }
 
 
@@ -205,16 +251,19 @@ def with_saved_heads(base: nn.Module, saved: dict[str, torch.Tensor]) -> nn.Modu
     return model
 
 
-def prefix_reference_logits(base: nn.Module, saved: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+def prefix_reference_logits(base: nn.Module, saved: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                            decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
     """What a prefix-tuned ``base`` with these saved tensors must output for ``input_ids`` (eval mode, no grad)."""
     model = with_saved_heads(base, saved).eval()
     with torch.no_grad():
+        if decoder_input_ids is not None:
+            return t5_prefix_reference(model, saved[PROMPT_KEY], input_ids, decoder_input_ids)
         return PREFIX_REFERENCES[type(base).__name__](model, saved[PROMPT_KEY], input_ids)
 
 
 def prompt_reference_logits(base: nn.Module, kind: str, saved: dict[str, torch.Tensor], num_virtual_tokens: int,
                             input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Reference logits of a prompt method, or None where no reference is written (prefix tuning on T5).
+    """Reference logits of a prompt method, or None where no reference is written.
 
     ``kind`` "prefix": the hand-built attention above. "embeddings" (prompt tuning, P-tuning; Lester et
     al. 2021): the saved rows go in front of the base model's own input embeddings, with the attention
@@ -223,7 +272,7 @@ def prompt_reference_logits(base: nn.Module, kind: str, saved: dict[str, torch.T
     if kind == "prefix":
         if type(base).__name__ not in PREFIX_REFERENCES:
             return None
-        return prefix_reference_logits(base, saved, input_ids)
+        return prefix_reference_logits(base, saved, input_ids, decoder_input_ids)
     model = with_saved_heads(base, saved).eval()
     with torch.no_grad():
         embeds = model.get_input_embeddings()(input_ids)

@@ -21,7 +21,7 @@ from _references import (
     lora_linear_reference,
     prefix_reference_logits,
 )
-from conftest import text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta
+from conftest import seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5
 
 # float64 throughout the LoRA/DoRA checks: a few dozen products and sums of O(1) terms each, so
 # rounding stays near 1e-15; 1e-12 leaves room without letting any formula change through.
@@ -110,6 +110,7 @@ PREFIX_BUILDS = {
     "gpt2": (tiny_gpt2, "CAUSAL_LM", dict(num_virtual_tokens=4)),
     "bert-seq-cls": (tiny_bert_cls, "SEQ_CLS", dict(num_virtual_tokens=4)),
     "roberta-seq-cls-projection": (tiny_roberta, "SEQ_CLS", dict(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),
+    "t5-seq2seq": (tiny_t5, "SEQ_2_SEQ_LM", dict(num_virtual_tokens=4)),
 }
 
 
@@ -129,8 +130,8 @@ def _prefix_model(name: str):
 @pytest.mark.parametrize("name", list(PREFIX_BUILDS))
 def test_prefix_forward_matches_hand_built_attention(name):
     base, model = _prefix_model(name)
-    inputs = text_inputs()
-    expected = prefix_reference_logits(base, get_peft_model_state_dict(model), inputs["input_ids"])
+    inputs = seq2seq_inputs() if base.config.is_encoder_decoder else text_inputs()
+    expected = prefix_reference_logits(base, get_peft_model_state_dict(model), inputs["input_ids"], inputs.get("decoder_input_ids"))
     with torch.no_grad():
         got = model(**inputs).logits
         assert not torch.allclose(expected, base(**inputs).logits, atol=1e-3), "the prefix must change the output"
