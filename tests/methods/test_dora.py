@@ -138,3 +138,27 @@ def test_unsupported_layer_is_rejected():
 def test_config_roundtrip_keeps_use_dora(tmp_path):
     LoraConfig(use_dora=True, target_modules=["q"]).save_pretrained(tmp_path)
     assert peftlab.PeftConfig.from_pretrained(tmp_path).use_dora is True
+
+
+def test_dropout_reaches_both_terms_in_training():
+    """With dropout in training, peft's DoRA output is ``W x + b + (k - 1) W d(x) + k s B A d(x)``, k = m / ||W + s B A||:
+    the dropped input goes through the magnitude term too (a mutation that skipped the recompute survived)."""
+    torch.manual_seed(0)
+    net = OneLinear().double()
+    weight, bias = net.lin.weight.detach().clone(), net.lin.bias.detach().clone()
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=6, target_modules=["lin"], use_dora=True,
+                                           init_lora_weights=False, lora_dropout=0.5))
+    state = peftlab.get_peft_model_state_dict(model)
+    state["base_model.model.lin.lora_magnitude_vector"] = torch.tensor([0.5, 1.5, 2.0, 3.0], dtype=torch.float64)
+    peftlab.set_peft_model_state_dict(model, state)
+    lora_a, lora_b, magnitude = (state[f"base_model.model.lin.{k}"] for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+    x = torch.randn(6, 5, dtype=torch.float64)
+    model.train()
+    torch.manual_seed(3)
+    got = model(x)
+    torch.manual_seed(3)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)  # the adapter's one random draw
+    assert not torch.equal(dropped, x)
+    k = magnitude / (weight + 3.0 * lora_b @ lora_a).norm(dim=1)
+    expected = x @ weight.T + bias + (k - 1) * (dropped @ weight.T) + k * 3.0 * (dropped @ lora_a.T @ lora_b.T)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
