@@ -131,8 +131,17 @@ def test_checkpoint_key_is_peft_s():
 
 
 def test_unsupported_layer_is_rejected():
-    with pytest.raises(TargetModuleError, match="use_dora=False"):
+    with pytest.raises(TargetModuleError, match=r"conv \(Conv2d\).*use_dora=False"):
         get_peft_model(ConvNet(), LoraConfig(target_modules=["conv"], use_dora=True))
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_init_lora_weights_reaches_the_dora_factors(init):
+    """True: B = 0 (DoRA starts as the base layer); False: both factors random (a mutation that dropped it survived)."""
+    torch.manual_seed(0)
+    model = get_peft_model(OneLinear(), LoraConfig(r=2, target_modules=["lin"], use_dora=True, init_lora_weights=init))
+    lora_b = peftlab.get_peft_model_state_dict(model)["base_model.model.lin.lora_B.weight"]
+    assert bool((lora_b == 0).all()) == init
 
 
 def test_config_roundtrip_keeps_use_dora(tmp_path):
