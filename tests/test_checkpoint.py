@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 
 from peftlab import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -57,18 +58,25 @@ def test_save_is_atomic_when_writer_fails(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
 
+    state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}  # the tensors are live views
+    set_peft_model_state_dict(model, {k: v + 1 for k, v in state.items()})  # the failed save would change the file
+
     import safetensors.torch
 
+    calls = []
+
     def broken_save(tensors, path, metadata=None):
+        calls.append(path)
         with open(path, "wb") as fh:
             fh.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
-    try:
+    with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
-    except OSError:
-        pass
+    assert len(calls) == 1, "the failing writer was never reached"
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
+    for key, value in get_peft_model_state_dict(loaded).items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)  # the first save's values

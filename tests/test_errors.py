@@ -111,7 +111,7 @@ def test_load_adapter_failure_keeps_existing_adapters(tmp_path):
 
 
 def test_pickle_weights_need_explicit_permission(tmp_path):
-    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2))
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, init_lora_weights=False))
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 
@@ -119,7 +119,12 @@ def test_pickle_weights_need_explicit_permission(tmp_path):
     (tmp_path / "adapter_model.safetensors").unlink()
     with pytest.raises(peftlab.CheckpointError, match="allow_pickle=True"):
         PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
-    PeftModel.from_pretrained(tiny_bert_cls(), tmp_path, allow_pickle=True)
+    loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path, allow_pickle=True)
+    expected = peftlab.get_peft_model_state_dict(model)
+    got = peftlab.get_peft_model_state_dict(loaded)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_missing_folder(tmp_path):

@@ -132,8 +132,10 @@ def abs_magnitudes(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
 def test_fused_float32_matches_plain_within_fp32_rounding(monkeypatch):
     model = lora_net(dtype=torch.float32)
     x = torch.randn(4, 6, 12)
+    assert FUSED_NODE in _graph_names(model(x.requires_grad_(True)))
     out, grads = run(model, x)
     monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    assert FUSED_NODE not in _graph_names(model(x))
     ref_out, ref_grads = run(model, x)
     # The two paths sum in different orders (and ATen's AVX-512 / AVX2 / default kernels differ
     # again). The longest chain of sums behind any element: 4 * 6 rows (weight gradients),

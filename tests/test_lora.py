@@ -53,9 +53,13 @@ def test_forward_matches_hand_computation():
     torch.testing.assert_close(model(x), expected)
 
 
-def test_rslora_scaling():
-    model = get_peft_model(TwoLinear(), LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["a"]))
-    assert model.get_base_model().a.adapters["default"].scaling == pytest.approx(8 / math.sqrt(4))
+@pytest.mark.parametrize("r", [2, 3, 8, 16])  # not 4: there sqrt(r) == r / 2, so 2 * alpha / r would pass
+def test_rslora_scaling(r):
+    from peftlab.functional import lora_scaling
+
+    assert lora_scaling(r, 8, use_rslora=True) == pytest.approx(8 / math.sqrt(r))
+    assert lora_scaling(r, 8, use_rslora=False) == pytest.approx(8 / r)
+    # the layer's output at these ranks: tests/test_references.py::test_lora_output_and_merge_match_hand_computation
 
 
 def test_rank_and_alpha_pattern():

@@ -55,9 +55,16 @@ def test_quantize_replaces_linears_and_stays_close(name):
     assert rel < (0.15 if CONFIGS[name].bits == 4 else 0.02)
     assert rel > 0  # it really is quantized
     inputs = text_inputs()
+    torch.manual_seed(1)
+    unrelated = tiny_llama().eval()
     with torch.no_grad():
-        a, b = full(**inputs).logits, quant(**inputs).logits
-    assert torch.allclose(a.softmax(-1), b.softmax(-1), atol=0.05)
+        a, b, c = full(**inputs).logits, quant(**inputs).logits, unrelated(**inputs).logits
+    # Each layer's output moves by about its weights' relative error and the residual stream does not
+    # amplify it (measured: logits 0.06 / 0.09 / 0.005 for weights 0.09 / 0.12 / 0.005), so the logits
+    # stay within the weight bound; a random model with other weights is off by ~1.4.
+    bound = 0.15 if CONFIGS[name].bits == 4 else 0.02
+    assert float((b - a).norm() / a.norm()) < bound
+    assert float((c - a).norm() / a.norm()) > 5 * bound  # uncorrelated logits: ~sqrt(2); the check tells models apart
     ratio = weight_bytes(full) / weight_bytes(quant)
     assert ratio > (3.0 if CONFIGS[name].bits == 4 else 2.0)
 

@@ -55,7 +55,10 @@ def test_candidates_lists_linear_layers():
     found = {c.name: c for c in candidates(tiny_bert_cls())}
     query = found["bert.encoder.layer.0.attention.self.query"]
     assert query.type_name == "Linear" and query.shape == (32, 32) and query.num_params == 32 * 32 + 32
-    assert isinstance(nn.Linear(1, 1), nn.Module)
+    model = tiny_bert_cls()
+    expected = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d))}
+    assert set(found) == expected  # every Linear and Embedding (word, position, token type), nothing else
+    assert found["bert.embeddings.word_embeddings"].shape == (99, 32)
 
 
 def test_peft_wrapper_names_in_target_modules_are_ignored():

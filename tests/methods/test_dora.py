@@ -74,12 +74,34 @@ def test_forward_matches_decomposed_weight():
     torch.testing.assert_close(model(x), x @ expected_w.T + b)
 
 
+def _trainable(model: nn.Module, part: str) -> nn.Parameter:
+    found = [p for n, p in model.named_parameters() if part in n and p.requires_grad]
+    assert len(found) == 1, (part, [n for n, _ in model.named_parameters()])
+    return found[0]
+
+
 def test_norm_is_constant_in_backward():
-    model, _, _ = _dora_model(init_lora_weights=False)
-    ad = model.get_base_model().lin.adapters["default"]
-    model(torch.randn(3, 5)).sum().backward()
-    assert ad.lora_magnitude_vector.weight.grad is not None and ad.lora_A.weight.grad is not None
-    assert model.get_base_model().lin.base_layer.weight.grad is None
+    """DoRA treats ||W + s B A|| as a constant in backward (paper, section 4.3): the gradients equal the
+    hand-written formula of tests/_references.py::dora_gradients. Differentiating the norm adds terms
+    to dL/dA and dL/dB (and dL/dm stays the same), so only A's and B's gradients can tell."""
+    from _references import dora_gradients
+
+    torch.manual_seed(0)
+    net = OneLinear().double()
+    original = net.lin
+    weight, bias = original.weight.detach().clone(), original.bias.detach().clone()
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=6, target_modules=["lin"], use_dora=True, init_lora_weights=False))
+    state = peftlab.get_peft_model_state_dict(model)
+    state["base_model.model.lin.lora_magnitude_vector"] = torch.tensor([0.5, 1.5, 2.0, 3.0], dtype=torch.float64)
+    peftlab.set_peft_model_state_dict(model, state)
+    lora_a, lora_b, magnitude = (state[f"base_model.model.lin.{k}"] for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+    x, g = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    model.train()
+    (model(x) * g).sum().backward()
+    expected = dora_gradients(x, g, weight, lora_a, lora_b, magnitude, scaling=3.0)
+    for part in ("magnitude", "lora_A", "lora_B"):  # float64, a few dozen terms: rounding ~1e-15
+        torch.testing.assert_close(_trainable(model, part).grad, expected[part], rtol=1e-12, atol=1e-12, msg=part)
+    assert original.weight.grad is None
 
 
 def test_gradients_match_peft():
@@ -109,10 +131,43 @@ def test_checkpoint_key_is_peft_s():
 
 
 def test_unsupported_layer_is_rejected():
-    with pytest.raises(TargetModuleError, match="use_dora=False"):
+    with pytest.raises(TargetModuleError, match=r"conv \(Conv2d\).*use_dora=False"):
         get_peft_model(ConvNet(), LoraConfig(target_modules=["conv"], use_dora=True))
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_init_lora_weights_reaches_the_dora_factors(init):
+    """True: B = 0 (DoRA starts as the base layer); False: both factors random (a mutation that dropped it survived)."""
+    torch.manual_seed(0)
+    model = get_peft_model(OneLinear(), LoraConfig(r=2, target_modules=["lin"], use_dora=True, init_lora_weights=init))
+    lora_b = peftlab.get_peft_model_state_dict(model)["base_model.model.lin.lora_B.weight"]
+    assert bool((lora_b == 0).all()) == init
 
 
 def test_config_roundtrip_keeps_use_dora(tmp_path):
     LoraConfig(use_dora=True, target_modules=["q"]).save_pretrained(tmp_path)
     assert peftlab.PeftConfig.from_pretrained(tmp_path).use_dora is True
+
+
+def test_dropout_reaches_both_terms_in_training():
+    """With dropout in training, peft's DoRA output is ``W x + b + (k - 1) W d(x) + k s B A d(x)``, k = m / ||W + s B A||:
+    the dropped input goes through the magnitude term too (a mutation that skipped the recompute survived)."""
+    torch.manual_seed(0)
+    net = OneLinear().double()
+    weight, bias = net.lin.weight.detach().clone(), net.lin.bias.detach().clone()
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=6, target_modules=["lin"], use_dora=True,
+                                           init_lora_weights=False, lora_dropout=0.5))
+    state = peftlab.get_peft_model_state_dict(model)
+    state["base_model.model.lin.lora_magnitude_vector"] = torch.tensor([0.5, 1.5, 2.0, 3.0], dtype=torch.float64)
+    peftlab.set_peft_model_state_dict(model, state)
+    lora_a, lora_b, magnitude = (state[f"base_model.model.lin.{k}"] for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+    x = torch.randn(6, 5, dtype=torch.float64)
+    model.train()
+    torch.manual_seed(3)
+    got = model(x)
+    torch.manual_seed(3)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)  # the adapter's one random draw
+    assert not torch.equal(dropped, x)
+    k = magnitude / (weight + 3.0 * lora_b @ lora_a).norm(dim=1)
+    expected = x @ weight.T + bias + (k - 1) * (dropped @ weight.T) + k * 3.0 * (dropped @ lora_a.T @ lora_b.T)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
