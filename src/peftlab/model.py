@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import checkpoint, quantization, regroup, surgery, targeting
+from peftlab import activation_checkpointing, causal_loss, checkpoint, quantization, regroup, surgery, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.layers import BASE_ROW, AdaptedLayer, ModulesToSave, iter_wrappers
@@ -32,6 +32,11 @@ class PeftModel(nn.Module):
     Build one with :func:`peftlab.get_peft_model` or :meth:`PeftModel.from_pretrained`.
     Attribute access falls through to the wrapped model (``config``, ``generate``, ...).
     """
+
+    #: In training mode with ``labels``, supported causal LMs compute the loss in chunks without
+    #: full-vocabulary logits (``outputs.logits`` is then None); False gives the stock output.
+    #: See :mod:`peftlab.causal_loss`.
+    chunked_causal_loss: bool = True
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -174,6 +179,9 @@ class PeftModel(nn.Module):
         if prompt is not None:
             return self.base_model(**prompt.forward_kwargs(self.base_model, _named_inputs(self.base_model, args, kwargs)))
         if adapter_names is None:
+            if labels is not None and self.chunked_causal_loss and causal_loss.applies(self.get_base_model(), labels, kwargs):
+                del kwargs["labels"]
+                return causal_loss.chunked_forward(self.get_base_model(), labels, args, kwargs, call=self.base_model)
             return self.base_model(*args, **kwargs)
         names = list(adapter_names)
         order = regroup.grouping_order(names)
@@ -192,6 +200,15 @@ class PeftModel(nn.Module):
             # Something in the output is not a batch-first tensor: run again in the caller's order.
         with self._rows_routed(names):
             return self.base_model(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the base model's blocks (and their adapters) in backward; see :mod:`peftlab.activation_checkpointing`."""
+        activation_checkpointing.enable(self.get_base_model(), activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """The older name of :meth:`activation_checkpointing_enable` (transformers and peft still call it)."""
+        activation_checkpointing.enable(self.get_base_model(), gradient_checkpointing_kwargs, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         prompt = self._active_prompt(adapter_names)
