@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--nf4", choices=["on", "off"], default="on", help="include the 4-bit NF4 variants")
     parser.add_argument("--variants", nargs="*", help="only these variant names (default: all that apply)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timed rounds (warm-up steps still run)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     bf16 = args.autocast == "bf16"
@@ -163,7 +164,7 @@ def main() -> None:
         models["lora_stockloss/peftlab"].chunked_causal_loss = False
     steps = {n: step_fn(m, inputs, bf16) for n, m in models.items()}
 
-    times = C.alternate(steps, rounds=args.rounds, warmup=args.warmup)
+    times = C.alternate(steps, rounds=0 if args.memory_only else args.rounds, warmup=args.warmup)
     memory: dict[str, dict[str, float]] = {}
     if not args.no_memory:
         for n in names:
@@ -174,30 +175,31 @@ def main() -> None:
 
     tokens = args.batch * args.seq
     table, rows = {}, []
+    timed = not args.memory_only
     for n in names:
-        entry = {"median_s": C.median(times[n]), "tokens_per_s": tokens / C.median(times[n]), "times_s": times[n],
-                 "memory_mb": memory.get(n)}
-        if "full_ft" in times:
+        entry = {"median_s": C.median(times[n]) if timed else None, "times_s": times[n], "memory_mb": memory.get(n)}
+        entry["tokens_per_s"] = tokens / entry["median_s"] if timed else None
+        if "full_ft" in times and timed:
             entry["vs_full_ft"] = C.paired_ratio(times, n, "full_ft")
         peer = n.replace("/peftlab", "/peft")
-        if n.endswith("/peftlab") and peer in times:
+        if n == "lora_stockloss/peftlab":
+            peer = "lora/peft"
+        if n.endswith("/peftlab") and peer in times and timed:
             entry["vs_peft"] = C.paired_ratio(times, n, peer)
-        if n == "lora_stockloss/peftlab" and "lora/peft" in times:
-            entry["vs_peft"] = C.paired_ratio(times, n, "lora/peft")
-        if n == "lora_gc/peftlab" and "lora/peftlab" in times:
-            entry["vs_no_gc"] = C.paired_ratio(times, n, "lora/peftlab")
+        if n.startswith("lora_gc/") and n.replace("lora_gc/", "lora/") in times and timed:
+            entry["vs_no_gc"] = C.paired_ratio(times, n, n.replace("lora_gc/", "lora/"))
         table[n] = entry
         mem = memory.get(n, {})
         peer_mem = memory.get(peer if peer != n else "", {})
         rows.append([
-            n, f"{entry['median_s'] * 1000:.0f}", f"{entry['tokens_per_s']:.0f}",
+            n, f"{entry['median_s'] * 1000:.0f}" if timed else "", f"{entry['tokens_per_s']:.0f}" if timed else "",
             f"{entry['vs_full_ft']:.2f}" if "vs_full_ft" in entry else "",
             f"{entry['vs_peft']:.2f}" if "vs_peft" in entry else "",
             f"{mem['peak_rss_rise_mb']:.0f}" if mem else "", f"{mem['total_mb']:.0f}" if mem else "",
             f"{mem['peak_rss_rise_mb'] / peer_mem['peak_rss_rise_mb']:.2f}" if mem and peer_mem else "",
         ])
     C.print_table(["variant", "ms", "tokens/s", "x full FT", "x peft", "RSS rise MB", "saved+grads MB", "RSS x peft"], rows)
-    name = f"causal_seq{args.seq}_b{args.batch}" + ("_bf16" if bf16 else "") + (f"_{args.tag}" if args.tag else "")
+    name = f"causal_seq{args.seq}_b{args.batch}" + ("_bf16" if bf16 else "") + ("_memory" if args.memory_only else "") + (f"_{args.tag}" if args.tag else "")
     C.write_results(name, {"model": "smollm2-135m", "seq": args.seq, "batch": args.batch, "rounds": args.rounds,
                            "warmup": args.warmup, "autocast": args.autocast, "lora": LORA, "results": table})
 
