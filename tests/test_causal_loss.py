@@ -262,3 +262,14 @@ def test_trainable_tied_head_gets_the_weight_gradient():
     assert any(n.endswith("lm_head.weight") for n in ours)
     for n in ref:
         torch.testing.assert_close(ours[n], ref[n], rtol=0, atol=1e-10, msg=n)
+
+
+def test_prompt_methods_keep_the_stock_loss():
+    from peftlab import PromptTuningConfig
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ids, labels = _batch()
+    model.train()
+    out = model(input_ids=ids, labels=labels)  # labels are padded for the virtual tokens by the prompt method
+    assert out.logits is not None and out.logits.shape == (3, 15, 99) and torch.isfinite(out.loss)
