@@ -273,3 +273,11 @@ def test_prompt_methods_keep_the_stock_loss():
     model.train()
     out = model(input_ids=ids, labels=labels)  # labels are padded for the virtual tokens by the prompt method
     assert out.logits is not None and out.logits.shape == (3, 15, 99) and torch.isfinite(out.loss)
+
+
+def test_labels_of_the_wrong_length_are_refused():
+    model = _lora_model("llama", dropout=0.0)
+    ids, labels = _batch()
+    model.train()
+    with pytest.raises(ValueError, match="one label per input token"):
+        model(input_ids=ids, labels=labels[:, :-2])

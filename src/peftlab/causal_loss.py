@@ -134,6 +134,9 @@ def linear_cross_entropy(
     up to the order of fp32 sums.
     """
     width = hidden.shape[-1]
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the model produced {tuple(hidden.shape[:-1])} "
+                         f"positions; give one label per input token (-100 to ignore one).")
     shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
     keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
     h = hidden.reshape(-1, width).index_select(0, keep)  # (n, H): only rows whose prediction counts
