@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import adapter_folder, checkpoint, limits, quantization, targeting
+from peftlab import activation_checkpointing, adapter_folder, causal_loss, checkpoint, limits, quantization, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
 from peftlab.errors import AdapterStateError, PeftConfigError
 from peftlab.layers import BASE_ROW
@@ -36,6 +36,11 @@ class PeftModel(nn.Module):
     Build one with :func:`peftlab.get_peft_model` or :meth:`PeftModel.from_pretrained`.
     Attribute access falls through to the wrapped model (``config``, ``generate``, ...).
     """
+
+    #: In training mode with ``labels``, supported causal LMs compute the loss in chunks without
+    #: full-vocabulary logits (``outputs.logits`` is then None); False gives the stock output.
+    #: See :mod:`peftlab.causal_loss`.
+    chunked_causal_loss: bool = True
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -164,7 +169,21 @@ class PeftModel(nn.Module):
             kwargs["labels"] = labels
         if adapter_names is not None:
             known_rows(adapter_names, list(self.peft_config))
+        elif (labels is not None and self.chunked_causal_loss and not isinstance(self.tuner, PromptTuner)
+              and causal_loss.applies(self.get_base_model(), labels, kwargs)):
+            # (prompt methods prepend virtual tokens and pad the labels to match: stock loss for them)
+            del kwargs["labels"]
+            return causal_loss.chunked_forward(self.get_base_model(), labels, args, kwargs, call=self.tuner)
         return self.tuner(*args, adapter_names=adapter_names, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the base model's blocks (and their adapters) in backward; see :mod:`peftlab.activation_checkpointing`."""
+        activation_checkpointing.enable(self.get_base_model(), activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        """The older name of :meth:`activation_checkpointing_enable` (transformers and peft still call it)."""
+        activation_checkpointing.enable(self.get_base_model(), gradient_checkpointing_kwargs, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is not None:

@@ -113,6 +113,8 @@ def test_train_causal_learns_the_labels(tmp_path, quantized):
         output_dir=tmp_path / "adapter", quant=QuantConfig() if quantized else None,
     )
     assert result.steps == 48 and result.step_seconds > 0
+    tokens = 6 * sum(len(r["input_ids"]) for r in build_causal_dataset(train, tok))  # no padding counted
+    assert result.tokens_per_second == pytest.approx(tokens / result.train_seconds)
     assert result.eval["accuracy"] == 1.0
     assert result.eval["perplexity"] < min(before_ppl, 1.5)
     layer = result.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer

@@ -78,6 +78,22 @@ def test_causal_train_records_exact_match_and_perplexity(trained, llama_dir, cau
     assert perplexity(model, build_causal_dataset(rows, tok), tok.pad_token_id) == pytest.approx(run["perplexity"], rel=1e-4)
     md = (trained / "results.md").read_text()
     assert "| perplexity |" in md and f"{run['perplexity']:.3f}" in md and "exact match" in md
+    # tokens/s: every non-padding token of the 64 training rows, 6 epochs, over the training time
+    tokens = sum(len(r["input_ids"]) for r in build_causal_dataset(read_jsonl(causal_data / "train.jsonl"), tok))
+    assert run["train_tokens"] == 6 * tokens
+    assert run["tokens_per_second"] == pytest.approx(run["train_tokens"] / run["train_seconds"], rel=1e-3)
+    assert "| tokens/s |" in md and f"| {run['tokens_per_second']:.0f} |" in md
+
+
+def test_gradient_checkpointing_run_with_the_chunked_loss(tmp_path, llama_dir, causal_data, capsys):
+    out = tmp_path / "gc"
+    lora = ["--method", "lora", "--option", "r=4", "--option", "target_modules=all-linear"]  # plain head: chunked loss
+    code = main(["train", "--model", str(llama_dir), "--dataset", str(causal_data), "--output-dir", str(out),
+                 "--epochs", "1", "--gradient-checkpointing", *FAST, *lora])
+    assert code == 0, capsys.readouterr().err
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["status"] == "ok" and run["run"]["train"]["gradient_checkpointing"] is True
+    assert run["tokens_per_second"] > 0 and run["loss_curve"] and all(l == l for _, l in run["loss_curve"])
 
 
 def test_generate_cli_end_to_end(trained, capsys):

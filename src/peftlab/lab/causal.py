@@ -271,6 +271,7 @@ class CausalResult:
     steps: int
     eval: dict[str, float] = field(default_factory=dict)
     output_dir: str | None = None
+    tokens_per_second: float | None = None  # non-padding input tokens trained on per second of training
     model: Any = field(default=None, repr=False, compare=False)  # the trained PeftModel, for more evaluation
 
 
@@ -352,13 +353,14 @@ def train_causal(
             output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
             per_device_train_batch_size=batch_size, save_strategy="no", report_to=[], seed=seed,
             logging_steps=10, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
-            lr_scheduler_type="linear", warmup_steps=0,
+            lr_scheduler_type="linear", warmup_steps=0, include_num_input_tokens_seen="non_padding",
         )
         trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, data_collator=collator(tokenizer), callbacks=[timer.callback, *callbacks])
         start = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - start
     result = CausalResult(float(output.training_loss), seconds, timer.median(), int(output.global_step))
+    result.tokens_per_second = trainer.state.num_input_tokens_seen / seconds if seconds > 0 else None
     if eval_rows:
         pad_id = tokenizer.pad_token_id
         eval_set = build_causal_dataset(eval_rows, tokenizer, template, max_length)

@@ -71,6 +71,8 @@ def _experiment_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--cpu", action="store_true", default=None, help="train on CPU even if a GPU is present")
     t.add_argument("--bf16", action="store_true", default=None,
                    help="mixed precision: compute in bfloat16 under autocast (weights and optimizer stay fp32)")
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward: less memory, slower steps")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="hide progress bars (automatic when output is not a terminal)")
     _verbose_flag(p, default=argparse.SUPPRESS)
@@ -119,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     data = {key: getattr(args, dest) for dest, key in _DATA_FLAGS.items() if getattr(args, dest) is not None}
     train = {key: getattr(args, dest) for dest, key in _TRAIN_FLAGS.items() if getattr(args, dest) is not None}
-    for flag in ("keep_checkpoints", "cpu", "bf16", "progress"):
+    for flag in ("keep_checkpoints", "cpu", "bf16", "gradient_checkpointing", "progress"):
         if getattr(args, flag) is not None:
             train[flag] = getattr(args, flag)
     if "progress" not in train and not sys.stderr.isatty():

@@ -75,6 +75,9 @@ class TrainConfig:
         bf16: mixed precision: forward and backward under bfloat16 autocast, weights and optimizer
             state in fp32. On CPUs with AVX512-BF16/AMX a MiniLM training step takes ~0.7x the
             fp32 time (docs/benchmarks.md); accuracy can differ slightly from fp32.
+        gradient_checkpointing: recompute each block's activations in backward instead of keeping
+            them (transformers' activation checkpointing; adapters are recomputed with their block,
+            same gradients). Less memory for long sequences, slower steps (docs/benchmarks.md).
         progress: show progress bars.
     """
 
@@ -94,6 +97,7 @@ class TrainConfig:
     logging_steps: int = 10
     cpu: bool = False
     bf16: bool = False
+    gradient_checkpointing: bool = False
     progress: bool = True
 
 

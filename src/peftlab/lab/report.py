@@ -49,7 +49,8 @@ def columns(runs: list[RunResult]) -> tuple[str, ...]:
     the compute precision when any run used bf16 autocast (its times and memory differ)."""
     extra = (("perplexity",) if _causal(runs) else ()) + (("base",) if _quantized(runs) else ())
     extra += ("precision",) if any(_bf16(r) for r in runs) else ()
-    return COLUMNS[:8] + extra + COLUMNS[8:]
+    speed = ("tokens/s",) if _causal(runs) else ()
+    return COLUMNS[:8] + extra + COLUMNS[8:9] + speed + COLUMNS[9:]
 
 
 def _base(r: RunResult) -> str:
@@ -71,7 +72,7 @@ def rows(runs: list[RunResult]) -> list[list[str]]:
             _fmt(r.eval_loss, ".4f"),
             *([_fmt(r.perplexity, ".3f")] if causal else []), *([_base(r)] if quantized else []),
             *(["bf16 autocast" if _bf16(r) else "fp32"] if mixed_precision else []),
-            _fmt(r.train_seconds, ".1f"), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.cuda_peak_mb, ".0f"),
+            _fmt(r.train_seconds, ".1f"), *([_fmt(r.tokens_per_second, ".0f")] if causal else []), _fmt(r.peak_rss_mb, ".0f"), _fmt(r.cuda_peak_mb, ".0f"),
             _size(r.adapter_bytes),
         ])
     return out

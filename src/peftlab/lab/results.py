@@ -50,6 +50,8 @@ class RunResult:
     peak_rss_mb: float | None = None
     cuda_peak_mb: float | None = None
     train_seconds: float | None = None
+    train_tokens: int | None = None  # causal_lm: non-padding input tokens trained on (all epochs)
+    tokens_per_second: float | None = None  # causal_lm: train_tokens / train_seconds
     total_seconds: float | None = None
     epochs: list[EpochRecord] = field(default_factory=list)
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, train loss] pairs

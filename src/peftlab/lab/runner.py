@@ -464,6 +464,10 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
             trainer.train(resume_from_checkpoint=resume_from)
         result.train_seconds = train_watch.seconds()
         _fill_history(result, trainer, timer.seconds)
+        if resume_from is None and getattr(trainer.state, "num_input_tokens_seen", 0):
+            # tokens/s of this process's training (after a resume the count includes the earlier process's)
+            result.train_tokens = int(trainer.state.num_input_tokens_seen)
+            result.tokens_per_second = round(result.train_tokens / max(result.train_seconds, 1e-9), 1)
         if stopper.received and stopper.step is not None and trainer.state.global_step < trainer.state.max_steps:
             result.status = INTERRUPTED
             result.error = (f"stopped by SIGTERM after step {stopper.step}; checkpoint saved in {checkpoints}. "
@@ -531,6 +535,9 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any,
         report_to=[],
         use_cpu=cpu,
         bf16=cfg.bf16,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        # causal_lm: count the tokens trained on, for the report's tokens/s
+        include_num_input_tokens_seen="non_padding" if prep.causal else "no",
         ddp_backend="gloo" if world_size() > 1 and cpu else None,
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,

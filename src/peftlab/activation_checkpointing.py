@@ -1,0 +1,50 @@
+"""Activation (gradient) checkpointing for a model with adapters.
+
+Hugging Face models checkpoint their decoder blocks themselves
+(``activation_checkpointing_enable`` / the older ``gradient_checkpointing_enable``); the
+adapters live inside those blocks, so their forward is recomputed with the block's in
+backward. Two things make that exact and working:
+
+* torch's checkpoint restores the RNG state before recomputing (``preserve_rng_state``), and
+  every adapter dropout mask is drawn from torch's generator (the fused LoRA kernel seeds its
+  SFC64 words with one draw from it), so the recomputed masks equal the first ones;
+* with ``use_reentrant=True`` a checkpointed block only produces gradients when one of its
+  *inputs* requires grad, which a frozen embedding's output does not: the input embeddings'
+  output is then marked as requiring grad (what peft does too). The non-reentrant default of
+  transformers needs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from peftlab.errors import AdapterStateError
+
+
+def enable(model: nn.Module, checkpoint_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
+           offload: bool = False) -> None:
+    """Turn on activation checkpointing in ``model`` (a transformers model), fit for adapter training."""
+    kwargs = dict(checkpoint_kwargs) if checkpoint_kwargs else None
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
+                                              offload=offload)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise AdapterStateError(f"{type(model).__name__} has no activation checkpointing of its own; "
+                                f"use a transformers model or wrap its blocks in torch.utils.checkpoint yourself.")
+    if kwargs and kwargs.get("use_reentrant"):
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        else:
+            model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+
+
+def disable(model: nn.Module) -> None:
+    """Turn activation checkpointing off again."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
