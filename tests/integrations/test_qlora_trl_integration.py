@@ -77,6 +77,8 @@ def test_sft_trainer_trains_and_saves_an_adapter(tmp_path, trainer_support):
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), _lora())
+    # trl reads outputs.logits next to the loss (token accuracy); the chunked loss returns no logits.
+    model.chunked_causal_loss = False
     start = _adapter(model)
     texts = ["Review : good movie Sentiment : positive", "Review : awful film Sentiment : negative"] * 8
     args = SFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3, save_steps=3,
