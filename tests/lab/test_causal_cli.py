@@ -179,7 +179,8 @@ def test_bad_model_and_task_settings(spec, message):
 def test_label_names_must_cover_the_labels(tmp_path, llama_dir, causal_data, capsys):
     code = main(["train", "--model", str(llama_dir), "--dataset", str(causal_data), "--output-dir", str(tmp_path / "o"),
                  "--label-names", "negative", *FAST, *LORA])
-    assert code == 2 and "give one word per label" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "train.jsonl:2: label 1 is outside the classes" in err and "label_names" in err
 
 
 def test_aliases_resolve_in_train_and_inspect(tmp_path, llama_dir, causal_data, monkeypatch, capsys):
