@@ -42,9 +42,9 @@ def _saved(model, name: str) -> torch.Tensor:
     return get_peft_model_state_dict(model)[f"base_model.model.lin.{name}"]
 
 
-def _lora_model(r: int, rslora: bool, alpha: float = 6.0, seed: int = 0, **kw):
+def _lora_model(r: int, rslora: bool, alpha: float = 6.0, seed: int = 0, dims: tuple[int, int] = (7, 5), **kw):
     torch.manual_seed(seed)
-    net = OneLinear().double()
+    net = OneLinear(*dims).double()
     original = net.lin  # kept by reference: it becomes the adapted layer's frozen base
     weight, bias = original.weight.detach().clone(), original.bias.detach().clone()
     config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=["lin"], init_lora_weights=False, **kw)
@@ -56,11 +56,11 @@ def _lora_model(r: int, rslora: bool, alpha: float = 6.0, seed: int = 0, **kw):
 def test_lora_output_and_merge_match_hand_computation(r, rslora):
     """s = alpha / sqrt(r) with rsLoRA, alpha / r without; r = 4 is the one rank where sqrt(r) = r / 2,
     so it is left out on purpose."""
-    model, original, weight, bias = _lora_model(r, rslora)
+    model, original, weight, bias = _lora_model(r, rslora, dims=(23, 19))  # r <= min(in, out) for every r tested
     lora_a, lora_b = _saved(model, "lora_A.weight"), _saved(model, "lora_B.weight")
-    assert lora_a.shape == (r, 7) and lora_b.shape == (5, r)
+    assert lora_a.shape == (r, 23) and lora_b.shape == (19, r)
     assert lora_b.abs().min() > 0, "B must be non-zero, or the scaling is never seen"
-    x = torch.randn(4, 7, dtype=torch.float64)
+    x = torch.randn(4, 23, dtype=torch.float64)
     expected = lora_linear_reference(x, weight, bias, lora_a, lora_b, 6.0, r, rslora)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, **EXACT)
@@ -91,10 +91,9 @@ def test_merge_and_unload_safe_merge_refuses_non_finite(quantized):
     read = (lambda: dequantize_weight(original)) if quantized else (lambda: original.weight.detach().clone())
     before = read()
     model = get_peft_model(net, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    state = get_peft_model_state_dict(model)
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    state[key] = torch.full_like(state[key], float("nan"))
-    set_peft_model_state_dict(model, state)
+    # Loading refuses non-finite tensors, so the NaN goes straight into the live parameter (as a diverged run would).
+    with torch.no_grad():
+        dict(model.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"].fill_(float("nan"))
     with pytest.raises(peftlab.AdapterStateError, match="NaN"):
         model.merge_and_unload(safe_merge=True)
     torch.testing.assert_close(read(), before, rtol=0, atol=0)

@@ -253,7 +253,8 @@ def test_compare_checks_label_names_before_running(tmp_path, llama_dir, causal_d
     out = tmp_path / "cmp"
     code = main(["compare", "--methods", "lora,ia3", "--model", str(llama_dir), "--dataset", str(causal_data),
                  "--output-dir", str(out), "--task", "causal-lm", "--label-names", "no"])
-    assert code == 2 and "give one word per label" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "label 1 is outside the classes" in err and "label_names" in err
     assert not out.exists()
 
 
