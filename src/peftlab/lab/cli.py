@@ -27,7 +27,8 @@ EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 # flag dest -> (section, key) in the experiment
 _DATA_FLAGS = {"dataset": "dataset", "text_column": "text_column", "label_column": "label_column", "max_length": "max_length",
                "validation_split": "validation_split", "eval_split": "eval_split",
-               "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples"}
+               "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples",
+               "dev_split": "dev_split", "split_seed": "split_seed"}
 _TRAIN_FLAGS = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate", "head_lr": "head_learning_rate", "batch_size": "batch_size",
                 "eval_batch_size": "eval_batch_size", "weight_decay": "weight_decay", "warmup_ratio": "warmup_ratio",
                 "seed": "seed", "save_steps": "save_steps", "logging_steps": "logging_steps",
@@ -51,7 +52,10 @@ def _experiment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--validation-split", type=float, help="held-out fraction of train when there is no validation split")
     g.add_argument("--eval-split", help="split to evaluate on (default validation)")
     g.add_argument("--max-train-samples", type=int)
-    g.add_argument("--max-eval-samples", type=int)
+    g.add_argument("--max-eval-samples", type=int, help="cap on evaluation rows (dev and test each in held-out mode)")
+    g.add_argument("--dev-split", type=float, help="held-out mode: fraction (or number) of train rows carved out as the dev "
+                                                   "set for all choices; the eval split then becomes the test set")
+    g.add_argument("--split-seed", type=int, help="seed of the dev/test carving (default 0, the same for every run seed)")
     g.add_argument("--label-names", help="causal-lm: comma-separated answer words, one per label (negative,positive)")
     g.add_argument("--prompt", help="causal-lm: prompt with {text}; the answer follows it")
     t = p.add_argument_group("training")

@@ -37,6 +37,12 @@ class DataConfig:
             [negative, positive] for two labels).
         prompt: causal_lm task only: the prompt with ``{text}`` (default
             "Review: {text}\\nSentiment:"); the answer follows it.
+        dev_split: held-out mode: a fraction (below 1) or number of training rows carved out as
+            the dev set (stratified); the per-epoch evaluation, the best epoch and sweeps use dev
+            only, and the reported accuracy is on the ``eval_split`` split, now the test set, seen
+            once at the end. None keeps one evaluation split (reported and used for choices).
+        split_seed: seeds the dev/test carving and their subsampling, the same for every run
+            seed so that seeds are compared on the same test rows.
     """
 
     dataset: str = ""
@@ -50,6 +56,8 @@ class DataConfig:
     subset: str | None = None
     label_names: list[str] | None = None
     prompt: str | None = None
+    dev_split: float | None = None
+    split_seed: int = 0
 
 
 @dataclass
@@ -310,7 +318,8 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 
 # Settings whose default is None, with the type a given value must have.
 _OPTIONAL_TYPES = {"max_train_samples": int, "max_eval_samples": int, "save_steps": int, "head_learning_rate": float,
-                   "subset": str, "prompt": str, "label_names": list}
+                   "subset": str, "prompt": str, "label_names": list,
+                   "dev_split": float}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:

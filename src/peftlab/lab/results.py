@@ -65,6 +65,18 @@ class RunResult:
     num_eval: int | None = None
     eval_source: str | None = None
     world_size: int = 1
+    # Held-out mode: accuracy / f1 / eval_loss above are on the test split (test_source); the
+    # settings were chosen on dev, whose accuracy at the chosen epoch is dev_accuracy.
+    dev_accuracy: float | None = None
+    best_epoch: int | None = None
+    test_source: str | None = None
+    num_test: int | None = None
+    # per-example predicted class and label on the reported split, for paired comparisons
+    predictions: list[int] | None = None
+    labels: list[int] | None = None
+    train_tokens: int | None = None  # non-padding tokens seen in training (all epochs)
+    tokens_per_second: float | None = None  # train_tokens / training-step seconds (evaluation excluded)
+    config_hash: str | None = None  # cache key: run config + data + code (peftlab.lab.cache)
     environment: dict[str, Any] = field(default_factory=dict)
     finished_at: str | None = None
 
