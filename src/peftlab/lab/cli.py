@@ -93,6 +93,13 @@ def parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train several methods on the same data and seed, then report")
     _experiment_flags(compare)
     compare.add_argument("--methods", help="comma-separated run names or methods to keep (or, without a file, to run)")
+    compare.add_argument("--seeds", help="repeat every run: a count (3 = seeds 0,1,2) or a list (0,1,2); wins over seeds: in the file")
+    compare.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                         help="sweep a train setting, best on dev carried to the seeds (learning_rate=1e-4,3e-4,1e-3; "
+                              "--sweep learning_rate alone: each method's default grid); needs --dev-split; repeatable")
+    compare.add_argument("--dry-run", action="store_true", help="print the runs and an estimated time from a short timed probe; train nothing")
+    compare.add_argument("--no-cache", dest="use_cache", action="store_false",
+                         help="train every run again even when an identical finished run is on disk")
 
     inspect = sub.add_parser("inspect", help="list a model's adaptable modules and the default targets")
     inspect.add_argument("model")
@@ -216,14 +223,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.experiment and not selected:
         raise WorkbenchError("compare needs an experiment file or --methods full,lora,... with --model and --dataset.")
     experiment = _load_experiment(args, selected)
-    study.validate(experiment.runs)
-    results = []
-    for run in experiment.runs:
-        print(f"== {run.name} ({run.method})", flush=True)
-        result = study.run_in_subprocess(run, study.run_dir(experiment, run))
-        print(f"== {run.name}: {result.status}" + (f" ({result.error})" if result.error else ""), flush=True)
-        results.append(result)
-    outputs = study.finish(experiment, results, sys.argv)
+    from peftlab.lab import sweep
+
+    groups = sweep.plan(experiment, args.seeds, sweep.parse_sweep_flags(args.sweep))
+    study.validate([g.run(g.settings[0], seed) for g in groups for seed in g.seeds])
+    if args.dry_run:
+        from peftlab.lab.budget import dry_run
+
+        print(dry_run(experiment, groups, use_cache=args.use_cache))
+        return EXIT_OK
+    runner = study.Study(experiment, groups, sys.argv, use_cache=args.use_cache)
+    try:
+        outputs = runner.run()
+    except KeyboardInterrupt:
+        print(f"\npeftlab: interrupted; {len(runner.results)} finished runs are saved in {experiment.output_dir}. "
+              f"Run the same command again to train only what is missing.", file=sys.stderr)
+        return 130
+    results = list(runner.results.values())
+    print(f"{len(runner.trained)} runs trained, {len(runner.reused)} reused")
     print(f"results: {os.path.join(experiment.output_dir, 'results.json')}\nreport: {outputs['html']}")
     return EXIT_OK if all(r.status == OK for r in results) else EXIT_RUN_FAILED
 

@@ -130,6 +130,10 @@ class RunConfig:
     task: str = "classification"
     quantize: str | None = None
     quant_options: dict[str, Any] = field(default_factory=dict)
+    # A seeded or swept study repeats one run of the file: ``group`` names that run, ``setting``
+    # holds the swept train values of this repeat (the seed is train.seed).
+    group: str = ""
+    setting: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,20 +151,28 @@ class RunConfig:
             task=data.get("task", "classification"),
             quantize=data.get("quantize"),
             quant_options=dict(data.get("quant_options") or {}),
+            group=data.get("group") or "",
+            setting=dict(data.get("setting") or {}),
         )
 
 
 @dataclass
 class Experiment:
-    """A study: its name, where its results go, and its runs (already merged with defaults)."""
+    """A study: its name, where its results go, and its runs (already merged with defaults).
+
+    ``seeds`` and ``sweeps`` (run name -> train key -> values) are kept as written; ``peftlab.lab.sweep``
+    checks them and expands each run into its repeats.
+    """
 
     name: str
     output_dir: str
     runs: list[RunConfig]
+    seeds: Any = None
+    sweeps: dict[str, Any] = field(default_factory=dict)
 
 
-_TOP_KEYS = {"name", "output_dir", "model", "data", "train", "runs", "method", "options", "task"}
-_RUN_KEYS = {"name", "method", "options", "model", "data", "train", "task"}
+_TOP_KEYS = {"name", "output_dir", "model", "data", "train", "runs", "method", "options", "task", "seeds", "sweep"}
+_RUN_KEYS = {"name", "method", "options", "model", "data", "train", "task", "sweep"}
 _MODEL_KEYS = {"name", "quantize", *QUANT_OPTIONS}
 
 
@@ -290,7 +302,16 @@ def build_experiment(
     for run in runs:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", run.name):
             raise WorkbenchError(f"run name {run.name!r} may only use letters, digits, '.', '_' and '-' (it names a folder).")
-    return Experiment(name=name, output_dir=output_dir, runs=runs)
+    sweeps = {}
+    for raw, run in zip(runs_raw, runs):
+        study_wide, own = spec.get("sweep"), raw.get("sweep")
+        for where, value in (("sweep", study_wide), (f"runs[{run.name}].sweep", own)):
+            if value is not None and not isinstance(value, dict):
+                raise WorkbenchError(f"{where} must map train settings to lists of values, e.g. {{learning_rate: [1.0e-4, 3.0e-4]}}.")
+        merged = {**(study_wide or {}), **(own or {})}
+        if merged:
+            sweeps[run.name] = merged
+    return Experiment(name=name, output_dir=output_dir, runs=runs, seeds=spec.get("seeds"), sweeps=sweeps)
 
 
 def _merged(cls: type, section: str, *layers: dict[str, Any] | None) -> Any:

@@ -110,9 +110,11 @@ def load_run(run_dir: str) -> RunResult | None:
         return RunResult.from_dict(json.load(fh))
 
 
-def save_study(output_dir: str, name: str, runs: list[RunResult], command: list[str] | None = None) -> str:
+def save_study(output_dir: str, name: str, runs: list[RunResult], command: list[str] | None = None,
+               extra: dict[str, Any] | None = None) -> str:
+    """results.json; ``extra`` adds study-level records (seeds, the sweep's choice per run group)."""
     data = {"schema": SCHEMA_VERSION, "study": name, "created": now(), "command": command,
-            "runs": [r.to_dict() for r in runs]}
+            **(extra or {}), "runs": [r.to_dict() for r in runs]}
     path = os.path.join(output_dir, RESULTS_NAME)
     atomic_write_text(path, json.dumps(data, indent=2))
     return path

@@ -302,4 +302,4 @@ class SelectiveTuner:
         self.model.__dict__.pop(_TUNER_ATTR, None)
 
 
-register(MethodSpec(SelectiveConfig, None, make_tuner=SelectiveTuner))
+register(MethodSpec(SelectiveConfig, None, make_tuner=SelectiveTuner, learning_rates=(3e-4, 1e-3, 3e-3)))
