@@ -104,10 +104,20 @@ def parse_sweep_flags(pairs: list[str] | None) -> dict[str, Any]:
             out[key] = DEFAULT
             continue
         try:
-            out[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+            out[key] = [_number(yaml.safe_load(v)) for v in values.split(",") if v.strip()]
         except yaml.YAMLError:
             raise WorkbenchError(f"--sweep {pair!r}: a value is not valid YAML.") from None
     return out
+
+
+def _number(value: Any) -> Any:
+    """YAML reads 1e-4 (no dot) as a string; such values are numbers here."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def default_learning_rates(method: str) -> tuple[float, ...]:
