@@ -53,6 +53,8 @@ def test_a_difference_is_marked_only_when_the_interval_excludes_zero_and_every_s
     small = stats.compare({0: base, 1: base}, {0: slight, 1: slight})
     assert small.seeds_agree and small.low <= 0 < small.high and not small.marked
     assert stats.compare({0: base}, {1: base}) is None  # no shared seed
+    one = stats.compare({0: base}, {0: worse})
+    assert one.low > 0 and one.seeds_agree and not one.marked  # one seed cannot show that a difference holds across seeds
 
 
 def test_pareto_front():

@@ -118,7 +118,7 @@ def _vs_best(g: GroupSummary, best: GroupSummary | None) -> str:
     c = g.vs_best
     if c is None:
         return "–"
-    mark = " **worse**" if c.marked else " (n.s.)"
+    mark = " **worse**" if c.marked else (" (n.s.)" if c.n_seeds >= 2 else " (one seed: not tested)")
     return f"{100 * c.diff:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}]{mark}"
 
 
@@ -144,7 +144,7 @@ TEST_NOTE = ("Accuracy in %; ± is the sample standard deviation over seeds, the
              "the mean. *vs best* compares each run with the best mean: the difference of seed-averaged accuracy with "
              "a 95% paired bootstrap interval ({n} resamples of the evaluated examples, the same examples for both "
              "methods); it is marked **worse** only when that interval excludes 0 *and* the run is behind the best "
-             "at every seed (paired by seed), otherwise n.s. (not shown to differ). Pareto: no other run is both "
+             "at every seed (paired by seed, so at least two seeds are needed), otherwise n.s. (not shown to differ). Pareto: no other run is both "
              "at least as accurate and at most as costly in trainable parameters / training time.")
 
 

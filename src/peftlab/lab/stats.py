@@ -52,17 +52,19 @@ class Comparison:
     ``diff`` is the difference of seed-averaged test accuracies; (``low``, ``high``) its 95% paired
     bootstrap interval over test examples; ``seeds_agree`` is True when A - B has the same sign
     for every seed. The difference is ``marked`` only when the interval excludes zero *and* the
-    seeds agree: the first guards against test-set sampling noise, the second against seed noise.
+    seeds agree over at least two seeds: the first guards against test-set sampling noise, the
+    second against seed noise (which one seed cannot show).
     """
 
     diff: float
     low: float
     high: float
     seeds_agree: bool
+    n_seeds: int = 1
 
     @property
     def marked(self) -> bool:
-        return self.seeds_agree and (self.low > 0 or self.high < 0)
+        return self.n_seeds >= 2 and self.seeds_agree and (self.low > 0 or self.high < 0)
 
 
 def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -97,7 +99,7 @@ def compare(correct_a: dict[int, np.ndarray], correct_b: dict[int, np.ndarray]) 
     diff, low, high = paired_bootstrap(a, b)
     per_seed = a.mean(1) - b.mean(1)
     agree = bool((per_seed > 0).all() or (per_seed < 0).all())
-    return Comparison(diff, low, high, agree)
+    return Comparison(diff, low, high, agree, len(seeds))
 
 
 def pareto_front(costs: Sequence[float], scores: Sequence[float]) -> list[bool]:
