@@ -79,3 +79,16 @@ def test_seeded_swept_study_chooses_on_dev_reports_test_and_resumes(tmp_path, ti
     assert "2 runs trained, 1 reused" in printed  # full.s1 again and the new full.s2
     assert "== full.s1 (full)" in printed and "== full.s2 (full)" in printed and "== full.s0 (full)" not in printed
     assert len(json.loads((out / "results.json").read_text())["groups"]["full"]) == 3
+
+
+def test_time_estimate_arithmetic(tmp_path):
+    from peftlab.lab.budget import Probe, estimate_seconds
+    from peftlab.lab.experiment import DataConfig, RunConfig, TrainConfig
+
+    run = RunConfig(name="r", method="lora", model="m", data=DataConfig(dataset="d", dev_split=0.25),
+                    train=TrainConfig(epochs=2, batch_size=8))
+    probe = Probe(setup_seconds=2.0, step_seconds=0.5, eval_row_seconds=0.01, n_train=64, n_eval=16, n_test=24)
+    # 2 epochs x 8 steps at 0.5 s, dev (16 rows) after each epoch + test (24 rows) once, at 0.01 s a row
+    assert estimate_seconds(run, probe) == pytest.approx(2.0 + 16 * 0.5 + (2 * 16 + 24) * 0.01, rel=1e-12)
+    run.train.gradient_accumulation_steps = 2  # half the optimizer steps, each of two batches: the same batches
+    assert estimate_seconds(run, probe) == pytest.approx(2.0 + 16 * 0.5 + (2 * 16 + 24) * 0.01, rel=1e-12)
