@@ -18,7 +18,14 @@ import torch
 
 from peftlab.lab.results import RunResult
 
-BEST_FILE = "best-on-dev.pt"
+BEST_FILE = "best-on-dev{rank}.pt"
+
+
+def _best_path(folder: str) -> str:
+    """One file per DDP process: each keeps (identical) tensors of its own, so no process reads a
+    file another is still writing."""
+    rank = os.environ.get("RANK", "0")
+    return os.path.join(folder, BEST_FILE.format(rank="" if rank == "0" else f".rank{rank}"))
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -35,7 +42,7 @@ def best_epoch_callback(folder: str) -> Any:
 
     class BestEpoch(TrainerCallback):
         def __init__(self) -> None:
-            self.path = os.path.join(folder, BEST_FILE)
+            self.path = _best_path(folder)
             self.score_path = self.path + ".json"
             self.best: dict[str, float] | None = None
             if os.path.isfile(self.score_path):  # a resumed run continues from what it had chosen
@@ -60,7 +67,7 @@ def best_epoch_callback(folder: str) -> Any:
 
 def restore_best(model: torch.nn.Module, folder: str) -> dict[str, float] | None:
     """Load the best-on-dev tensors back into ``model``; their score, or None when none was kept."""
-    path = os.path.join(folder, BEST_FILE)
+    path = _best_path(folder)
     if not os.path.isfile(path):
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -88,10 +88,14 @@ class Study:
         self.reused: list[str] = []
 
     def extra(self) -> dict:
+        """Study-level records for results.json: seeds, each group's final runs, the sweep choices."""
+        groups = {}
+        for g in self.groups:
+            chosen = self.selection[g.name]["setting"] if g.name in self.selection else g.settings[0]
+            if chosen is not None:  # None: every setting of the sweep failed
+                groups[g.name] = [r.name for r in g.final_runs(chosen)]
         seeded = any(g.seeded for g in self.groups)
-        return {"seeds": self.groups[0].seeds if seeded and self.groups else None, "selection": self.selection,
-                "groups": {g.name: [r.name for r in g.final_runs(self.selection.get(g.name, {}).get("setting") or g.settings[0])]
-                           for g in self.groups if g.name not in self.selection or self.selection[g.name]["setting"] is not None}}
+        return {"seeds": self.groups[0].seeds if seeded else None, "selection": self.selection, "groups": groups}
 
     def one(self, run: RunConfig) -> RunResult:
         folder = run_dir(self.experiment, run)
