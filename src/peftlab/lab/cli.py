@@ -208,7 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_main_process():
         experiment.runs = [run]
         outputs = study.finish(experiment, [result], sys.argv)
-        print(f"{run.name}: {result.status}" + (f", accuracy {result.accuracy:.4f}" if result.accuracy is not None else ""))
+        which = f"test accuracy (best epoch on dev: {result.best_epoch})" if result.test_source else "accuracy"
+        print(f"{run.name}: {result.status}" + (f", {which} {result.accuracy:.4f}" if result.accuracy is not None else ""))
         if result.error:
             print(f"peftlab: {result.error}", file=sys.stderr)
         print(f"report: {outputs['html']}")
