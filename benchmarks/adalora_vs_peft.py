@@ -55,11 +55,11 @@ def main() -> int:
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**settings))
     ours = peftlab.get_peft_model(copy.deepcopy(base), peftlab.AdaLoraConfig(**settings))
     with torch.no_grad():  # same starting weights
-        for path, adapter in svd_adapters(ours.base_model, "default"):
+        for path, adapter in svd_adapters(ours.get_base_model(), "default"):
             layer = theirs.base_model.model.get_submodule(path)
             for name in ("lora_A", "lora_E", "lora_B"):
                 getattr(adapter, name).copy_(getattr(layer, name)["default"])
-        ours.base_model.classifier.copies["default"].load_state_dict(
+        ours.get_base_model().classifier.modules_to_save["default"].load_state_dict(
             theirs.base_model.model.classifier.modules_to_save["default"].state_dict())
     theirs.eval(), ours.eval()  # no dropout, so both see the same forward
     opt_t = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=2e-3)

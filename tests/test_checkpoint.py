@@ -44,7 +44,7 @@ def test_is_trainable_and_key_layout(tmp_path):
 def test_state_dict_functions_round_trip():
     torch.manual_seed(0)
     a = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, init_lora_weights=False, bias="all"))
-    b = get_peft_model(copy.deepcopy(a.base_model).__class__(a.base_model.config), LoraConfig(r=2, bias="all"))
+    b = get_peft_model(copy.deepcopy(a.get_base_model()).__class__(a.get_base_model().config), LoraConfig(r=2, bias="all"))
     state = get_peft_model_state_dict(a)
     set_peft_model_state_dict(b, state)
     for key, value in get_peft_model_state_dict(b).items():

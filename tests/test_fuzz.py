@@ -53,7 +53,7 @@ def test_target_matching_never_crashes(targets):
     except peftlab.PeftlabError:
         assert [n for n, _ in model.named_modules()] == names_before
         return
-    adapted = [n for n, m in wrapped.base_model.named_modules() if hasattr(m, "adapters")]
+    adapted = [n for n, m in wrapped.get_base_model().named_modules() if hasattr(m, "adapters")]
     assert adapted and all(name_matches(n, targets) for n in adapted)
 
 

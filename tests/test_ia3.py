@@ -28,10 +28,10 @@ def test_hand_computed_scaling():
     net = Block()
     x = torch.randn(2, 4)
     model = get_peft_model(net, IA3Config(target_modules=["attn", "ff"], feedforward_modules=["ff"], init_ia3_weights=False))
-    l_attn = model.base_model.attn.adapters["default"].ia3_l.detach()  # (6, 1)
-    l_ff = model.base_model.ff.adapters["default"].ia3_l.detach()  # (1, 6)
+    l_attn = model.get_base_model().attn.adapters["default"].ia3_l.detach()  # (6, 1)
+    l_ff = model.get_base_model().ff.adapters["default"].ia3_l.detach()  # (1, 6)
     assert l_attn.shape == (6, 1) and l_ff.shape == (1, 6)
-    base = model.base_model
+    base = model.get_base_model()
     hidden = torch.tanh(base.attn.base_layer(x) * l_attn.flatten())
     expected = base.ff.base_layer(hidden * l_ff.flatten())
     torch.testing.assert_close(model(x), expected)
@@ -46,9 +46,9 @@ def test_identity_merge_unmerge(build):
         expected = main_output(base(**inputs))
         model = get_peft_model(copy.deepcopy(base), IA3Config()).eval()
         torch.testing.assert_close(main_output(model(**inputs)), expected)
-        for _, m in model.named_modules():
-            if hasattr(m, "ia3_l"):
-                m.ia3_l.uniform_(0.5, 1.5)
+        for name, p in model.named_parameters():
+            if ".ia3_l." in name:
+                p.uniform_(0.5, 1.5)
         unmerged = main_output(model(**inputs))
         assert not torch.allclose(unmerged, expected)
         model.merge_adapter()

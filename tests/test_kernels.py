@@ -43,7 +43,7 @@ def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torc
 
 
 def layer(model: peftlab.PeftModel, name: str = "lin") -> AdaptedLayer:
-    module = model.base_model.get_submodule(name)
+    module = model.get_base_model().get_submodule(name)
     assert isinstance(module, AdaptedLayer)
     return module
 
@@ -109,7 +109,7 @@ def test_fused_equals_plain_without_dropout(monkeypatch, bias, shape):
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     assert_close_all(grads, ref_grads, rtol=0, atol=1e-12)
     if bias == "all":
-        assert "base_model.lin.base_layer.bias" in grads
+        assert "base_model.model.lin.base_layer.bias" in grads
 
 
 def test_fused_float32_within_1e6(monkeypatch):
@@ -178,9 +178,9 @@ def test_fused_dropout_equals_reference_with_same_mask(p):
     (ref * weights).sum().backward()
     torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(grads["x"], xr.grad, rtol=0, atol=1e-12)
-    prefix = "base_model.lin.adapters.default."
-    torch.testing.assert_close(grads[prefix + "lora_A.weight"], a.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(grads[prefix + "lora_B.weight"], b.grad, rtol=0, atol=1e-12)
+    prefix = "base_model.model.lin."
+    torch.testing.assert_close(grads[prefix + "lora_A.default.weight"], a.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[prefix + "lora_B.default.weight"], b.grad, rtol=0, atol=1e-12)
     assert not torch.allclose(grads["x"], _no_dropout_grad(model, x))  # the mask really applied
 
 
@@ -223,7 +223,7 @@ def test_conv1d_fan_in_fan_out_matches_plain(monkeypatch):
     )
     inputs = text_inputs()
     model.train()
-    model.base_model.config.attn_pdrop = 0.0
+    model.get_base_model().config.attn_pdrop = 0.0
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -290,7 +290,7 @@ def test_trainable_base_weight_keeps_readable_path():
     layer(model).base_layer.weight.requires_grad_(True)
     x = torch.randn(3, 12, dtype=torch.float64)
     out, grads = run(model, x)
-    assert "base_model.lin.base_layer.weight" in grads
+    assert "base_model.model.lin.base_layer.weight" in grads
 
 
 @pytest.mark.parametrize(

@@ -64,9 +64,9 @@ def randomize_heads(model: torch.nn.Module) -> None:
     """Trained heads start as copies of the base head; move them so saving them is tested."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.requires_grad and (".copies." in name or ".modules_to_save." in name):
+            if param.requires_grad and ".modules_to_save." in name:
                 param.add_(torch.randn_like(param) * 0.1)
-            if param.requires_grad and name.endswith("bias") and "lora" not in name and "copies" not in name:
+            if param.requires_grad and name.endswith("bias") and "lora" not in name and "modules_to_save" not in name:
                 param.add_(torch.randn_like(param) * 0.1)
 
 

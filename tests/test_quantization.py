@@ -140,7 +140,7 @@ def test_lora_on_quantized_base_trains_only_adapters(name):
     _, quant = quantized_llama(CONFIGS[name])
     model = get_peft_model(quant, lora_config())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".adapters.default.lora_" in n for n in trainable)
+    assert trainable and all(n.endswith((".lora_A.default.weight", ".lora_B.default.weight")) for n in trainable)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     torch.manual_seed(0)
     inputs = text_inputs(batch=4, length=8)
@@ -156,7 +156,7 @@ def test_lora_on_quantized_base_trains_only_adapters(name):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p.detach(), frozen[n]), n
-    assert is_quantized_linear(model.base_model.model.layers[0].self_attn.q_proj.base_layer)
+    assert is_quantized_linear(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer)
 
 
 def _peft_quantized_pair(init: bool):
@@ -293,7 +293,7 @@ def test_merge_adapter_on_quantized_base_keeps_it_quantized(name):
             base = model(**inputs).logits
         model.merge_adapter()
         merged = model(**inputs).logits
-    layer = model.base_model.model.layers[0].self_attn.q_proj.base_layer
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(layer.weight, bnb.nn.Params4bit if name == "nf4" else bnb.nn.Int8Params)
     assert float((merged - unmerged).norm()) < 0.5 * float((unmerged - base).norm())  # the update mostly survives
     model.unmerge_adapter()
@@ -313,7 +313,7 @@ def test_dora_on_quantized_base_is_refused():
 def test_quantize_after_adapters_is_refused():
     model = get_peft_model(tiny_llama(), lora_config())
     with pytest.raises(QuantizationError, match="before adding adapters"):
-        quantize_model(model.base_model, QuantConfig())
+        quantize_model(model.get_base_model(), QuantConfig())
 
 
 def test_8bit_merge_and_unload_dequantizes():

@@ -95,7 +95,7 @@ def test_models_with_a_cache_keep_the_caller_order_unless_use_cache_is_false(mon
     model = peftlab.get_peft_model(tiny_gpt2(), peftlab.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False), adapter_name="a")
     model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
     model.eval()
-    assert regroup.takes_cache(model.base_model)
+    assert regroup.takes_cache(model.get_base_model())
     called = []
     monkeypatch.setattr(regroup, "permute_inputs", lambda *a: called.append(1) or a[:2])
     names = ["a", "b", "a", "b", "a", "b"]
@@ -147,7 +147,7 @@ def test_unrestorable_output_runs_again_in_the_caller_order():
         for i, name in enumerate(names):
             model.set_adapter(name)
             expected.append(model(x[i : i + 1]).value)
-    assert model.base_model.calls == 2 + len(names)  # grouped try, the caller-order run, then the references
+    assert model.get_base_model().calls == 2 + len(names)  # grouped try, the caller-order run, then the references
     torch.testing.assert_close(out.value, torch.cat(expected), rtol=1e-6, atol=1e-6)
 
 

@@ -14,7 +14,7 @@ ARCHS = [tiny_bert_cls, tiny_roberta, tiny_distilbert, tiny_gpt2, tiny_llama, ti
 
 
 def adapted(model) -> list[str]:
-    return [n for n, m in model.base_model.named_modules() if isinstance(m, AdaptedLayer)]
+    return [n for n, m in model.get_base_model().named_modules() if isinstance(m, AdaptedLayer)]
 
 
 @pytest.mark.parametrize("build", ARCHS)

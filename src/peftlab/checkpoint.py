@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from peftlab.errors import CheckpointError
 from peftlab.io import atomic_write
-from peftlab.layers import AdaptedLayer, ModulesToSave
-
-if TYPE_CHECKING:
-    from peftlab.config import PeftConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -38,23 +33,6 @@ PROMPT_HEAD_PREFIX = "base_model."
 _PEFT_DUPLICATE_MARKERS = (".original_module.", ".modules_to_save.")
 
 
-def adapter_tensors(base_model: nn.Module, config: "PeftConfig", adapter_name: str) -> dict[str, torch.Tensor]:
-    """The live tensors of one adapter, keyed by their on-disk name (without ``KEY_PREFIX``)."""
-    out: dict[str, torch.Tensor] = {}
-    for path, module in base_model.named_modules():
-        prefix = f"{path}." if path else ""
-        if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
-            for key, tensor in module.adapters[adapter_name].state_dict(keep_vars=True).items():
-                out[prefix + key] = tensor
-        elif isinstance(module, ModulesToSave) and adapter_name in module.copies:
-            for key, tensor in module.copies[adapter_name].state_dict(keep_vars=True).items():
-                out[prefix + key] = tensor
-    extra = getattr(config, "extra_trainable_parameters", None)
-    if extra is not None:
-        out.update(extra(base_model, adapter_name))
-    return out
-
-
 def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping | None = None, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """One adapter's tensors as saved on disk (detached, ``base_model.model.`` prefixed).
 
@@ -62,23 +40,15 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping | None = Non
     tensors are read from the adapter modules themselves.
     """
     config = model.peft_config[adapter_name]
-    prompt = _prompt_module(model, adapter_name)
-    prefix = KEY_PREFIX if prompt is None else PROMPT_HEAD_PREFIX
-    tensors = adapter_tensors(model.base_model, config, adapter_name)
+    tuner = model.tuner
+    tensors = tuner.adapter_tensors(adapter_name, config)
     # A method may store tensors on disk in another form (AdaLoRA keeps only allocated ranks).
     to_disk = getattr(config, "checkpoint_tensors", None)
     if to_disk is not None:
         tensors = to_disk(tensors)
-    out = {prefix + k: v.detach() for k, v in tensors.items()}
-    if prompt is not None:
-        out.update(prompt.saved_tensors())
+    out = {tuner.key_prefix + k: v.detach() for k, v in tensors.items()}
+    out.update(tuner.extra_saved_tensors(adapter_name))
     return out
-
-
-def _prompt_module(model: nn.Module, adapter_name: str) -> nn.Module | None:
-    """The model-level module of a prompt-method adapter (see PeftModel.prompt_encoder), else None."""
-    prompts = getattr(model, "prompt_encoder", None)
-    return prompts[adapter_name] if prompts is not None and adapter_name in prompts else None
 
 
 def _normalize_key(key: str, prefix: str = KEY_PREFIX) -> str:
@@ -92,12 +62,12 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     :class:`CheckpointError` says what does not fit and how to fix it.
     """
     config = model.peft_config[adapter_name]
-    expected = adapter_tensors(model.base_model, config, adapter_name)
-    prompt = _prompt_module(model, adapter_name)
+    tuner = model.tuner
+    expected = tuner.adapter_tensors(adapter_name, config)
+    extra = tuner.extra_saved_tensors(adapter_name)
     shapes = {k: tuple(v.shape) for k, v in expected.items()}
-    if prompt is not None:
-        shapes.update({k: tuple(v.shape) for k, v in prompt.saved_tensors().items()})
-    prefix = KEY_PREFIX if prompt is None else PROMPT_HEAD_PREFIX
+    shapes.update({k: tuple(v.shape) for k, v in extra.items()})
+    prefix = tuner.key_prefix
     given = {
         _normalize_key(k, prefix): v for k, v in state_dict.items() if not any(m in k for m in _PEFT_DUPLICATE_MARKERS)
     }
@@ -129,8 +99,8 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(given[key].to(device=target.device, dtype=target.dtype))
-    if prompt is not None:
-        prompt.load_saved({k: given[k] for k in shapes if k not in expected})
+    if extra:
+        tuner.load_extra_saved(adapter_name, {k: given[k] for k in shapes if k not in expected})
 
 
 def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None) -> str:

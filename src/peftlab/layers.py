@@ -1,18 +1,26 @@
 """The two wrappers that model surgery puts into a model.
 
-* :class:`AdaptedLayer` wraps one base layer (Linear, Conv1D, Embedding, Conv2d, ...) and
-  holds that layer's adapters, one small module per adapter name, in one ``nn.ModuleDict``.
+* :class:`AdaptedLayer` wraps one base layer (Linear, Conv1D, Embedding, Conv2d, ...) kept as
+  ``base_layer``, and holds each method's tensors in containers keyed by adapter name, named
+  as Hugging Face peft names them: ``lora_A.<adapter>.weight``, ``ia3_l.<adapter>``, ...
 * :class:`ModulesToSave` wraps a module that is trained in full (e.g. a classifier head):
-  the original stays frozen, each adapter name gets its own trainable copy.
+  the frozen ``original_module`` beside one trainable copy per adapter in ``modules_to_save``.
 
-An adapter module subclasses :class:`LayerAdapter` and overrides the hooks it needs: an
-additive method (LoRA) only touches the output, IA3 scales the input or the output.
+A method's logic stays in one small class anyway: it subclasses :class:`LayerAdapter`, declares
+its tensors as plain attributes (``self.lora_A = nn.Linear(...)``) and overrides the hooks it
+needs (an additive method only touches the output, IA3 scales the input or the output). When the
+adapter is added to a layer, each of its direct parameters and submodules moves into the layer's
+container of the same name, and the adapter object becomes a *view*: ``adapter.lora_A`` reads
+``layer.lora_A[<adapter name>]`` at access time. Nothing is aliased between two modules, so
+``.to()``, ``load_state_dict(assign=True)`` and FSDP, which replace Parameter objects inside the
+containers, never leave the view holding a stale tensor.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,11 +35,101 @@ class LayerAdapter(nn.Module):
     """One adapter on one base layer.
 
     The wrapped layer computes ``adapt_output(x, base(adapt_input(x)))`` for each active,
-    unmerged adapter, in activation order. Subclasses keep only their own parameters.
+    unmerged adapter, in activation order. Subclasses declare only their own tensors, as plain
+    attributes named as peft names them; once :meth:`attach`-ed the object is a view over the
+    layer's containers (its own ``parameters()`` are then empty: the layer owns them).
     """
 
     #: True when ``adapt_input`` is not the identity (mixed batches then run per group).
     transforms_input: bool = False
+    #: Tensors the layer holds but adapter files leave out (AdaLoRA's ``ranknum``, as in peft).
+    unsaved: ClassVar[tuple[str, ...]] = ()
+    #: In-memory key -> on-disk key, where peft's file names differ from its module tree (DoRA).
+    disk_keys: ClassVar[dict[str, str]] = {}
+
+    # ----- the view: tensors live in the layer's containers once attached --------------------
+    def attach(self, layer: nn.Module, adapter_name: str) -> None:
+        """Move this adapter's parameters and submodules into ``layer``'s containers.
+
+        Afterwards the adapter owns no tensors; ``self.<attr>`` resolves to
+        ``layer.<attr>[adapter_name]`` (see the module docstring).
+        """
+        if any(b is not None for b in self._buffers.values()):
+            raise TypeError(f"{type(self).__name__}: keep adapter tensors as parameters or submodules, not buffers.")
+        held: dict[str, bool] = {}
+        for attr, param in self._parameters.items():
+            if param is not None:
+                layer.container(attr, nn.ParameterDict)[adapter_name] = param
+                held[attr] = True
+        for attr, module in self._modules.items():
+            if module is not None:
+                layer.container(attr, nn.ModuleDict)[adapter_name] = module
+                held[attr] = False
+        self._parameters.clear()
+        self._modules.clear()
+        state = self.__dict__
+        state["_training"] = state.get("_training", True)
+        state["_layer"] = layer
+        state["_adapter_name"] = adapter_name
+        state["_held"] = held
+
+    def __getattr__(self, attr: str) -> Any:
+        # Called only when normal lookup fails: held tensors are read from the layer every time.
+        state = self.__dict__
+        held = state.get("_held")
+        if held is not None and attr in held:
+            container = state["_layer"]._modules[attr]
+            if held[attr]:
+                return container._parameters[state["_adapter_name"]]
+            return container._modules[state["_adapter_name"]]
+        return super().__getattr__(attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        held = self.__dict__.get("_held")
+        if held is not None and attr in held:
+            self.__dict__["_layer"]._modules[attr][self.__dict__["_adapter_name"]] = value
+            return
+        super().__setattr__(attr, value)
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        """An attached adapter follows its layer's train/eval mode (it is not a submodule)."""
+        layer = self.__dict__.get("_layer")
+        return layer.training if layer is not None else self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_training"] = mode
+
+    def held_tensors(self) -> dict[str, torch.Tensor]:
+        """This adapter's live tensors, keyed as in its checkpoint (``lora_A.weight``, ``ia3_l``)."""
+        out: dict[str, torch.Tensor] = {}
+        for attr, is_param in self.__dict__.get("_held", {}).items():
+            if attr in self.unsaved:
+                continue
+            value = getattr(self, attr)
+            if is_param:
+                out[attr] = value
+            else:
+                out.update({f"{attr}.{k}": v for k, v in value.state_dict(keep_vars=True).items()})
+        return {self.disk_keys.get(k, k): v for k, v in out.items()}
+
+    def held_parameters(self) -> list[nn.Parameter]:
+        """Every parameter this adapter holds in its layer (``unsaved`` ones included)."""
+        out: list[nn.Parameter] = []
+        for attr, is_param in self.__dict__.get("_held", {}).items():
+            value = getattr(self, attr)
+            out.extend([value] if is_param else value.parameters())
+        return out
+
+    def detach_from(self, layer: nn.Module) -> None:
+        """Drop this adapter's entries from ``layer``'s containers (empty containers go too)."""
+        name = self.__dict__["_adapter_name"]
+        for attr in self.__dict__["_held"]:
+            container = layer._modules[attr]
+            del container[name]
+            if len(container) == 0:
+                del layer._modules[attr]
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -68,20 +166,35 @@ class AdaptedLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
+        # Adapter name -> view of that adapter (see LayerAdapter); its tensors are in the containers.
+        self.adapters: dict[str, LayerAdapter] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
         # Per-row adapter names for one mixed-batch forward; set by PeftModel, else None.
         self.row_adapters: Sequence[str] | None = None
 
+    def container(self, attr: str, kind: type[nn.ModuleDict] | type[nn.ParameterDict]) -> nn.Module:
+        """The name-keyed container ``attr`` (``lora_A``, ``ia3_l``, ...), created on first use."""
+        existing = self._modules.get(attr)
+        if existing is None:
+            existing = kind()
+            self.add_module(attr, existing)
+        elif not isinstance(existing, kind):
+            raise AdapterStateError(
+                f"{attr} on this layer is a {type(existing).__name__} but the new adapter puts a "
+                f"{'parameter' if kind is nn.ParameterDict else 'module'} there; adapters of different methods cannot share a layer."
+            )
+        return existing
+
     def add(self, name: str, adapter: LayerAdapter) -> None:
+        adapter.attach(self, name)
         self.adapters[name] = adapter
 
     def remove(self, name: str) -> None:
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged; call unmerge_adapter() before deleting it.")
-        del self.adapters[name]
+        self.adapters.pop(name).detach_from(self)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     # ----- merging --------------------------------------------------------------------------
@@ -172,7 +285,7 @@ class ModulesToSave(nn.Module):
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
         self.original_module = original_module
-        self.copies = nn.ModuleDict()
+        self.modules_to_save = nn.ModuleDict()  # adapter name -> trainable copy (peft's name)
         self.active_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: Sequence[str] | None = None
@@ -181,10 +294,10 @@ class ModulesToSave(nn.Module):
         clone = copy.deepcopy(self.original_module)
         for p in clone.parameters():
             p.requires_grad_(True)
-        self.copies[name] = clone
+        self.modules_to_save[name] = clone
 
     def remove(self, name: str) -> None:
-        del self.copies[name]
+        del self.modules_to_save[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def __getattr__(self, name: str):
@@ -197,8 +310,8 @@ class ModulesToSave(nn.Module):
 
     def _module_for(self, names: Sequence[str]) -> nn.Module:
         for name in names:
-            if name in self.copies:
-                return self.copies[name]
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
         return self.original_module
 
     def forward(self, x: torch.Tensor, *args, **kwargs):

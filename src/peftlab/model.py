@@ -1,8 +1,10 @@
 """PeftModel: the user-facing wrapper around a model with adapters.
 
-It owns the adapter configs, decides which parameters train, and routes merge, disable,
-mixed-batch and save/load requests to the wrapped layers. The forward pass is the base
-model's own; the adapters live inside its layers.
+It owns the adapter configs and the active adapter's name, checks requests, and hands the
+model-side work to its tuner (:mod:`peftlab.tuners`): layer surgery, prompt learning or
+selective tuning. The module tree is peft's: for layer and selective methods ``base_model`` is
+the tuner and ``base_model.model`` the user's model; for prompt methods ``base_model`` is the
+user's model, beside ``prompt_encoder.<adapter>`` and ``word_embeddings``.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ import copy
 import functools
 import os
 import types
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftlab import checkpoint, quantization, regroup, surgery, targeting
+from peftlab import checkpoint, quantization, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
-from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
-from peftlab.layers import BASE_ROW, AdaptedLayer, ModulesToSave, iter_wrappers
-from peftlab.registry import ModelTuner, method_for
+from peftlab.errors import AdapterStateError, PeftConfigError
+from peftlab.layers import BASE_ROW
+from peftlab.registry import method_for
+from peftlab.tuners import PromptTuner, Tuner, tuner_for
+from peftlab.tuners.base import has_module
+from peftlab.tuners.layer import known_rows
 
 
 class PeftModel(nn.Module):
@@ -35,39 +39,48 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
-        self.base_model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: str = adapter_name
-        # Model-level adapters of prompt methods (virtual tokens), by adapter name; empty otherwise.
-        self.prompt_encoder = nn.ModuleDict()
-        self._prompts_disabled = False
-        # Whole-model state of a method that does no surgery (selective tuning); else None.
-        self._tuner: ModelTuner | None = None
-        self._add(adapter_name, peft_config)
-        self._mark_trainable()
+        if not isinstance(peft_config, PeftConfig):
+            raise PeftConfigError(f"expected a peftlab config (e.g. LoraConfig), got {type(peft_config).__name__}.")
+        tuner = tuner_for(model, method_for(peft_config.peft_type))
+        self.__dict__["_tuner"] = tuner  # also registered below, under peft's names
+        if isinstance(tuner, PromptTuner):
+            self.base_model = model
+            self.prompt_encoder = tuner.prompt_encoder
+        else:
+            self.base_model = tuner
+        self._add_adapter(adapter_name, peft_config)
+        if isinstance(tuner, PromptTuner):
+            # peft registers the input embeddings here too (state_dict key ``word_embeddings.weight``).
+            self.word_embeddings = model.get_input_embeddings()
         self._expose_base_signature()
+
+    @property
+    def tuner(self) -> Tuner:
+        """The model-side half: adapters in layers, virtual tokens, or swapped tensor values."""
+        return self.__dict__["_tuner"]
 
     # ----- construction -----------------------------------------------------------------------
     def _resolved(self, config: PeftConfig) -> PeftConfig:
         """A copy of ``config`` with model-dependent defaults filled in."""
+        model = self.get_base_model()
         spec = method_for(config.peft_type)
         config = copy.deepcopy(config)
         if getattr(config, "target_modules", "") is None and spec.default_targets_for is not None:
-            config.target_modules = spec.default_targets_for(config, self.base_model)
+            config.target_modules = spec.default_targets_for(config, model)
         elif getattr(config, "target_modules", "") is None:
-            config.target_modules = targeting.default_target_modules(
-                self.base_model, spec.default_targets, type(config).__name__
-            )
+            config.target_modules = targeting.default_target_modules(model, spec.default_targets, type(config).__name__)
         if spec.resolve_config is not None:
-            config = spec.resolve_config(config, self.base_model)
-        heads = [h for h in CLASSIFIER_HEAD_NAMES.get(config.task_type, ()) if _has_module(self.base_model, h)]
+            config = spec.resolve_config(config, model)
+        heads = [h for h in CLASSIFIER_HEAD_NAMES.get(config.task_type, ()) if has_module(model, h)]
         if heads:
             config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
+            config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         return config
 
-    def _add(self, adapter_name: str, config: PeftConfig) -> None:
+    def _check_new(self, adapter_name: str, config: PeftConfig) -> None:
         if not isinstance(config, PeftConfig):
             raise PeftConfigError(f"expected a peftlab config (e.g. LoraConfig), got {type(config).__name__}.")
         if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
@@ -79,45 +92,34 @@ class PeftModel(nn.Module):
                 f"this model holds {type(next(iter(self.peft_config.values()))).__name__} adapters; "
                 f"adapters of different methods cannot share one PeftModel."
             )
-        spec = method_for(config.peft_type)
-        config = self._resolved(config)
-        if spec.make_tuner is not None:  # no surgery: the tuner only records and swaps tensor values
-            tuner = self._tuner if self._tuner is not None else spec.make_tuner(self.base_model)
-            tuner.add(adapter_name, config)
-            self._tuner = tuner
-            self.peft_config[adapter_name] = config
-            return
-        names = [] if spec.make_model_adapter is not None else targeting.find_targets(
-            self.base_model,
-            config.target_modules,
-            exclude_modules=config.exclude_modules,
-            layers_to_transform=config.layers_to_transform,
-            layers_pattern=config.layers_pattern,
-            skip=config.modules_to_save or (),
-            method=type(config).__name__,
-        )
-        user_heads = [
-            h
-            for h in (config.modules_to_save or [])
-            if h not in CLASSIFIER_HEAD_NAMES.get(config.task_type, ()) and not _has_module(self.base_model, h)
-        ]
-        if user_heads:
-            raise TargetModuleError(
-                f"modules_to_save {user_heads} match no module in {type(self.base_model).__name__}; "
-                f"top-level modules are: {[n for n, _ in self.base_model.named_children()]}."
-            )
-        if spec.make_model_adapter is not None:
-            self.prompt_encoder[adapter_name] = spec.make_model_adapter(self.base_model, config)
-        else:
-            surgery.inject_adapter(
-                self.base_model, names, adapter_name, lambda base, name: spec.make_adapter(base, config, adapter_name, name)
-            )
-        if config.modules_to_save:
-            surgery.wrap_modules_to_save(self.base_model, config.modules_to_save, adapter_name)
-        self.peft_config[adapter_name] = config
-        # A wrapper created for the new adapter must still follow the model's active adapter.
-        for _, wrapper in iter_wrappers(self.base_model):
-            wrapper.active_adapters = [self.active_adapter]
+
+    def _add_adapter(self, adapter_name: str, config: PeftConfig, weights: Any = None) -> None:
+        """Add an adapter (and load ``weights`` into it); on any error the model is as before.
+
+        This is the one rollback path: the tuner removes whatever part of the adapter was built
+        and every parameter gets back its ``requires_grad``.
+        """
+        self._check_new(adapter_name, config)
+        flags = {p: p.requires_grad for p in self.get_base_model().parameters()}
+        try:
+            resolved = self._resolved(config)
+            self.tuner.add(adapter_name, resolved, self.active_adapter)
+            self.peft_config[adapter_name] = resolved
+            if weights is not None:
+                set_peft_model_state_dict(self, weights, adapter_name)
+            self._mark_trainable()
+        except BaseException:
+            self._rollback(adapter_name, flags)
+            raise
+
+    def _rollback(self, adapter_name: str, flags: dict[nn.Parameter, bool]) -> None:
+        """Remove every part of ``adapter_name`` that exists and restore ``requires_grad`` flags."""
+        self.tuner.remove(adapter_name)
+        self.peft_config.pop(adapter_name, None)
+        if self.peft_config and self.active_adapter not in self.peft_config:
+            self.active_adapter = next(iter(self.peft_config))
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
 
     def _expose_base_signature(self) -> None:
         """Make ``inspect.signature(self.forward)`` show the base model's arguments.
@@ -125,7 +127,7 @@ class PeftModel(nn.Module):
         The HF Trainer drops dataset columns that the model's forward does not name; with a
         bare ``*args, **kwargs`` signature it would drop them all.
         """
-        base_forward = getattr(type(self.base_model), "forward", None)
+        base_forward = getattr(type(self.get_base_model()), "forward", None)
         if base_forward is None:
             return
 
@@ -138,16 +140,7 @@ class PeftModel(nn.Module):
     # ----- trainable parameters -------------------------------------------------------------
     def _mark_trainable(self) -> None:
         """Freeze everything, then unfreeze the active adapter (unless loaded for inference)."""
-        for param in [*self.base_model.parameters(), *self.prompt_encoder.parameters()]:
-            param.requires_grad_(False)
-        config = self.peft_config[self.active_adapter]
-        if config.inference_mode:
-            return
-        if self.active_adapter in self.prompt_encoder:
-            self.prompt_encoder[self.active_adapter].requires_grad_(True)
-        for tensor in checkpoint.adapter_tensors(self.base_model, config, self.active_adapter).values():
-            if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
-                tensor.requires_grad_(True)
+        self.tuner.mark_trainable(self.active_adapter, self.peft_config[self.active_adapter])
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; 4-bit packed weights count as two values per byte."""
@@ -170,74 +163,14 @@ class PeftModel(nn.Module):
         """Run the base model; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters."""
         if labels is not None:
             kwargs["labels"] = labels
-        prompt = self._active_prompt(adapter_names)
-        if prompt is not None:
-            return self.base_model(**prompt.forward_kwargs(self.base_model, _named_inputs(self.base_model, args, kwargs)))
-        if adapter_names is None:
-            return self.base_model(*args, **kwargs)
-        names = list(adapter_names)
-        order = regroup.grouping_order(names)
-        permuted = None
-        if order is not None and regroup.safe_to_reorder(self.base_model, kwargs):
-            permuted = regroup.permute_inputs(args, kwargs, order, len(names))
-        if permuted is not None:
-            # Rows interleaved across adapters: run them grouped by adapter (each layer then works
-            # on one contiguous slice per adapter) and hand the outputs back in the caller's order.
-            sorted_args, sorted_kwargs = permuted
-            with self._rows_routed([names[i] for i in order]):
-                output = self.base_model(*sorted_args, **sorted_kwargs)
-            restored = regroup.restore_output(output, order)
-            if restored is not None:
-                return restored
-            # Something in the output is not a batch-first tensor: run again in the caller's order.
-        with self._rows_routed(names):
-            return self.base_model(*args, **kwargs)
+        if adapter_names is not None:
+            known_rows(adapter_names, list(self.peft_config))
+        return self.tuner(*args, adapter_names=adapter_names, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        prompt = self._active_prompt(adapter_names)
-        if prompt is not None:
-            if len(args) > 1:
-                raise AdapterStateError("generate() takes one positional input (input_ids); pass the rest by name.")
-            named = {"input_ids": args[0], **kwargs} if args else dict(kwargs)
-            return self.base_model.generate(**prompt.generate_kwargs(self.base_model, named))
-        if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
-        # generate() repeats each row for beams / returned sequences; repeat the names alike.
-        beams = int(kwargs.get("num_beams") or 1)
-        repeat = beams if beams > 1 else int(kwargs.get("num_return_sequences") or 1)
-        rows = [name for name in adapter_names for _ in range(repeat)]
-        with self._rows_routed(rows):
-            return self.base_model.generate(*args, **kwargs)
-
-    def _active_prompt(self, adapter_names: Sequence[str] | None) -> nn.Module | None:
-        """The active prompt method's module, or None (layer methods, or inside disable_adapter())."""
-        if self.active_adapter not in self.prompt_encoder or self._prompts_disabled:
-            return None
         if adapter_names is not None:
-            raise AdapterStateError("mixed-batch adapter_names is not supported for prompt methods; run one adapter per batch.")
-        return self.prompt_encoder[self.active_adapter]
-
-    @contextlib.contextmanager
-    def _rows_routed(self, adapter_names: Sequence[str]) -> Iterator[None]:
-        names = list(adapter_names)
-        unknown = sorted({n for n in names if n != BASE_ROW and n not in self.peft_config})
-        if unknown:
-            raise AdapterStateError(f"adapter_names mentions unknown adapters {unknown}; known: {sorted(self.peft_config)} and {BASE_ROW!r}.")
-        if any(isinstance(w, AdaptedLayer) and w.merged_adapters for _, w in iter_wrappers(self.base_model)):
-            raise AdapterStateError("mixed-batch inference needs unmerged adapters; call unmerge_adapter() first.")
-        if self._tuner is not None:
-            raise AdapterStateError(
-                f"{type(self.peft_config[self.active_adapter]).__name__} changes the model's own weights, so one "
-                f"forward pass can use only one adapter; run each adapter's rows separately after set_adapter()."
-            )
-        wrappers = [w for _, w in iter_wrappers(self.base_model)]
-        for wrapper in wrappers:
-            wrapper.row_adapters = names
-        try:
-            yield
-        finally:
-            for wrapper in wrappers:
-                wrapper.row_adapters = None
+            known_rows(adapter_names, list(self.peft_config))
+        return self.tuner.generate(*args, adapter_names=adapter_names, **kwargs)
 
     # ----- adapter management -----------------------------------------------------------------
     @property
@@ -246,17 +179,13 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add another adapter (not active until :meth:`set_adapter`)."""
-        self._add(adapter_name, peft_config)
-        self._mark_trainable()
+        self._add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one used in forward and trained."""
         if adapter_name not in self.peft_config:
             raise AdapterStateError(f"no adapter named {adapter_name!r}; known: {sorted(self.peft_config)}.")
-        for _, wrapper in iter_wrappers(self.base_model):
-            wrapper.active_adapters = [adapter_name]
-        if self._tuner is not None:
-            self._tuner.activate(adapter_name)
+        self.tuner.activate(adapter_name)
         self.active_adapter = adapter_name
         self._mark_trainable()
 
@@ -265,11 +194,7 @@ class PeftModel(nn.Module):
             raise AdapterStateError(f"no adapter named {adapter_name!r}; known: {sorted(self.peft_config)}.")
         if len(self.peft_config) == 1:
             raise AdapterStateError("cannot delete the only adapter; use unload() to get the base model back.")
-        surgery.remove_adapter(self.base_model, adapter_name)
-        if adapter_name in self.prompt_encoder:
-            del self.prompt_encoder[adapter_name]
-        if self._tuner is not None:
-            self._tuner.remove(adapter_name)
+        self.tuner.remove(adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
@@ -277,19 +202,8 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model behaves as the base model."""
-        if any(isinstance(w, AdaptedLayer) and w.merged_adapters for _, w in iter_wrappers(self.base_model)):
-            raise AdapterStateError("adapters are merged into the base weights; call unmerge_adapter() before disable_adapter().")
-        wrappers = [w for _, w in iter_wrappers(self.base_model)]
-        for wrapper in wrappers:
-            wrapper.disabled = True
-        self._prompts_disabled = True
-        try:
-            with self._tuner.disabled() if self._tuner is not None else contextlib.nullcontext():
-                yield
-        finally:
-            self._prompts_disabled = False
-            for wrapper in wrappers:
-                wrapper.disabled = False
+        with self.tuner.disabled():
+            yield
 
     # ----- merging ----------------------------------------------------------------------------
     def _check_names(self, adapter_names: Sequence[str] | None) -> list[str]:
@@ -302,23 +216,10 @@ class PeftModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (undo with :meth:`unmerge_adapter`)."""
         names = self._check_names(adapter_names)
-        prompts = [n for n in names if n in self.prompt_encoder]
-        if prompts:
-            raise AdapterStateError(
-                f"adapters {prompts} use {type(self.peft_config[prompts[0]]).__name__}, a prompt method: its virtual "
-                f"tokens are extra inputs, not a weight update, so they cannot be merged. Keep the PeftModel for inference."
-            )
-        layers = [w for _, w in iter_wrappers(self.base_model) if isinstance(w, AdaptedLayer)]
-        if safe_merge:
-            _check_merge_is_finite(layers, names)
-        _untie_merged_weights(self.base_model, [l for l in layers if any(n in l.adapters for n in names)])
-        for layer in layers:
-            layer.merge(names)
+        self.tuner.merge(names, self.peft_config, safe_merge)
 
     def unmerge_adapter(self) -> None:
-        for _, wrapper in iter_wrappers(self.base_model):
-            if isinstance(wrapper, AdaptedLayer):
-                wrapper.unmerge()
+        self.tuner.unmerge()
 
     def merge_and_unload(
         self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None, requantize: bool = False
@@ -329,29 +230,18 @@ class PeftModel(nn.Module):
         (lossy; see :func:`peftlab.quantization.merge_and_unload_quantized`).
         """
         names = self._check_names(adapter_names)
-        if quantization.is_quantized_model(self.base_model):
+        if quantization.is_quantized_model(self.get_base_model()):
             return quantization.merge_and_unload_quantized(self, names, safe_merge, requantize)
-        self.merge_adapter(names, safe_merge=safe_merge)
-        if self._tuner is not None:
-            if len(names) != 1:
-                raise AdapterStateError(
-                    f"{type(self.peft_config[names[0]]).__name__} adapters replace weight values, so they cannot be "
-                    f"combined; merge exactly one adapter (got {names})."
-                )
-            self._tuner.finish(keep=names[0])
-            self._tuner = None
-        return surgery.unload(self.base_model, merge=True, adapter_names=names)
+        return self.tuner.unload(merge=True, names=names, configs=self.peft_config, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         """Return the base model without adapters and with its original weights."""
         self.unmerge_adapter()
-        if self._tuner is not None:
-            self._tuner.finish(keep=None)
-            self._tuner = None
-        return surgery.unload(self.base_model, merge=False)
+        return self.tuner.unload(merge=False, names=[], configs=self.peft_config)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The user's model (``base_model.model`` in peft's tree; ``base_model`` for prompt methods)."""
+        return self.tuner.model
 
     # ----- save / load ------------------------------------------------------------------------
     def save_pretrained(
@@ -384,16 +274,11 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
         flags = {p: p.requires_grad for p in model.parameters()}
-        peft_model = None
+        peft_model = cls(model, config, adapter_name)  # undoes itself if it fails
         try:
-            peft_model = cls(model, config, adapter_name)
             set_peft_model_state_dict(peft_model, weights, adapter_name)
-        except Exception:
-            if peft_model is not None and peft_model._tuner is not None:
-                peft_model._tuner.finish(keep=None)
-            surgery.unload(model, merge=False)
-            for param, flag in flags.items():
-                param.requires_grad_(flag)
+        except BaseException:
+            peft_model._rollback(adapter_name, flags)
             raise
         return peft_model
 
@@ -409,18 +294,7 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
         config.inference_mode = not is_trainable
         weights = checkpoint.load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle)
-        self._add(adapter_name, config)
-        try:
-            set_peft_model_state_dict(self, weights, adapter_name)
-        except Exception:
-            surgery.remove_adapter(self.base_model, adapter_name)
-            if adapter_name in self.prompt_encoder:
-                del self.prompt_encoder[adapter_name]
-            if self._tuner is not None:
-                self._tuner.remove(adapter_name)
-            del self.peft_config[adapter_name]
-            raise
-        self._mark_trainable()
+        self._add_adapter(adapter_name, config, weights)
 
     # ----- attribute fall-through ---------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -432,58 +306,6 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
 
-def _named_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional inputs given names from the base model's forward signature (prompt methods rewrite them by name)."""
-    if not args:
-        return dict(kwargs)
-    import inspect
-
-    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(args) > len(params):
-        raise AdapterStateError(f"{len(args)} positional inputs but {type(model).__name__}.forward names only {len(params)}; pass them by name.")
-    return {**dict(zip((p.name for p in params), args)), **kwargs}
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    return any(n == name or n.endswith("." + name) for n, _ in model.named_modules())
-
-
-def _untie_merged_weights(model: nn.Module, layers: list[AdaptedLayer]) -> None:
-    """Give a layer its own weight before merging when the weight is shared (tied embeddings).
-
-    Merging into a weight tied to the output head would change the head too, which the
-    unmerged adapter never did.
-    """
-    counts: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        counts[id(param)] = counts.get(id(param), 0) + 1
-    for layer in layers:
-        weight = getattr(layer.base_layer, "weight", None)
-        if isinstance(weight, nn.Parameter) and counts.get(id(weight), 0) > 1:
-            warnings.warn(
-                f"{type(layer.base_layer).__name__} weight is tied to another module; giving it its own copy "
-                f"before merging so the tied module keeps its weights.",
-                stacklevel=3,
-            )
-            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-
-
-def _check_merge_is_finite(layers: list[AdaptedLayer], names: Sequence[str]) -> None:
-    """Merge into copies first and refuse if any resulting weight is NaN or inf."""
-    for layer in layers:
-        live = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
-        if not live:
-            continue
-        trial = copy.deepcopy(layer.base_layer)
-        for name in live:
-            layer.adapters[name].merge_into(trial)
-        if any(not torch.isfinite(p).all() for p in trial.parameters() if p.is_floating_point()):
-            raise AdapterStateError(
-                f"merging adapters {live} would write NaN/inf into {type(layer.base_layer).__name__} weights; "
-                f"the adapter is broken (diverged training?). Nothing was merged."
-            )
-
-
 def get_peft_model_state_dict(model: PeftModel, state_dict: Any = None, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     return checkpoint.get_peft_model_state_dict(model, state_dict, adapter_name)
 
@@ -493,12 +315,8 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: Any, adap
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap ``model`` with a new adapter built from ``peft_config``; the base weights are frozen."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    try:
-        return PeftModel(model, peft_config, adapter_name)
-    except Exception:
-        surgery.unload(model, merge=False)
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
-        raise
+    """Wrap ``model`` with a new adapter built from ``peft_config``; the base weights are frozen.
+
+    On any error ``model`` is left as it was (PeftModel undoes a failed adapter itself).
+    """
+    return PeftModel(model, peft_config, adapter_name)

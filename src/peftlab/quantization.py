@@ -380,7 +380,7 @@ def merge_and_unload_quantized(peft_model: Any, names: list[str], safe_merge: bo
     from peftlab import surgery
     from peftlab.layers import AdaptedLayer, iter_wrappers
 
-    base = peft_model.base_model
+    base = peft_model.get_base_model()
     if not requantize_after:
         dequantize_model(base)
         peft_model.merge_adapter(names, safe_merge=safe_merge)

@@ -17,6 +17,8 @@ from torch import nn
 from peftlab.errors import PeftConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from peftlab.config import PeftConfig
     from peftlab.layers import LayerAdapter
 
@@ -28,11 +30,10 @@ ModelAdapterFactory = Callable[[nn.Module, "PeftConfig"], nn.Module]
 
 
 class ModelTuner(Protocol):
-    """A method that trains tensors the model already has and replaces no module (selective tuning).
+    """The value store of a method that trains tensors the model already has (selective tuning).
 
-    One tuner per model holds every adapter of its method; PeftModel calls it where layer
-    methods go through surgery. Its trainable tensors are reported by the config's
-    ``extra_trainable_parameters``, so saving, loading and freezing need no special case.
+    One store per model holds every adapter of its method;
+    :class:`peftlab.tuners.selective.SelectiveTuner` drives it.
     """
 
     def add(self, adapter_name: str, config: "PeftConfig") -> None:
@@ -46,6 +47,9 @@ class ModelTuner(Protocol):
 
     def disabled(self) -> contextlib.AbstractContextManager[None]:
         """Inside the block the model holds the base values."""
+
+    def tensors(self, adapter_name: str) -> dict[str, "torch.Tensor"]:
+        """The adapter's tensors by parameter name: the live ones if active, stored values if not."""
 
     def finish(self, keep: str | None) -> None:
         """Drop the tuner's state: keep adapter ``keep``'s values in the model, or the base values."""

@@ -95,9 +95,9 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
             wrapper.remove(adapter_name)
             if not wrapper.adapters:
                 replace_submodule(model, name, wrapper.base_layer)
-        elif isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.copies:
+        elif isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.modules_to_save:
             wrapper.remove(adapter_name)
-            if not wrapper.copies:
+            if not wrapper.modules_to_save:
                 replace_submodule(model, name, wrapper.original_module)
 
 
@@ -110,6 +110,6 @@ def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = 
             replace_submodule(model, name, wrapper.base_layer)
         else:
             chosen = adapter_names if adapter_names is not None else wrapper.active_adapters
-            keep = next((wrapper.copies[n] for n in chosen if n in wrapper.copies), None) if merge else None
+            keep = next((wrapper.modules_to_save[n] for n in chosen if n in wrapper.modules_to_save), None) if merge else None
             replace_submodule(model, name, keep if keep is not None else wrapper.original_module)
     return model

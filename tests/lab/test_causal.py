@@ -115,7 +115,7 @@ def test_train_causal_learns_the_labels(tmp_path, quantized):
     assert result.steps == 48 and result.step_seconds > 0
     assert result.eval["accuracy"] == 1.0
     assert result.eval["perplexity"] < min(before_ppl, 1.5)
-    layer = result.model.base_model.model.layers[0].self_attn.q_proj.base_layer
+    layer = result.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert is_quantized_linear(layer) == quantized
     if not quantized:  # generate() reloads base + adapter from disk
         assert generate(tmp_path / "adapter", "Review: the great film\nSentiment:", max_new_tokens=2, base_model=str(base_dir)) == "positive"

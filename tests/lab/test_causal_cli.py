@@ -113,7 +113,7 @@ def test_quantize_4bit_trains_an_adapter_that_loads(tmp_path, llama_dir, causal_
     assert run["perplexity"] is not None and run["accuracy"] is not None
     assert "4-bit nf4" in (out / "results.md").read_text()
     model = _reload(llama_dir, out / "runs" / "lora" / "adapter")  # the adapter loads onto the fp32 base
-    assert not is_quantized_linear(model.base_model.model.layers[0].self_attn.q_proj.base_layer)
+    assert not is_quantized_linear(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer)
 
 
 def test_quantized_base_is_prepared_before_the_adapter(llama_dir, causal_data):
@@ -128,7 +128,7 @@ def test_quantized_base_is_prepared_before_the_adapter(llama_dir, causal_data):
     assert (run.quantize, run.quant_options) == ("4bit", {"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True})
     prep = Prepared(run)
     assert prep.quantization["quant_type"] == "fp4" and prep.quantization["double_quant"] is True
-    layer = prep.model.base_model.model.layers[0].self_attn.q_proj.base_layer
+    layer = prep.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert is_quantized_linear(layer)
     trainable = {n for n, p in prep.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)  # the k-bit base is frozen

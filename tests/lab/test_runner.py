@@ -35,7 +35,7 @@ def test_head_learning_rate_groups(tmp_path):
     model = get_peft_model(base, IA3Config(task_type=TaskType.SEQ_CLS, target_modules=["key", "value"],
                                                       feedforward_modules=[]))
     head = head_parameters(model)
-    assert head == {id(p) for n, p in model.named_parameters() if "classifier.copies" in n}
+    assert head == {id(p) for n, p in model.named_parameters() if "classifier.modules_to_save" in n}
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=0.02, report_to=[], use_cpu=True, weight_decay=0.1)
     trainer = _trainer_class(1e-3)(model=model, args=args)
     optimizer = trainer.create_optimizer()

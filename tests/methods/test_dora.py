@@ -58,16 +58,16 @@ def _dora_model(**kwargs):
 
 def test_magnitude_starts_at_row_norm_of_adapted_weight():
     model, w, _ = _dora_model(init_lora_weights=False)
-    ad = model.base_model.lin.adapters["default"]
+    ad = model.get_base_model().lin.adapters["default"]
     adapted = w + ad.lora_B.weight.detach() @ ad.lora_A.weight.detach() * 3
-    torch.testing.assert_close(ad.lora_magnitude_vector.detach(), adapted.norm(dim=1))
+    torch.testing.assert_close(ad.lora_magnitude_vector.weight.detach(), adapted.norm(dim=1))
 
 
 def test_forward_matches_decomposed_weight():
     model, w, b = _dora_model(init_lora_weights=False)
-    ad = model.base_model.lin.adapters["default"]
+    ad = model.get_base_model().lin.adapters["default"]
     with torch.no_grad():
-        ad.lora_magnitude_vector.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0]))
+        ad.lora_magnitude_vector.weight.copy_(torch.tensor([0.5, 1.0, 2.0, 3.0]))
     adapted = w + ad.lora_B.weight.detach() @ ad.lora_A.weight.detach() * 3
     expected_w = torch.tensor([0.5, 1.0, 2.0, 3.0])[:, None] * adapted / adapted.norm(dim=1, keepdim=True)
     x = torch.randn(3, 5)
@@ -76,10 +76,10 @@ def test_forward_matches_decomposed_weight():
 
 def test_norm_is_constant_in_backward():
     model, _, _ = _dora_model(init_lora_weights=False)
-    ad = model.base_model.lin.adapters["default"]
+    ad = model.get_base_model().lin.adapters["default"]
     model(torch.randn(3, 5)).sum().backward()
-    assert ad.lora_magnitude_vector.grad is not None and ad.lora_A.weight.grad is not None
-    assert model.base_model.lin.base_layer.weight.grad is None
+    assert ad.lora_magnitude_vector.weight.grad is not None and ad.lora_A.weight.grad is not None
+    assert model.get_base_model().lin.base_layer.weight.grad is None
 
 
 def test_gradients_match_peft():
@@ -95,9 +95,9 @@ def test_gradients_match_peft():
     x = torch.randn(4, 5)
     theirs(x).pow(2).sum().backward()
     ours(x).pow(2).sum().backward()
-    ad = ours.base_model.lin.adapters["default"]
+    ad = ours.get_base_model().lin.adapters["default"]
     layer = theirs.base_model.model.lin
-    torch.testing.assert_close(ad.lora_magnitude_vector.grad, layer.lora_magnitude_vector["default"].weight.grad)
+    torch.testing.assert_close(ad.lora_magnitude_vector.weight.grad, layer.lora_magnitude_vector["default"].weight.grad)
     torch.testing.assert_close(ad.lora_A.weight.grad, layer.lora_A["default"].weight.grad)
 
 

@@ -53,7 +53,7 @@ def test_delta_is_scaled_hadamard_product():
     x = torch.randn(3, 5)
     w, b = net.lin.weight.detach().clone(), net.lin.bias.detach().clone()
     model = get_peft_model(net, LoHaConfig(r=2, alpha=6, target_modules=["lin"], init_weights=False))
-    ad = model.base_model.lin.adapters["default"]
+    ad = model.get_base_model().lin.adapters["default"]
     assert ad.hada_w1_a.shape == (4, 2) and ad.hada_w1_b.shape == (2, 5)
     delta = (ad.hada_w1_a @ ad.hada_w1_b) * (ad.hada_w2_a @ ad.hada_w2_b) * (6 / 2)
     torch.testing.assert_close(model(x), x @ (w + delta.detach()).T + b)
@@ -62,10 +62,10 @@ def test_delta_is_scaled_hadamard_product():
 def test_effective_conv2d_shapes_and_kernel():
     torch.manual_seed(0)
     model = get_peft_model(ConvNet(), LoHaConfig(r=2, target_modules=["conv", "pointwise"], use_effective_conv2d=True, init_weights=False))
-    conv = model.base_model.conv.adapters["default"]
+    conv = model.get_base_model().conv.adapters["default"]
     assert conv.hada_t1.shape == (2, 2, 3, 3) and conv.hada_w1_a.shape == (2, 8) and conv.hada_w1_b.shape == (2, 3)
     # a 1x1 conv has no spatial kernel to factor: it is flattened like a linear layer
-    point = model.base_model.pointwise.adapters["default"]
+    point = model.get_base_model().pointwise.adapters["default"]
     assert not hasattr(point, "hada_t1") and point.hada_w1_a.shape == (8, 2)
     k1 = torch.einsum("ijkl,ip,jq->pqkl", conv.hada_t1, conv.hada_w1_a, conv.hada_w1_b)
     k2 = torch.einsum("ijkl,ip,jq->pqkl", conv.hada_t2, conv.hada_w2_a, conv.hada_w2_b)
@@ -75,7 +75,7 @@ def test_effective_conv2d_shapes_and_kernel():
 def test_rank_can_exceed_r():
     torch.manual_seed(0)
     model = get_peft_model(OneLinear(), LoHaConfig(r=2, target_modules=["lin"], init_weights=False))
-    delta = model.base_model.lin.adapters["default"].delta_weight().detach()
+    delta = model.get_base_model().lin.adapters["default"].delta_weight().detach()
     assert torch.linalg.matrix_rank(delta) > 2  # r^2 = 4 reachable, LoRA r=2 would stop at 2
 
 
@@ -85,7 +85,7 @@ def test_module_dropout_skips_adapter_in_training_only():
     x = torch.randn(2, 5)
     model.train()
     with torch.no_grad():
-        base_out = model.base_model.lin.base_layer(x)
+        base_out = model.get_base_model().lin.base_layer(x)
         torch.testing.assert_close(model(x), base_out)
         model.eval()
         assert not torch.allclose(model(x), base_out)

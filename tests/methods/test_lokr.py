@@ -57,7 +57,7 @@ def test_delta_is_scaled_kronecker_product():
     x = torch.randn(3, 6)
     w, b = net.lin.weight.detach().clone(), net.lin.bias.detach().clone()
     model = get_peft_model(net, LoKrConfig(r=2, alpha=6, target_modules=["lin"], init_weights=False))
-    ad = model.base_model.lin.adapters["default"]
+    ad = model.get_base_model().lin.adapters["default"]
     # out 8 = 2 * 4, in 6 = 2 * 3: w1 (2, 2), w2 (4, 3) stored in full since r >= max(4, 3) / 2
     assert ad.lokr_w1.shape == (2, 2) and ad.lokr_w2.shape == (4, 3)
     w1, w2 = ad.lokr_w1.detach(), ad.lokr_w2.detach()
@@ -70,7 +70,7 @@ def test_delta_is_scaled_kronecker_product():
 
 def test_low_rank_factor_when_rank_is_small():
     model = get_peft_model(OneLinear(16, 64), LoKrConfig(r=1, target_modules=["lin"], decompose_both=True))
-    ad = model.base_model.lin.adapters["default"]
+    ad = model.get_base_model().lin.adapters["default"]
     # out 64 = 8 * 8, in 16 = 4 * 4; w1 (8, 4) would be full, but r=1 < 8/2 so it is factored too
     assert ad.lokr_w1_a.shape == (8, 1) and ad.lokr_w1_b.shape == (1, 4)
     assert ad.lokr_w2_a.shape == (8, 1) and ad.lokr_w2_b.shape == (1, 4)
@@ -91,7 +91,7 @@ def test_factorization_matches_peft():
 
 def test_lycoris_init_zeroes_w2():
     model = get_peft_model(OneLinear(), LoKrConfig(r=2, target_modules=["lin"], init_weights="lycoris"))
-    ad = model.base_model.lin.adapters["default"]
+    ad = model.get_base_model().lin.adapters["default"]
     assert torch.count_nonzero(ad.lokr_w2) == 0 and torch.count_nonzero(ad.lokr_w1) > 0
 
 

@@ -59,7 +59,7 @@ def test_prefix_is_a_cache_of_num_virtual_tokens_positions():
     torch.manual_seed(0)
     model = get_peft_model(tiny_gpt2(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     rows = model.prompt_encoder["default"].rows()
-    cache = prefix_cache(model.base_model, rows, model.peft_config["default"], batch=2)
+    cache = prefix_cache(model.get_base_model(), rows, model.peft_config["default"], batch=2)
     assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 3
     # layer 1's keys are row block 2 (blocks go k0, v0, k1, v1), split into 4 heads of 8
     keys = cache.layers[1].keys

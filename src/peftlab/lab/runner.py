@@ -129,7 +129,7 @@ def head_parameters(model: torch.nn.Module) -> set[int]:
     """ids of the parameters of fully trained copies (classifier head, modules_to_save)."""
     from peftlab.layers import ModulesToSave
 
-    return {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.copies.parameters()}
+    return {id(p) for m in model.modules() if isinstance(m, ModulesToSave) for p in m.modules_to_save.parameters()}
 
 
 def _trainer_class(head_learning_rate: float | None = None, extra_metrics: Any = None) -> type:

@@ -211,8 +211,10 @@ class SvdAdapter(LayerAdapter):
 
     Shapes: ``lora_A`` (r, in) [Conv2d: (r, in * kh * kw)], ``lora_E`` (r, 1), ``lora_B`` (out, r).
     ``r`` is ``init_r``, or the allocated rank when built from a ``rank_pattern``. ``ranknum``
-    (a buffer, not saved, as in peft) holds ``init_r``.
+    (a frozen parameter, left out of adapter files as in peft) holds ``init_r``.
     """
+
+    unsaved = ("ranknum",)
 
     def __init__(
         self, base: nn.Module, r: int, init_r: int, lora_alpha: float, dropout: float, fan_in_fan_out: bool
@@ -227,10 +229,12 @@ class SvdAdapter(LayerAdapter):
             in_dim, out_dim = self.weight_shape
         else:  # in/out_features, not weight.shape: quantized linears pack their weight
             in_dim, out_dim = base.in_features, base.out_features
+        # Declared in peft's order (A, B, E), so the layer's state_dict lists them as peft's does.
         self.lora_A = nn.Parameter(torch.empty(r, in_dim))
-        self.lora_E = nn.Parameter(torch.empty(r, 1))
         self.lora_B = nn.Parameter(torch.empty(out_dim, r))
-        self.register_buffer("ranknum", torch.tensor([float(init_r)]), persistent=False)
+        self.lora_E = nn.Parameter(torch.empty(r, 1))
+        # A frozen parameter, as in peft (so the layer holds ``ranknum.<adapter>``); not saved in files.
+        self.ranknum = nn.Parameter(torch.tensor([float(init_r)]), requires_grad=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = float(lora_alpha) if lora_alpha > 0 else float(init_r)  # peft's rule
         self.fan_in_fan_out = fan_in_fan_out

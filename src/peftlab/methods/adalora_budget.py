@@ -124,7 +124,7 @@ def resolve_adalora(model: nn.Module, adapter_name: str | None) -> tuple[str, Ad
             f"adapter {name!r} is {'missing' if config is None else type(config).__name__ + ', not AdaLoRA'}; "
             f"update_and_allocate and orthogonal_regularization work on AdaLoraConfig adapters."
         )
-    return name, config, list(svd_adapters(model.base_model, name))
+    return name, config, list(svd_adapters(model.get_base_model(), name))
 
 
 def update_and_allocate(model: nn.Module, global_step: int, adapter_name: str | None = None) -> int:

@@ -24,6 +24,15 @@ from peftlab.methods.lora import LoraConfig, LoraLinear
 from peftlab.targeting import linear_types
 
 
+class Magnitude(nn.Module):
+    """DoRA's per-row magnitude ``m`` (out,) as a module with one ``weight``, so the layer holds it
+    as ``lora_magnitude_vector.<adapter>.weight`` (peft's name; files store ``lora_magnitude_vector``)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(out_features))
+
+
 class DoraLinear(LoraLinear):
     """DoRA for ``nn.Linear`` and GPT-2 ``Conv1D``; adds ``lora_magnitude_vector`` (out,) to LoRA's A, B.
 
@@ -31,10 +40,12 @@ class DoraLinear(LoraLinear):
     reference to its base layer: the weight is neither saved nor trained through it.
     """
 
+    disk_keys = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
+
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, fan_in_fan_out: bool) -> None:
         in_features, out_features = base.weight.shape if fan_in_fan_out else (base.in_features, base.out_features)
         super().__init__(in_features, out_features, r, scaling, dropout, fan_in_fan_out)
-        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features))
+        self.lora_magnitude_vector = Magnitude(out_features)
         object.__setattr__(self, "_base_layer", base)  # not a submodule: see class docstring
         self._merged_factor: torch.Tensor | None = None
 
@@ -49,13 +60,13 @@ class DoraLinear(LoraLinear):
         """m = ||W + s B A||_row, so the adapter starts as plain LoRA with the same A, B."""
         with torch.no_grad():
             weight = self._base_weight(self.lora_A.weight.dtype)
-            self.lora_magnitude_vector.copy_(Fn.weight_row_norm(weight + self._lora_weight()))
+            self.lora_magnitude_vector.weight.copy_(Fn.weight_row_norm(weight + self._lora_weight()))
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
         weight = self._base_weight(x.dtype)
         norm = Fn.weight_row_norm(weight + self._lora_weight().detach()).detach()
-        factor = self.lora_magnitude_vector / norm  # (out,)
+        factor = self.lora_magnitude_vector.weight / norm  # (out,)
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
             # The dropped input must go through both terms, so recompute W x on it.
             x = self.lora_dropout(x)
@@ -73,8 +84,8 @@ class DoraLinear(LoraLinear):
         weight = base_layer.weight
         with torch.no_grad():
             dtype = self.lora_A.weight.dtype
-            merged, norm = Fn.dora_merged_weight(self._base_weight(dtype), self._lora_weight(), self.lora_magnitude_vector)
-            self._merged_factor = self.lora_magnitude_vector / norm
+            merged, norm = Fn.dora_merged_weight(self._base_weight(dtype), self._lora_weight(), self.lora_magnitude_vector.weight)
+            self._merged_factor = self.lora_magnitude_vector.weight / norm
             weight.data = Fn.transpose_if(merged, self.fan_in_fan_out).to(weight.dtype).contiguous()
 
     def unmerge_from(self, base_layer: nn.Module) -> None:

@@ -152,7 +152,9 @@ class LoraConfig(LayerConfig):
             id(p)
             for m in model.modules()
             if isinstance(m, (AdaptedLayer, ModulesToSave))
-            for p in (m.adapters if isinstance(m, AdaptedLayer) else m).parameters()
+            for p in (
+                [q for a in m.adapters.values() for q in a.held_parameters()] if isinstance(m, AdaptedLayer) else m.parameters()
+            )
         }
         if self.bias == "all":
             return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and id(p) not in skip}

@@ -32,9 +32,6 @@ from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.registry import MethodSpec, register
 from peftlab.targeting import name_matches
 
-# The tuner hangs on the base model under this name so that checkpoint code, which sees only
-# the base model and the config, can reach an inactive adapter's stored values.
-_TUNER_ATTR = "_peftlab_selective_tuner"
 _NORM_NAME = re.compile(r".*(LayerNorm|RMSNorm|LayerNorm2d)$", re.IGNORECASE)
 
 
@@ -96,13 +93,6 @@ class SelectiveConfig(PeftConfig):
                 "SelectiveConfig selects nothing: set bitfit=True, last_n_layers=N, layer_norm=True, "
                 "trainable_parameter_patterns=[...] or modules_to_save=[...]."
             )
-
-    def extra_trainable_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The tuned tensors keyed by parameter name: live ones if active, stored copies if not."""
-        tuner = model.__dict__.get(_TUNER_ATTR)
-        if tuner is None:
-            raise AdapterStateError("this model holds no selective adapter state; build it with get_peft_model().")
-        return tuner.tensors(adapter_name)
 
 
 # ----- selection (pure: reads the model, raises when a requested mode selects nothing) -----------
@@ -206,7 +196,7 @@ def select_parameters(model: nn.Module, config: SelectiveConfig) -> dict[str, nn
 
 
 # ----- the tuner: swaps tensor values between adapters and the base ------------------------------
-class SelectiveTuner:
+class SelectiveValues:
     """Keeps the base values of every tuned tensor and the values of inactive adapters.
 
     The active adapter's values live in the model's own parameters; switching adapters copies
@@ -235,7 +225,6 @@ class SelectiveTuner:
             self.active = adapter_name
         else:
             self.stash[adapter_name] = {n: self.originals[n].clone() for n in chosen}
-        self.model.__dict__[_TUNER_ATTR] = self
 
     def tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         if adapter_name == self.active:
@@ -271,8 +260,6 @@ class SelectiveTuner:
         del self.selected[adapter_name]
         used = {n for names in self.selected.values() for n in names}
         self.originals = {n: v for n, v in self.originals.items() if n in used}
-        if not self.selected:
-            self.model.__dict__.pop(_TUNER_ATTR, None)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -299,7 +286,6 @@ class SelectiveTuner:
         self.originals.clear()
         self.stash.clear()
         self.active = None
-        self.model.__dict__.pop(_TUNER_ATTR, None)
 
 
-register(MethodSpec(SelectiveConfig, None, make_tuner=SelectiveTuner, learning_rates=(3e-4, 1e-3, 3e-3)))
+register(MethodSpec(SelectiveConfig, None, make_tuner=SelectiveValues, learning_rates=(3e-4, 1e-3, 3e-3)))

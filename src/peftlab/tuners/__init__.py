@@ -1,0 +1,25 @@
+"""Tuners: the model-side half of a PeftModel, one kind per way a method changes the model.
+
+See :mod:`peftlab.tuners.base` for the interface and the three kinds.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftlab.registry import MethodSpec
+from peftlab.tuners.base import Tuner
+from peftlab.tuners.layer import LayerTuner
+from peftlab.tuners.prompt import PromptTuner
+from peftlab.tuners.selective import SelectiveTuner
+
+__all__ = ["LayerTuner", "PromptTuner", "SelectiveTuner", "Tuner", "tuner_for"]
+
+
+def tuner_for(model: nn.Module, spec: MethodSpec) -> Tuner:
+    """The tuner kind that fits ``spec``'s method, wrapped around ``model``."""
+    if spec.make_tuner is not None:
+        return SelectiveTuner(model, spec)
+    if spec.make_model_adapter is not None:
+        return PromptTuner(model, spec)
+    return LayerTuner(model, spec)
