@@ -3,7 +3,6 @@ classic per-epoch table with time and memory against full fine-tuning, and the b
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from peftlab.lab import report, selection

@@ -83,7 +83,7 @@ def test_choose_takes_the_best_dev_accuracy_and_skips_failures(tmp_path):
 
 
 def test_cache_key_and_reuse(tmp_path):
-    full, lora = sweep.plan(_experiment(tmp_path))
+    _, lora = sweep.plan(_experiment(tmp_path))
     run = lora.final_runs({})[0]
     key = cache.run_key(run)
     changed = lora.final_runs({})[0]

@@ -13,7 +13,7 @@ import os
 from peftlab.io import atomic_write_text
 from peftlab.lab import plots
 from peftlab.lab.results import RunResult, load_study
-from peftlab.lab.summary import GroupSummary, best_group, final_runs, summarize
+from peftlab.lab.summary import GroupSummary, best_group, final_runs, peak_mb, summarize
 
 COLUMNS = ("run", "method", "status", "trainable params", "trainable %", "accuracy", "F1", "eval loss",
            "train time (s)", "peak RSS (MiB)", "peak CUDA (MiB)", "adapter size", "tokens/s", "wall time (s)")
@@ -193,12 +193,8 @@ def epoch_table(runs: list[RunResult]) -> list[str]:
                 f"{_fmt(None if e.accuracy is None else 100 * e.accuracy, '.2f')} | {_fmt(None if e.f1 is None else 100 * e.f1, '.2f')} | "
                 + (f"{_fmt(e.perplexity, '.3f')} | " if causal else "") + f"{_fmt(e.seconds, '.1f')} | "
                 + (f"{_fmt(r.train_seconds, '.1f')} | {_delta(r.train_seconds, ref.train_seconds)} | "
-                   f"{_fmt(_peak(r), '.0f')} | {_delta(_peak(r), _peak(ref))} |" if first else "| | | |"))
+                   f"{_fmt(peak_mb(r), '.0f')} | {_delta(peak_mb(r), peak_mb(ref))} |" if first else "| | | |"))
     return lines
-
-
-def _peak(r: RunResult) -> float | None:
-    return r.cuda_peak_mb if r.cuda_peak_mb is not None else r.peak_rss_mb
 
 
 def markdown(name: str, runs: list[RunResult], raw: dict | None = None) -> str:
@@ -213,8 +209,8 @@ def markdown(name: str, runs: list[RunResult], raw: dict | None = None) -> str:
     if failed:
         lines += ["", "## Problems", ""] + [f"- **{r.name}** ({r.status}): {r.error}" for r in failed]
     where = "the test split, at the best epoch on dev" if _heldout(runs) else "the evaluation split after the last epoch"
-    lines += ["", f"Accuracy and F1 in %, on {where}; train time is training wall time (evaluation included), wall time "
-                  f"the whole run; tokens/s counts non-padding training tokens per second of training steps.", ""]
+    lines += ["", (f"Accuracy and F1 in %, on {where}; train time is training wall time (evaluation included), wall time "
+                   f"the whole run; tokens/s counts non-padding training tokens per second of training steps."), ""]
     if _causal(runs):
         lines += ["Causal-LM runs: accuracy is the exact match of the greedily generated label word; perplexity is "
                   "that of the answer tokens (eval loss is their mean negative log-likelihood).", ""]

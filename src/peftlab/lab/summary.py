@@ -37,7 +37,8 @@ class GroupSummary:
         return [int((r.run.get("train") or {}).get("seed", 0)) for r in self.runs]
 
 
-def _peak(r: RunResult) -> float | None:
+def peak_mb(r: RunResult) -> float | None:
+    """The run's peak memory: CUDA's when it was measured, else the process's peak RSS."""
     return r.cuda_peak_mb if r.cuda_peak_mb is not None else r.peak_rss_mb
 
 
@@ -78,7 +79,7 @@ def summarize(runs: list[RunResult], raw: dict[str, Any]) -> list[GroupSummary]:
             times = [r.train_seconds for r in ok if r.train_seconds is not None]
             g.seconds = stats.summarize(times) if times else None
             g.tokens_per_second = _mean([r.tokens_per_second for r in ok])
-            g.peak_mb = _mean([_peak(r) for r in ok])
+            g.peak_mb = _mean([peak_mb(r) for r in ok])
             g.trainable_params = ok[0].trainable_params
         out.append(g)
     _compare_to_best(out)
