@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftlab.base_layer import conv1d_type
+
 _MASK_BITS = 16  # random bits per element; the drop probability is p rounded to 1 / 65536
 
 
@@ -50,15 +52,7 @@ def plain_forced() -> bool:
     return os.environ.get("PEFTLAB_PLAIN", "") == "1"
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional
-        return None
-    return Conv1D
-
-
-_CONV1D = _conv1d_type()
+_CONV1D = conv1d_type()
 
 
 def fast_base(base: nn.Module) -> bool:

@@ -15,22 +15,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from peftlab.base_layer import linear_types
 from peftlab.errors import TargetModuleError
 
 ALL_LINEAR = "all-linear"
-
-
-def linear_types() -> tuple[type, ...]:
-    """Layer classes that count as linear (nn.Linear, GPT-2's Conv1D, quantized linears)."""
-    types: list[type] = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # transformers is optional for plain nn.Module users
-        pass
-    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so they are covered.
-    return tuple(types)
 
 
 @dataclass(frozen=True)
