@@ -23,6 +23,7 @@ from torch import nn
 
 from peftlab.errors import CheckpointError
 from peftlab.io import atomic_write
+from peftlab.registry import method_for
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -43,9 +44,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping | None = Non
     tuner = model.tuner
     tensors = tuner.adapter_tensors(adapter_name, config)
     # A method may store tensors on disk in another form (AdaLoRA keeps only allocated ranks).
-    to_disk = getattr(config, "checkpoint_tensors", None)
+    to_disk = method_for(config.peft_type).disk_tensors
     if to_disk is not None:
-        tensors = to_disk(tensors)
+        tensors = to_disk(config, tensors)
     out = {tuner.key_prefix + k: v.detach() for k, v in tensors.items()}
     out.update(tuner.extra_saved_tensors(adapter_name))
     return out
