@@ -26,7 +26,7 @@ from peftlab.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparamet
 from peftlab.methods.prefix_tuning import PrefixTuningConfig
 from peftlab.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from peftlab.methods.selective import SelectiveConfig
-from peftlab.model import (
+from peftlab.peft_model import (
     PeftModel,
     get_peft_model,
     get_peft_model_state_dict,
