@@ -92,9 +92,21 @@ def test_keys_equal_peft(case):
     assert type(ours.get_base_model()) is type(theirs.get_base_model())
 
 
+def skip_where_peft_cannot_prefix_tune(theirs, inputs) -> None:
+    """peft 0.21.2 predates transformers 5.24's cache rename: there it refuses to prefix-tune a
+    sequence classifier whose backbone has no ``past_key_values``, so it cannot be the oracle."""
+    try:
+        outputs(theirs, inputs)
+    except ValueError as error:
+        if "does not support past key values" not in str(error):
+            raise
+        pytest.skip(f"peft {peft.__version__} refuses this prefix-tuning case here: {error}")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_state_dict_moves_both_ways(case):
     ours, theirs, inputs = build(case)
+    skip_where_peft_cannot_prefix_tune(theirs, inputs)
     randomize_trainable(theirs, seed=1)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     expected = outputs(theirs, inputs)
