@@ -21,7 +21,7 @@ from torch import nn
 
 from peftlab.config import TaskType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import CACHE_ARGUMENTS, PromptLearningConfig, cache_argument
+from peftlab.methods._prompt_learning import CACHE_ARGUMENTS, PromptLearningConfig, VirtualTokens, cache_argument
 
 
 def batch_size(kwargs: dict[str, Any]) -> int:
@@ -108,7 +108,7 @@ def prefix_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLearn
     return kwargs
 
 
-def generate_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLearningConfig, kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def generate_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLearningConfig, prefix: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``generate`` keyword arguments that start from the virtual tokens.
 
     Decoder-only models get the real ``input_ids`` (so the output starts with them, as usual) plus
@@ -125,11 +125,11 @@ def generate_inputs(base_model: nn.Module, rows: torch.Tensor, config: PromptLea
     mask = kwargs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
-    if config.task_type == TaskType.SEQ_2_SEQ_LM and kind != "prefix":
+    if config.task_type == TaskType.SEQ_2_SEQ_LM and not prefix:
         return prompt_embeddings(base_model, rows, config, {**kwargs, "attention_mask": mask})
     if config.task_type != TaskType.SEQ_2_SEQ_LM:  # seq2seq: the prefix is on the decoder, the mask on the encoder
         kwargs["attention_mask"] = _with_leading(mask, n)
-    if kind == "prefix":
+    if prefix:
         # generate() repeats every tensor input per beam / returned sequence, but not a cache object:
         # build the cache at the expanded batch size (all rows of the prefix are the same).
         cache = prefix_cache(base_model, rows, config, batch * _expand_size(base_model, kwargs))
@@ -152,3 +152,27 @@ def _expand_size(base_model: nn.Module, kwargs: dict[str, Any]) -> int:
     beams = kwargs.get("num_beams", getattr(config, "num_beams", None)) or 1
     returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", None)) or 1
     return max(int(beams), int(returned))
+
+
+class EmbeddingTokens(VirtualTokens):
+    """Virtual tokens put in front of the input embeddings (prompt tuning, P-tuning)."""
+
+    def forward_kwargs(self, base_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base model's forward inputs with the virtual tokens in front."""
+        return prompt_embeddings(base_model, self.rows(), self.config, kwargs)
+
+    def generate_kwargs(self, base_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base model's generate inputs, starting from the virtual tokens."""
+        return generate_inputs(base_model, self.rows(), self.config, False, kwargs)
+
+
+class PrefixTokens(VirtualTokens):
+    """Virtual tokens given to every layer as cached keys and values (prefix tuning)."""
+
+    def forward_kwargs(self, base_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base model's forward inputs with the prefix cache."""
+        return prefix_inputs(base_model, self.rows(), self.config, kwargs)
+
+    def generate_kwargs(self, base_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base model's generate inputs, starting from the prefix cache."""
+        return generate_inputs(base_model, self.rows(), self.config, True, kwargs)

@@ -14,7 +14,7 @@ encoder (P-tuning's MLP/LSTM, prefix tuning's projection) exists only while trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -155,9 +155,6 @@ class VirtualTokens(nn.Module):
     override :meth:`encode` when an encoder reparameterizes it.
     """
 
-    #: "embeddings": rows go in front of the input embeddings; "prefix": rows are per-layer keys/values.
-    kind: ClassVar[str] = "embeddings"
-
     def __init__(self, config: PromptLearningConfig) -> None:
         super().__init__()
         self.config = config
@@ -202,17 +199,11 @@ class VirtualTokens(nn.Module):
     def drop_encoder(self) -> None:
         """Remove the reparameterization (subclasses with an encoder override)."""
 
-    # ----- input hooks (called by PeftModel.forward / generate) --------------------------------
+    # ----- input hooks (called by the prompt tuner's forward / generate) -----------------------
     def forward_kwargs(self, base_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The base model's forward inputs with the virtual tokens in front."""
-        from peftlab.methods import _prompt_inputs
-
-        if self.kind == "prefix":
-            return _prompt_inputs.prefix_inputs(base_model, self.rows(), self.config, kwargs)
-        return _prompt_inputs.prompt_embeddings(base_model, self.rows(), self.config, kwargs)
+        """The base model's forward inputs with the virtual tokens in (see :mod:`._prompt_inputs`)."""
+        raise NotImplementedError
 
     def generate_kwargs(self, base_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The base model's generate inputs, starting from the virtual tokens."""
-        from peftlab.methods import _prompt_inputs
-
-        return _prompt_inputs.generate_inputs(base_model, self.rows(), self.config, self.kind, kwargs)
+        raise NotImplementedError

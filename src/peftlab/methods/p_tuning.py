@@ -16,7 +16,8 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, resolve_embedding_prompt_config
+from peftlab.methods._prompt_inputs import EmbeddingTokens
+from peftlab.methods._prompt_learning import PromptLearningConfig, resolve_embedding_prompt_config
 from peftlab.registry import MethodSpec, register
 
 
@@ -62,7 +63,7 @@ class PromptEncoderConfig(PromptLearningConfig):
             raise PeftConfigError(f"PromptEncoderConfig: encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}.")
 
 
-class PromptEncoder(VirtualTokens):
+class PromptEncoder(EmbeddingTokens):
     """``embedding`` (n * submodules, token_dim) -> encoder -> rows (n * submodules, token_dim).
 
     Submodule names (``embedding``, ``lstm_head``, ``mlp_head``) follow peft's, so weights copy across.

@@ -16,7 +16,8 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, cache_argument, resolve_prompt_config
+from peftlab.methods._prompt_inputs import PrefixTokens
+from peftlab.methods._prompt_learning import PromptLearningConfig, cache_argument, resolve_prompt_config
 from peftlab.registry import MethodSpec, register
 
 
@@ -47,13 +48,11 @@ class PrefixTuningConfig(PromptLearningConfig):
             raise PeftConfigError(f"PrefixTuningConfig: prefix_projection must be True or False, got {self.prefix_projection!r}.")
 
 
-class PrefixEncoder(VirtualTokens):
+class PrefixEncoder(PrefixTokens):
     """Rows (n, num_layers * 2 * token_dim): ``embedding.weight`` itself, or ``transform(embedding.weight)``.
 
     Submodule names (``embedding``, ``transform``) follow peft's, so weights copy across.
     """
-
-    kind = "prefix"
 
     def __init__(self, config: PrefixTuningConfig) -> None:
         super().__init__(config)

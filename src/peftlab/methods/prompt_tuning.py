@@ -16,7 +16,8 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import PromptLearningConfig, VirtualTokens, resolve_embedding_prompt_config
+from peftlab.methods._prompt_inputs import EmbeddingTokens
+from peftlab.methods._prompt_learning import PromptLearningConfig, resolve_embedding_prompt_config
 from peftlab.registry import MethodSpec, register
 
 
@@ -89,7 +90,7 @@ def text_token_ids(config: PromptTuningConfig, total: int) -> list[int]:
     return (ids * math.ceil(total / len(ids)))[:total]
 
 
-class PromptEmbedding(VirtualTokens):
+class PromptEmbedding(EmbeddingTokens):
     """The learned prompt table. ``embedding.weight``: (num_virtual_tokens * submodules, token_dim)."""
 
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
