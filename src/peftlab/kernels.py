@@ -36,12 +36,13 @@ Set ``PEFTLAB_PLAIN=1`` to force the readable path everywhere (for debugging and
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from peftlab.base_layer import conv1d_type
 
 _MASK_BITS = 16  # random bits per element; the drop probability is p rounded to 1 / 65536
 
@@ -51,19 +52,13 @@ def plain_forced() -> bool:
     return os.environ.get("PEFTLAB_PLAIN", "") == "1"
 
 
-def _conv1d_type() -> type | None:
-    """GPT-2's Conv1D, if transformers is loaded: a model holding one has imported it already, so
-    looking it up here (instead of importing) keeps ``import peftlab`` free of transformers."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def fast_base(base: nn.Module) -> bool:
     """Whether ``base`` is a plain, frozen Linear / Conv1D the fast path may bypass.
 
     Exact type checks on purpose: subclasses (bitsandbytes' quantized linears, or anything with
     its own forward) and layers with hooks keep calling their own ``forward``.
     """
-    if type(base) is not nn.Linear and type(base) is not _conv1d_type():
+    if type(base) is not nn.Linear and type(base) is not conv1d_type():
         return False
     if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
         return False

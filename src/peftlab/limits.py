@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from peftlab import base_layer
 from peftlab.errors import AdapterStateError, PeftConfigError
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -57,20 +58,13 @@ def check_scale(method: str, field: str, scale: float) -> None:
 
 def layer_sides(base: nn.Module) -> tuple[int, int] | None:
     """(input size, output size) of a layer LoRA-style adapters factor, or None for other layers."""
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim
-    if isinstance(base, nn.Conv2d):
+    if isinstance(base, nn.Conv2d):  # the factors see a flattened (in / groups * kh * kw) kernel
         kernel = base.kernel_size[0] * base.kernel_size[1]
         return base.in_channels // base.groups * kernel, base.out_channels
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    weight = getattr(base, "weight", None)
-    if type(base).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:
-        return int(weight.shape[0]), int(weight.shape[1])  # transformers' Conv1D stores (in, out)
-    in_features, out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
-    if isinstance(in_features, int) and isinstance(out_features, int):  # 4-/8-bit linear layers
-        return in_features, out_features
-    return None
+    try:
+        return base_layer.features(base)
+    except TypeError:  # not a layer kind adapters factor
+        return None
 
 
 def check_rank(method: str, r: int, base: nn.Module, module_name: str) -> None:

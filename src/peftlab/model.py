@@ -27,7 +27,7 @@ from peftlab.layers import BASE_ROW
 from peftlab.registry import method_for
 from peftlab.tuners import PromptTuner, Tuner, tuner_for
 from peftlab.tuners.base import has_module
-from peftlab.tuners.layer import known_rows
+from peftlab.tuners.layer import known_rows, merge_and_unload_quantized
 
 
 class PeftModel(nn.Module):
@@ -302,13 +302,13 @@ class PeftModel(nn.Module):
         """Merge the adapters into the base weights and return the plain base model.
 
         A 4-/8-bit base comes back dequantized (fp32, exact merge) unless ``requantize=True``
-        (lossy; see :func:`peftlab.quantization.merge_and_unload_quantized`).
+        (lossy; see :func:`peftlab.tuners.layer.merge_and_unload_quantized`).
         """
         names = self._check_names(adapter_names)
         if safe_merge:
             self._check_adapter_is_finite(names)
         if quantization.is_quantized_model(self.get_base_model()):
-            return quantization.merge_and_unload_quantized(self, names, safe_merge, requantize)
+            return merge_and_unload_quantized(self, names, safe_merge, requantize)
         return self.tuner.unload(merge=True, names=names, configs=self.peft_config, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:

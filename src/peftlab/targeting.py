@@ -10,27 +10,15 @@ Matching rules (the same as Hugging Face peft's, so configs carry over):
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from peftlab.base_layer import linear_types
 from peftlab.errors import TargetModuleError
 
 ALL_LINEAR = "all-linear"
-
-
-def linear_types() -> tuple[type, ...]:
-    """Layer classes that count as linear (nn.Linear, GPT-2's Conv1D, quantized linears)."""
-    types: list[type] = [nn.Linear]
-    # A model holding GPT-2's Conv1D has imported transformers already; looking the class up
-    # (not importing it) keeps plain nn.Module users free of transformers' import time.
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    if conv1d is not None:
-        types.append(conv1d)
-    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so they are covered.
-    return tuple(types)
 
 
 @dataclass(frozen=True)

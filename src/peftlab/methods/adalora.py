@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab import limits
 from peftlab.config import PeftType
@@ -37,7 +38,6 @@ from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import AdaptedLayer, LayerAdapter, iter_wrappers
 from peftlab.methods.lora import LoraConfig
 from peftlab.registry import MethodSpec, register
-from peftlab.targeting import linear_types
 
 if TYPE_CHECKING:
     from peftlab.methods.adalora_budget import ImportanceState
@@ -222,14 +222,10 @@ class SvdAdapter(LayerAdapter):
     ) -> None:
         super().__init__()
         self.is_conv = isinstance(base, nn.Conv2d)
-        self.weight_shape = tuple(base.weight.shape)
+        self.weight_shape = BL.weight_shape(base)  # (out, in), or the Conv2d kernel
+        out_dim, in_dim = self.weight_shape[0], math.prod(self.weight_shape[1:])
         if self.is_conv:
-            out_dim, in_dim = base.out_channels, math.prod(self.weight_shape[1:])
             self._conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
-        elif fan_in_fan_out:
-            in_dim, out_dim = self.weight_shape
-        else:  # in/out_features, not weight.shape: quantized linears pack their weight
-            in_dim, out_dim = base.in_features, base.out_features
         # Declared in peft's order (A, B, E), so the layer's state_dict lists them as peft's does.
         self.lora_A = nn.Parameter(torch.empty(r, in_dim))
         self.lora_B = nn.Parameter(torch.empty(out_dim, r))
@@ -257,11 +253,8 @@ class SvdAdapter(LayerAdapter):
                 nn.init.normal_(param)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update in the base weight's own layout (Conv1D transposed, Conv2d as a kernel)."""
-        delta = Fn.svd_delta(self.lora_A, self.lora_E, self.lora_B, self.scaling, self.ranknum)
-        if self.is_conv:
-            return delta.reshape(self.weight_shape)
-        return Fn.transpose_if(delta, self.fan_in_fan_out)
+        """The update in the base layer's logical layout ((out, in), or the Conv2d kernel)."""
+        return Fn.svd_delta(self.lora_A, self.lora_E, self.lora_B, self.scaling, self.ranknum).reshape(self.weight_shape)
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x.to(self.lora_A.dtype))
@@ -273,10 +266,10 @@ class SvdAdapter(LayerAdapter):
         return out + extra.to(out.dtype)
 
     def merge_into(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+        BL.add_to_weight(base_layer, self.delta_weight())
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+        BL.add_to_weight(base_layer, -self.delta_weight())
 
 
 def make_adalora_adapter(base: nn.Module, config: AdaLoraConfig, adapter_name: str, module_name: str) -> LayerAdapter:
@@ -285,8 +278,8 @@ def make_adalora_adapter(base: nn.Module, config: AdaLoraConfig, adapter_name: s
         if base.groups != 1:
             raise TargetModuleError(f"AdaLoRA: {module_name} is a grouped Conv2d (groups={base.groups}); exclude it.")
         fan_in_fan_out = False
-    elif isinstance(base, linear_types()):
-        fan_in_fan_out = not isinstance(base, nn.Linear)  # GPT-2 Conv1D stores (in, out)
+    elif BL.is_linear(base):
+        fan_in_fan_out = BL.is_transposed(base)  # GPT-2 Conv1D stores (in, out)
         if fan_in_fan_out != config.fan_in_fan_out:
             warnings.warn(
                 f"AdaLoRA: {type(base).__name__} stores its weight as {'(in, out)' if fan_in_fan_out else '(out, in)'}; "

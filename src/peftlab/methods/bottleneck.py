@@ -29,7 +29,8 @@ from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.layers import LayerAdapter
 from peftlab.registry import MethodSpec, register
 from peftlab.surgery import base_of
-from peftlab.targeting import describe_candidates, linear_types, model_type
+from peftlab.base_layer import features, is_linear
+from peftlab.targeting import describe_candidates, model_type
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}
@@ -150,12 +151,12 @@ class BottleneckAdapter(LayerAdapter):
 
 
 def make_bottleneck_adapter(base: nn.Module, config: BottleneckConfig, adapter_name: str, module_name: str) -> LayerAdapter:
-    if not isinstance(base, linear_types()):
+    if not is_linear(base):
         raise TargetModuleError(
             f"bottleneck adapters wrap linear output projections; {module_name} is a {type(base).__name__}. "
             f"Target the linear layer that ends the sub-layer (e.g. BERT's attention.output.dense)."
         )
-    size = base.weight.shape[1] if not isinstance(base, nn.Linear) else base.out_features  # Conv1D is (in, out)
+    size = features(base)[1]
     width = config.width_for(size)
     if width < 1:
         raise PeftConfigError(
@@ -180,7 +181,7 @@ def default_bottleneck_targets(config: BottleneckConfig, model: nn.Module) -> li
     attention, feedforward = BOTTLENECK_SITES[kind]
     sites = feedforward if config.placement == "pfeiffer" else attention + feedforward
     pattern = re.compile(rf"(?:.*\.)?\d+\.(?:{'|'.join(re.escape(s) for s in sites)})")
-    names = [n for n, m in model.named_modules() if pattern.fullmatch(n) and isinstance(base_of(m), linear_types())]
+    names = [n for n, m in model.named_modules() if pattern.fullmatch(n) and is_linear(base_of(m))]
     if not names:
         raise TargetModuleError(
             f"BottleneckConfig: the {kind} defaults {sites} match no linear layer of {type(model).__name__} "

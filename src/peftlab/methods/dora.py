@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab.errors import AdapterStateError, TargetModuleError
 from peftlab.methods.lora import LoraConfig, LoraLinear
-from peftlab.targeting import linear_types
 
 
 class Magnitude(nn.Module):
@@ -41,9 +41,10 @@ class DoraLinear(LoraLinear):
     """
 
     disk_keys = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
+    plain_low_rank = False  # the magnitude rescales the whole output
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, fan_in_fan_out: bool) -> None:
-        in_features, out_features = base.weight.shape if fan_in_fan_out else (base.in_features, base.out_features)
+        in_features, out_features = BL.features(base)
         super().__init__(in_features, out_features, r, scaling, dropout, fan_in_fan_out)
         self.lora_magnitude_vector = Magnitude(out_features)
         object.__setattr__(self, "_base_layer", base)  # not a submodule: see class docstring
@@ -51,7 +52,7 @@ class DoraLinear(LoraLinear):
 
     def _base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight as (out, in)."""
-        return Fn.transpose_if(self._base_layer.weight, self.fan_in_fan_out).to(dtype)
+        return BL.dense_weight(self._base_layer).to(dtype)
 
     def _lora_weight(self) -> torch.Tensor:
         return Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)  # (out, in)
@@ -81,32 +82,29 @@ class DoraLinear(LoraLinear):
         raise AdapterStateError("DoRA's update is not additive; merge it with merge_adapter().")
 
     def merge_into(self, base_layer: nn.Module) -> None:
-        weight = base_layer.weight
         with torch.no_grad():
-            dtype = self.lora_A.weight.dtype
-            merged, norm = Fn.dora_merged_weight(self._base_weight(dtype), self._lora_weight(), self.lora_magnitude_vector.weight)
+            weight = BL.dense_weight(base_layer).to(self.lora_A.weight.dtype)
+            merged, norm = Fn.dora_merged_weight(weight, self._lora_weight(), self.lora_magnitude_vector.weight)
             self._merged_factor = self.lora_magnitude_vector.weight / norm
-            weight.data = Fn.transpose_if(merged, self.fan_in_fan_out).to(weight.dtype).contiguous()
+            BL.write_weight(base_layer, merged)
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
         if self._merged_factor is None:
             raise AdapterStateError("this DoRA adapter was not merged by this process; nothing to unmerge.")
-        weight = base_layer.weight
         with torch.no_grad():
-            merged = self._base_weight(self.lora_A.weight.dtype)
-            original = merged / self._merged_factor.unsqueeze(1) - self._lora_weight()
-            weight.data = Fn.transpose_if(original, self.fan_in_fan_out).to(weight.dtype).contiguous()
+            merged = BL.dense_weight(base_layer).to(self.lora_A.weight.dtype)
+            BL.write_weight(base_layer, merged / self._merged_factor.unsqueeze(1) - self._lora_weight())
         self._merged_factor = None
 
 
 def make_dora_adapter(base: nn.Module, r: int, scaling: float, config: LoraConfig, module_name: str) -> DoraLinear:
     """Build the DoRA adapter for one layer (called by the LoRA factory when use_dora is set)."""
-    if not isinstance(base, linear_types()):
+    if not BL.is_linear(base):
         raise TargetModuleError(
             f"DoRA cannot adapt {module_name} ({type(base).__name__}); peftlab's DoRA adapts nn.Linear and Conv1D. "
             f"Exclude it (exclude_modules) or set use_dora=False."
         )
-    adapter = DoraLinear(base, r, scaling, config.lora_dropout, fan_in_fan_out=not isinstance(base, nn.Linear))
+    adapter = DoraLinear(base, r, scaling, config.lora_dropout, fan_in_fan_out=BL.is_transposed(base))
     adapter.reset(config.init_lora_weights)
     adapter.init_magnitude()
     return adapter

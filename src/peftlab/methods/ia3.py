@@ -8,16 +8,18 @@ into ``W`` by scaling its rows or columns, so IA3 merges like LoRA does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from peftlab import base_layer as BL
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import LayerAdapter
 from peftlab.registry import MethodSpec, register
-from peftlab.targeting import linear_types, name_matches
+from peftlab.targeting import name_matches
 
 IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["key", "value", "output.dense"],
@@ -105,7 +107,7 @@ class IA3Adapter(LayerAdapter):
     For Conv2d the vector is (1, channels, 1, 1).
     """
 
-    def __init__(self, size: int, is_feedforward: bool, conv: bool, fan_in_fan_out: bool, init_ones: bool) -> None:
+    def __init__(self, size: int, is_feedforward: bool, conv: bool, init_ones: bool) -> None:
         super().__init__()
         shape = (1, size) if is_feedforward else (size, 1)
         if conv:
@@ -114,7 +116,6 @@ class IA3Adapter(LayerAdapter):
         self.is_feedforward = is_feedforward
         self.transforms_input = is_feedforward
         self.conv = conv
-        self.fan_in_fan_out = fan_in_fan_out
 
     def _vector(self, like: torch.Tensor) -> torch.Tensor:
         return self.ia3_l.view(-1, 1, 1) if self.conv else self.ia3_l.flatten()
@@ -129,17 +130,15 @@ class IA3Adapter(LayerAdapter):
             return out
         return out * self._vector(out).to(out.dtype)
 
-    def _weight_factor(self, weight: torch.Tensor) -> torch.Tensor:
-        """The vector shaped to broadcast over the base weight (rows for output, columns for input)."""
+    def _weight_factor(self) -> torch.Tensor:
+        """The vector shaped to broadcast over the logical (out, in [, kh, kw]) weight: rows or columns."""
         if self.conv:
             return self.ia3_l.transpose(0, 1) if not self.is_feedforward else self.ia3_l
-        factor = self.ia3_l  # (out, 1) or (1, in) in the (out, in) layout
-        return factor.T if self.fan_in_fan_out else factor
+        return self.ia3_l  # (out, 1) or (1, in)
 
-    def _rescale_base(self, base_layer: nn.Module, fn) -> None:  # noqa: ANN001 - small private helper
-        weight = base_layer.weight
-        factor = self._weight_factor(weight).to(weight.dtype)
-        weight.data = fn(weight.data, factor)
+    def _rescale_base(self, base_layer: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        with torch.no_grad():
+            BL.write_weight(base_layer, fn(BL.dense_weight(base_layer), self._weight_factor().to(torch.float32)))
         bias = getattr(base_layer, "bias", None)
         if not self.is_feedforward and bias is not None:
             bias.data = fn(bias.data, self.ia3_l.reshape(bias.shape).to(bias.dtype))
@@ -154,14 +153,10 @@ class IA3Adapter(LayerAdapter):
 
 def make_ia3_adapter(base: nn.Module, config: IA3Config, adapter_name: str, module_name: str) -> LayerAdapter:
     feedforward = name_matches(module_name, config.feedforward_modules)
-    if isinstance(base, nn.Conv2d):
-        size = base.in_channels if feedforward else base.out_channels
-        return IA3Adapter(size, feedforward, conv=True, fan_in_fan_out=False, init_ones=config.init_ia3_weights)
-    if isinstance(base, linear_types()):
-        is_conv1d = not isinstance(base, nn.Linear)
-        in_features, out_features = base.weight.shape if is_conv1d else (base.in_features, base.out_features)
+    if isinstance(base, nn.Conv2d) or BL.is_linear(base):
+        in_features, out_features = BL.features(base)
         size = in_features if feedforward else out_features
-        return IA3Adapter(size, feedforward, conv=False, fan_in_fan_out=is_conv1d, init_ones=config.init_ia3_weights)
+        return IA3Adapter(size, feedforward, conv=isinstance(base, nn.Conv2d), init_ones=config.init_ia3_weights)
     raise TargetModuleError(
         f"IA3 cannot adapt {module_name} ({type(base).__name__}); it adapts nn.Linear, Conv1D and nn.Conv2d."
     )

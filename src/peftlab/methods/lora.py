@@ -12,20 +12,20 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab import kernels, limits
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import AdaptedLayer, LayerAdapter
-from peftlab.quantization import add_to_quantized_weight, is_quantized_linear
 from peftlab.registry import MethodSpec, register
-from peftlab.targeting import linear_types, pattern_value
+from peftlab.targeting import pattern_value
 
 # Default targets per model type (the attention query/value projections, as in the paper).
 LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -173,6 +173,10 @@ class LoraLinear(LayerAdapter):
     Shapes: x (..., in) -> A -> (..., r) -> B -> (..., out).
     """
 
+    #: The output is exactly ``out + s * B A x``, so the fused kernel and mixed-batch stacking apply
+    #: (subclasses that change the formula, like DoRA, set it False).
+    plain_low_rank: ClassVar[bool] = True
+
     def __init__(
         self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, fan_in_fan_out: bool
     ) -> None:
@@ -201,15 +205,14 @@ class LoraLinear(LayerAdapter):
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        # Subclasses (DoRA, quantized variants) change the formula: they keep the readable path.
-        if type(self) is not LoraLinear:
+        if not self.plain_low_rank:
             return None
         return kernels.lora_linear(
             base_layer, x, self.lora_A.weight, self.lora_B.weight, self.scaling, self._dropout_p(), self.training
         )
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        if type(self) is not LoraLinear or (self.training and self._dropout_p() > 0):
+        if not self.plain_low_rank or (self.training and self._dropout_p() > 0):
             return None
         return self.lora_A.weight, self.lora_B.weight, self.scaling
 
@@ -218,18 +221,10 @@ class LoraLinear(LayerAdapter):
         return Fn.transpose_if(delta, self.fan_in_fan_out)
 
     def merge_into(self, base_layer: nn.Module) -> None:
-        if is_quantized_linear(base_layer):  # packed 4-/8-bit weights: dequantize, add, pack again
-            add_to_quantized_weight(base_layer, self.delta_weight())
-            return
-        weight = base_layer.weight
-        weight.data += self.delta_weight().to(weight.dtype)
+        BL.add_to_weight(base_layer, Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling))
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
-        if is_quantized_linear(base_layer):
-            add_to_quantized_weight(base_layer, -self.delta_weight())
-            return
-        weight = base_layer.weight
-        weight.data -= self.delta_weight().to(weight.dtype)
+        BL.add_to_weight(base_layer, -Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling))
 
 
 class LoraEmbedding(LayerAdapter):
@@ -267,10 +262,10 @@ class LoraEmbedding(LayerAdapter):
         return Fn.lora_embedding_delta(self.lora_embedding_A, self.lora_embedding_B, self.scaling)
 
     def merge_into(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+        BL.add_to_weight(base_layer, self.delta_weight())
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+        BL.add_to_weight(base_layer, -self.delta_weight())
 
 
 class LoraConv2d(LayerAdapter):
@@ -302,10 +297,10 @@ class LoraConv2d(LayerAdapter):
         return Fn.lora_conv2d_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def merge_into(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().to(base_layer.weight.dtype)
+        BL.add_to_weight(base_layer, self.delta_weight())
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().to(base_layer.weight.dtype)
+        BL.add_to_weight(base_layer, -self.delta_weight())
 
 
 def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> LayerAdapter:
@@ -315,7 +310,7 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
     scaling = Fn.lora_scaling(r, alpha, config.use_rslora)
     limits.check_rank("LoRA", r, base, module_name)  # before any factor is allocated
     if config.use_dora:
-        if is_quantized_linear(base):
+        if BL.is_quantized(base):
             raise TargetModuleError(
                 f"DoRA cannot adapt {module_name}: its base weight is 4-/8-bit quantized and DoRA reads it in every "
                 f"forward. Use plain LoRA (use_dora=False) on quantized bases."
@@ -330,18 +325,16 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
         if base.groups != 1:
             raise TargetModuleError(f"LoRA: {module_name} is a grouped Conv2d (groups={base.groups}); exclude it.")
         adapter = LoraConv2d(base, r, scaling, config.lora_dropout)
-    elif isinstance(base, linear_types()):
-        is_conv1d = not isinstance(base, nn.Linear)
-        if is_conv1d:
-            # transformers' Conv1D stores weight as (in, out): fan_in_fan_out must be on.
-            if not config.fan_in_fan_out:
-                warnings.warn("LoRA: Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them.", stacklevel=4)
-            in_features, out_features = base.weight.shape
-        else:
-            if config.fan_in_fan_out:
-                warnings.warn("LoRA: nn.Linear layers store weights as (out, in); using fan_in_fan_out=False for them.", stacklevel=4)
-            in_features, out_features = base.in_features, base.out_features
-        adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=is_conv1d)
+    elif BL.is_linear(base):
+        transposed = BL.is_transposed(base)
+        if transposed != config.fan_in_fan_out:
+            warnings.warn(
+                f"LoRA: {type(base).__name__} layers store weights as {'(in, out)' if transposed else '(out, in)'}; "
+                f"using fan_in_fan_out={transposed} for them.",
+                stacklevel=4,
+            )
+        in_features, out_features = BL.features(base)
+        adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=transposed)
     else:
         raise TargetModuleError(
             f"LoRA cannot adapt {module_name} ({type(base).__name__}); it adapts nn.Linear, Conv1D, "

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab import limits
 from peftlab.config import LayerConfig
@@ -84,7 +85,7 @@ class LycorisAdapter(LayerAdapter):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.rescale_rank_dropout = rescale_rank_dropout
-        self.weight_shape = tuple(base.weight.shape)
+        self.weight_shape = BL.weight_shape(base)  # (out, in), or the Conv2d kernel
         self.conv_args: dict | None = None
         if isinstance(base, nn.Conv2d):
             self.conv_args = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
@@ -104,10 +105,10 @@ class LycorisAdapter(LayerAdapter):
         return out + update.to(out.dtype)
 
     def merge_into(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data += self.delta_weight().detach().to(base_layer.weight.dtype)
+        BL.add_to_weight(base_layer, self.delta_weight().detach())
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
-        base_layer.weight.data -= self.delta_weight().detach().to(base_layer.weight.dtype)
+        BL.add_to_weight(base_layer, -self.delta_weight().detach())
 
 
 def check_lycoris_target(method: str, base: nn.Module, module_name: str) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftlab.base_layer import is_quantized
 from peftlab.config import PeftConfig, PeftType
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.registry import MethodSpec, register
@@ -192,7 +193,18 @@ def select_parameters(model: nn.Module, config: SelectiveConfig) -> dict[str, nn
     for module in config.modules_to_save or []:
         roots = [n for n, _ in model.named_modules() if n and name_matches(n, [module])]
         chosen |= need({n for n in params if any(n.startswith(r + ".") for r in roots)}, f"modules_to_save entry {module!r}")
+    packed = sorted({_module_of(n) for n in chosen if _module_of(n) in quantized_modules(model)})
+    if packed:
+        raise TargetModuleError(
+            f"SelectiveConfig selects tensors of 4-/8-bit quantized layers ({', '.join(packed[:3])}"
+            f"{', ...' if len(packed) > 3 else ''}); packed weights cannot be trained. Select biases or norms "
+            f"(bitfit=True, layer_norm=True), or use an adapter method such as LoRA on a quantized base."
+        )
     return {n: p for n, p in params.items() if n in chosen}
+
+
+def quantized_modules(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if is_quantized(m)}
 
 
 # ----- the tuner: swaps tensor values between adapters and the base ------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftlab import regroup, surgery, targeting
+from peftlab import quantization, regroup, surgery, targeting
 from peftlab.errors import AdapterStateError
 from peftlab.layers import BASE_ROW, AdaptedLayer, iter_wrappers
 from peftlab.registry import MethodSpec
@@ -186,3 +187,50 @@ def _check_merge_is_finite(layers: list[AdaptedLayer], names: Sequence[str]) -> 
                 f"merging adapters {live} would write NaN/inf into {type(layer.base_layer).__name__} weights; "
                 f"the adapter is broken (diverged training?). Nothing was merged."
             )
+
+
+def merge_and_unload_quantized(peft_model: Any, names: list[str], safe_merge: bool, requantize_after: bool) -> nn.Module:
+    """``PeftModel.merge_and_unload`` for a quantized base.
+
+    Default: every quantized layer becomes fp32, the adapters are merged exactly, and a
+    plain full-precision model comes back. With ``requantize_after`` the merged layers are
+    packed again; this is lossy and can erase a small adapter (its update is often smaller
+    than one step of the 4-bit grid), so a warning reports how much of the update survived.
+    """
+    base = peft_model.get_base_model()
+    if not requantize_after:
+        quantization.dequantize_model(base)
+        peft_model.merge_adapter(names, safe_merge=safe_merge)
+        return surgery.unload(base, merge=True, adapter_names=names)
+    adapted = {n: w for n, w in iter_wrappers(base) if isinstance(w, AdaptedLayer) and quantization.is_quantized_linear(w.base_layer)}
+    before = {n: quantization.dequantize_weight(w.base_layer) for n, w in adapted.items()}
+    specs = {f"{n}.base_layer": quantization.spec_of(w.base_layer) for n, w in adapted.items()}
+    for name, wrapper in adapted.items():
+        wrapper.base_layer = quantization.dequantize_linear(wrapper.base_layer)
+    peft_model.merge_adapter(names, safe_merge=safe_merge)
+    merged = {n: w.base_layer.weight.detach().clone() for n, w in adapted.items()}
+    quantization.requantize(base, specs)
+    kept = _update_kept(base, adapted, before, merged)
+    model = surgery.unload(base, merge=True, adapter_names=names)
+    if kept:
+        warnings.warn(
+            f"merge_and_unload(requantize=True): re-quantizing the merged weights changes the adapter's update "
+            f"by {100 * max(kept.values()):.0f}% at worst and {100 * sum(kept.values()) / len(kept):.0f}% on average "
+            f"(||Q(W+dW) - Q(W) - dW|| / ||dW|| over {len(kept)} layers); merge without requantize to keep it exact.",
+            stacklevel=3,
+        )
+    model.peftlab_requantize_error = kept  # type: ignore[assignment]
+    return model
+
+
+def _update_kept(base: nn.Module, adapted: dict[str, Any], before: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer: how far the update the requantized model applies is from the adapter's update."""
+    errors: dict[str, float] = {}
+    for name, wrapper in adapted.items():
+        delta = merged[name] - before[name]
+        norm = float(delta.norm())
+        if norm == 0.0 or not math.isfinite(norm):
+            continue
+        applied = quantization.dequantize_weight(wrapper.base_layer) - before[name]
+        errors[name] = float((applied - delta).norm()) / norm
+    return errors

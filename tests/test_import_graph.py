@@ -1,0 +1,119 @@
+"""The package's import graph, read statically: acyclic, and the library never imports the workbench.
+
+Every ``import`` counts, including those inside functions (a lazy import hides a cycle from the
+interpreter, not from a reader); only imports under ``if TYPE_CHECKING:`` are left out, because
+they never run. A cycle makes module order matter and splits one job over two files.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import peftlab
+
+ROOT = Path(peftlab.__file__).parent
+PACKAGE = "peftlab"
+
+
+def _module_name(path: Path) -> str:
+    parts = [PACKAGE, *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every peftlab module ``module`` imports at run time (a from-import of a name counts as its module)."""
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        imported = _imports(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py")
+        # A package's own __init__ runs on import of any submodule; edges to it from its own
+        # members are how Python works, not a design choice, so only edges to modules count.
+        graph[name] = {m for m in imported if m in files and m != name and not name.startswith(m + ".")}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_graph_sees_function_level_imports():
+    tree = ast.parse("def f():\n    from peftlab import config\n")
+    assert "peftlab.config" in _imports(tree, "peftlab.x", is_package=False)
+    guarded = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import peftlab.config\n")
+    assert "peftlab.config" not in _imports(guarded, "peftlab.x", is_package=False)
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_import_graph_is_acyclic():
+    graph = import_graph()
+    assert len(graph) > 30  # the walk found the package
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_library_never_imports_the_workbench():
+    offenders = {
+        module: sorted(m for m in imports if m == "peftlab.lab" or m.startswith("peftlab.lab."))
+        for module, imports in import_graph().items()
+        if not (module == "peftlab.lab" or module.startswith("peftlab.lab."))
+    }
+    assert {m: i for m, i in offenders.items() if i} == {}
