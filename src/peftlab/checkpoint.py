@@ -25,6 +25,7 @@ from torch import nn
 from peftlab import adapter_folder
 from peftlab.errors import CheckpointError
 from peftlab.io import atomic_write
+from peftlab.registry import method_for
 
 if TYPE_CHECKING:
     from peftlab.config import PeftConfig
@@ -50,9 +51,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping | None = Non
     if state_dict is not None:
         tensors = _from_state_dict(model, tensors, state_dict)
     # A method may store tensors on disk in another form (AdaLoRA keeps only allocated ranks).
-    to_disk = getattr(config, "checkpoint_tensors", None)
+    to_disk = method_for(config.peft_type).disk_tensors
     if to_disk is not None:
-        tensors = to_disk(tensors)
+        tensors = to_disk(config, tensors)
     out = {tuner.key_prefix + k: v.detach() for k, v in tensors.items()}
     out.update(tuner.extra_saved_tensors(adapter_name))
     return out

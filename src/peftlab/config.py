@@ -15,13 +15,10 @@ import re
 import typing
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from peftlab.errors import PeftConfigError
 from peftlab.io import atomic_write_text
-
-if TYPE_CHECKING:
-    from torch import nn
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -312,7 +309,3 @@ class LayerConfig(PeftConfig):
             )
         if self.layers_to_transform is not None and self.layers_pattern is not None and not self.layers_to_transform:
             raise PeftConfigError("layers_to_transform is empty; give the block indices to adapt or None for all.")
-
-    def extra_trainable_parameters(self, model: "nn.Module", adapter_name: str) -> dict[str, "nn.Parameter"]:
-        """Base-model parameters this method also trains and saves (e.g. biases); none by default."""
-        return {}

@@ -22,7 +22,7 @@ from torch import nn
 
 from peftlab import activation_checkpointing, adapter_folder, causal_loss, checkpoint, limits, quantization, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
-from peftlab.errors import AdapterStateError, PeftConfigError
+from peftlab.errors import AdapterStateError, PeftConfigError, QuantizationError
 from peftlab.layers import BASE_ROW
 from peftlab.registry import method_for
 from peftlab.tuners import PromptTuner, Tuner, tuner_for
@@ -71,6 +71,11 @@ class PeftModel(nn.Module):
         """A copy of ``config`` with model-dependent defaults filled in."""
         model = self.get_base_model()
         spec = method_for(config.peft_type)
+        if not spec.supports_quantized and quantization.is_quantized_model(model):
+            raise QuantizationError(
+                f"{type(config).__name__}: this method does not work on a 4-/8-bit quantized base; "
+                f"load the model in full precision or use a method that does (e.g. LoRA)."
+            )
         config = copy.deepcopy(config)
         if getattr(config, "target_modules", "") is None and spec.default_targets_for is not None:
             config.target_modules = spec.default_targets_for(config, model)

@@ -1,16 +1,16 @@
-"""Method registry: a method's name -> its config class and its adapter factory.
+"""Method registry: a method's name -> its :class:`MethodSpec`, the one place a method is declared.
 
 Adding a method is one ``register(...)`` call in its own module under ``methods/``; the rest
-of the library looks methods up here and never names them.
+of the library (and the workbench, whose method tables derive from the specs) looks methods up
+here and never names them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from peftlab.config import PeftConfig
     from peftlab.layers import LayerAdapter
+    from peftlab.tuners import Tuner
 
 # (base layer, config, adapter name, module path) -> the adapter module for that layer.
 AdapterFactory = Callable[[nn.Module, "PeftConfig", str, str], "LayerAdapter"]
@@ -29,38 +30,23 @@ AdapterFactory = Callable[[nn.Module, "PeftConfig", str, str], "LayerAdapter"]
 ModelAdapterFactory = Callable[[nn.Module, "PeftConfig"], nn.Module]
 
 
-class ModelTuner(Protocol):
-    """The value store of a method that trains tensors the model already has (selective tuning).
-
-    One store per model holds every adapter of its method;
-    :class:`peftlab.tuners.selective.SelectiveTuner` drives it.
-    """
-
-    def add(self, adapter_name: str, config: "PeftConfig") -> None:
-        """Register an adapter; raise before changing anything when the config selects nothing."""
-
-    def remove(self, adapter_name: str) -> None:
-        """Forget an adapter; the model gets back the base values of its tensors if it was active."""
-
-    def activate(self, adapter_name: str) -> None:
-        """Put this adapter's values into the model (the previous active one is stashed)."""
-
-    def disabled(self) -> contextlib.AbstractContextManager[None]:
-        """Inside the block the model holds the base values."""
-
-    def tensors(self, adapter_name: str) -> dict[str, "torch.Tensor"]:
-        """The adapter's tensors by parameter name: the live ones if active, stored values if not."""
-
-    def finish(self, keep: str | None) -> None:
-        """Drop the tuner's state: keep adapter ``keep``'s values in the model, or the base values."""
+# (model, spec) -> the tuner that drives this method's adapters on ``model`` (see peftlab.tuners).
+TunerFactory = Callable[[nn.Module, "MethodSpec"], "Tuner"]
+# (model, config, adapter name) -> base-model parameters the method also trains and saves
+# (LoRA's ``bias="all"/"lora_only"``), keyed by their path in the model.
+ExtraTensors = Callable[[nn.Module, "PeftConfig", str], dict[str, nn.Parameter]]
+# (config, adapter tensors) -> the tensors as written to disk (AdaLoRA keeps only allocated ranks).
+DiskTensors = Callable[["PeftConfig", dict[str, "torch.Tensor"]], dict[str, "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What the library needs to know about one method.
+    """Everything the library and the workbench need to know about one method.
 
-    A method either adapts layers (``make_adapter``) or the model's inputs (``make_model_adapter``,
-    the prompt methods); exactly one of the two is given.
+    A method adapts layers (``make_adapter``), the model's inputs (``make_model_adapter``, the
+    prompt methods) or neither (a custom ``make_tuner``, e.g. selective tuning, which trains tensors
+    the model already has); ``make_tuner`` builds the matching tuner kind and is filled in for the
+    first two.
 
     Args:
         config_cls: the method's config dataclass (its ``peft_type`` is the registry key).
@@ -70,7 +56,20 @@ class MethodSpec:
         make_model_adapter: builds the one model-level adapter module of a prompt method.
         default_targets_for: (config, model) -> target module names, for methods whose defaults
             depend on the config (bottleneck placement); used instead of ``default_targets``.
-        make_tuner: builds the :class:`ModelTuner` of a method that does no surgery (selective).
+        make_tuner: (model, spec) -> the :class:`~peftlab.tuners.Tuner` that drives the method.
+        extra_tensors: base-model parameters trained and saved with an adapter (LoRA's biases).
+        disk_tensors: rewrites an adapter's tensors into their on-disk form (AdaLoRA's pruned ranks).
+        supports_quantized: False when the method cannot work on a 4-/8-bit base; it is then
+            refused before the model changes.
+        run_defaults: options a workbench run gets when it leaves them out (the library keeps them
+            required, like peft; on the command line a working default is friendlier).
+        step_count_options: config fields that depend on the run's length (AdaLoRA's ``total_step``);
+            the workbench fills them from the optimizer step count.
+        trainer_callbacks: "module:Class" names of transformers ``TrainerCallback`` classes the
+            method needs in training (AdaLoRA's rank budget); imported only when a run trains.
+        learning_rates: a sensible learning-rate grid to sweep for this method (the workbench's
+            default sweep); methods differ by orders of magnitude, so one shared grid would
+            judge some of them at a bad rate.
     """
 
     config_cls: type["PeftConfig"]
@@ -79,15 +78,33 @@ class MethodSpec:
     resolve_config: Callable[["PeftConfig", nn.Module], "PeftConfig"] | None = None
     make_model_adapter: ModelAdapterFactory | None = None
     default_targets_for: Callable[["PeftConfig", nn.Module], list[str]] | None = None
-    make_tuner: Callable[[nn.Module], ModelTuner] | None = None
+    make_tuner: TunerFactory | None = None
+    extra_tensors: ExtraTensors | None = None
+    disk_tensors: DiskTensors | None = None
+    supports_quantized: bool = True
+    run_defaults: dict[str, Any] = field(default_factory=dict)
+    step_count_options: tuple[str, ...] = ()
+    trainer_callbacks: tuple[str, ...] = ()
+    learning_rates: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        factories = (self.make_adapter, self.make_model_adapter, self.make_tuner)
-        if sum(f is not None for f in factories) != 1:
+        factories = (self.make_adapter, self.make_model_adapter)
+        if sum(f is not None for f in factories) > 1 or (self.make_tuner is None and not any(factories)):
             raise PeftConfigError(
-                f"{self.config_cls.__name__}: register exactly one of make_adapter (layer method), "
+                f"{self.config_cls.__name__}: register one of make_adapter (layer method), "
                 f"make_model_adapter (prompt method) or make_tuner (method without surgery)."
             )
+        if self.make_tuner is None:
+            from peftlab.tuners.layer import LayerTuner
+            from peftlab.tuners.prompt import PromptTuner
+
+            object.__setattr__(self, "make_tuner", LayerTuner if self.make_adapter is not None else PromptTuner)
+        unknown = [
+            name for name in (*self.run_defaults, *self.step_count_options)
+            if name not in {f.name for f in fields(self.config_cls)}
+        ]
+        if unknown:
+            raise PeftConfigError(f"{self.config_cls.__name__}: run defaults / step-count options name no config field: {unknown}.")
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -107,7 +124,7 @@ _BUILTIN_MODULES = (
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    key = spec.config_cls.peft_type.value
+    key = getattr(spec.config_cls.peft_type, "value", spec.config_cls.peft_type)
     if key in _METHODS and _METHODS[key] is not spec:
         raise PeftConfigError(f"method {key} is registered twice")
     _METHODS[key] = spec
@@ -134,3 +151,9 @@ def config_class_for(peft_type: str) -> type["PeftConfig"]:
 def registered_methods() -> list[str]:
     _load_builtins()
     return sorted(_METHODS)
+
+
+def registered_specs() -> dict[str, MethodSpec]:
+    """Every registered method's spec by registry key (``peft_type``)."""
+    _load_builtins()
+    return dict(sorted(_METHODS.items()))

@@ -12,7 +12,8 @@ import pytest
 from peftlab.config import TaskType
 from peftlab.errors import WorkbenchError
 from peftlab.lab import methods
-from peftlab.registry import config_class_for, registered_methods
+from peftlab import registry
+from peftlab.registry import config_class_for, method_for, registered_methods
 
 
 @pytest.mark.parametrize("key", registered_methods())
@@ -56,8 +57,8 @@ def test_trainer_callbacks_hook(monkeypatch):
     module.NeedsModel, module.NoArgs = NeedsModel, NoArgs
     monkeypatch.setitem(sys.modules, "fake_callbacks_mod", module)
     config = methods.build_config("lora", {})
-    monkeypatch.setitem(methods.TRAINER_CALLBACKS, "LORA", ("fake_callbacks_mod:NeedsModel", "fake_callbacks_mod:NoArgs",
-                                                             "no_such_module_xyz:Callback"))
+    names = ("fake_callbacks_mod:NeedsModel", "fake_callbacks_mod:NoArgs", "no_such_module_xyz:Callback")
+    monkeypatch.setitem(registry._METHODS, "LORA", dataclasses.replace(method_for("LORA"), trainer_callbacks=names))
     with pytest.warns(UserWarning, match="no_such_module_xyz:Callback is not available"):
         built = methods.trainer_callbacks(config, model="M")
     assert [type(c) for c in built] == [NeedsModel, NoArgs] and built[0].model == "M"
@@ -65,7 +66,7 @@ def test_trainer_callbacks_hook(monkeypatch):
 
 
 def test_adalora_callback_is_declared():
-    assert methods.TRAINER_CALLBACKS["ADALORA"] == ("peftlab.adalora_callback:AdaLoraCallback",)
+    assert method_for("ADALORA").trainer_callbacks == ("peftlab.adalora_callback:AdaLoraCallback",)
     fields = methods.config_fields(config_class_for("LORA"))
     assert "r" in fields and "peft_type" not in fields and all(isinstance(f, str) for f in fields)
     assert dataclasses.is_dataclass(config_class_for("IA3"))

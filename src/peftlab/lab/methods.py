@@ -4,9 +4,10 @@
 ``peftlab.registry.registered_methods()`` ignoring case and ``-``/``_`` (``lora``, ``ia3``,
 ``prompt-tuning``...). A run's ``options`` become the config's fields.
 
-Methods that need per-step work in the Trainer (AdaLoRA's rank budget) name their callback
-here or through a ``trainer_callbacks`` class attribute on their config ("module:Class"
-strings). Callbacks are imported lazily and skipped with a warning when missing.
+Everything method-specific the workbench uses comes from the method's
+:class:`~peftlab.registry.MethodSpec`: run defaults for options the library keeps required,
+options filled from the run's step count (AdaLoRA's ``total_step``), and Trainer callbacks
+("module:Class" strings, imported lazily and skipped with a warning when missing).
 """
 
 from __future__ import annotations
@@ -19,27 +20,11 @@ from typing import Any
 
 from peftlab.config import PeftConfig, TaskType
 from peftlab.errors import PeftConfigError, WorkbenchError
-from peftlab.registry import config_class_for, registered_methods
+from peftlab.registry import config_class_for, method_for, registered_methods
 
 FULL = "full"
-
-# peft_type -> callbacks the method needs during training; extendable through the config class.
-TRAINER_CALLBACKS: dict[str, tuple[str, ...]] = {
-    "ADALORA": ("peftlab.adalora_callback:AdaLoraCallback",),
-}
-
-
-# peft_type -> options a method cannot do without, filled in when a run leaves them out (the
-# library keeps them required, like peft; on the command line a working default is friendlier).
-RUN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "PROMPT_TUNING": {"num_virtual_tokens": 20},
-    "P_TUNING": {"num_virtual_tokens": 20},
-    "PREFIX_TUNING": {"num_virtual_tokens": 20},
-    "SELECTIVE": {"bitfit": True},
-}
-# Options that depend on the run's length (AdaLoRA's rank schedule): filled from the optimizer
-# step count the runner computes; validation before the data is loaded uses a placeholder.
-STEP_COUNT_OPTIONS = ("total_step",)
+# Step-count options (MethodSpec.step_count_options) get this until the runner knows the real
+# optimizer step count: validation before the data is loaded still builds the config.
 PLACEHOLDER_STEPS = 1_000_000
 
 
@@ -84,9 +69,10 @@ def build_config(
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise WorkbenchError(f"{method}: unknown options {unknown}; {config_cls.__name__} fields are: {', '.join(valid)}.")
-    values = {**RUN_DEFAULTS.get(key, {}), **options}
-    for name in STEP_COUNT_OPTIONS:
-        if name in valid and values.get(name) is None:
+    spec = method_for(key)
+    values = {**spec.run_defaults, **options}
+    for name in spec.step_count_options:
+        if values.get(name) is None:
             values[name] = total_steps if total_steps is not None else PLACEHOLDER_STEPS
     if "task_type" in valid and values.get("task_type") is None:
         values["task_type"] = task_type.value
@@ -102,10 +88,8 @@ def trainer_callbacks(config: PeftConfig | None, model: Any) -> list[Any]:
     """Instances of the Trainer callbacks ``config``'s method declares (missing ones skipped)."""
     if config is None:
         return []
-    names = list(TRAINER_CALLBACKS.get(config.peft_type.value, ()))
-    names += [n for n in getattr(type(config), "trainer_callbacks", ()) if n not in names]
     out = []
-    for name in names:
+    for name in method_for(config.peft_type).trainer_callbacks:
         module_name, _, attr = name.partition(":")
         try:
             callback_cls = getattr(importlib.import_module(module_name), attr)
@@ -115,3 +99,10 @@ def trainer_callbacks(config: PeftConfig | None, model: Any) -> list[Any]:
         params = inspect.signature(callback_cls).parameters
         out.append(callback_cls(model=model) if "model" in params else callback_cls())
     return out
+
+
+def waits_for_step_count(config: PeftConfig | None) -> bool:
+    """True while ``config`` holds the placeholder in an option its method fills from the step count."""
+    if config is None:
+        return False
+    return any(getattr(config, name) == PLACEHOLDER_STEPS for name in method_for(config.peft_type).step_count_options)

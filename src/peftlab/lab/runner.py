@@ -31,7 +31,7 @@ from peftlab.errors import PeftlabError, WorkbenchError
 from peftlab.lab import measure
 from peftlab.lab.data import Encoded, Splits, load_splits
 from peftlab.lab.experiment import RunConfig, TrainConfig
-from peftlab.lab.methods import PLACEHOLDER_STEPS, STEP_COUNT_OPTIONS, build_config, trainer_callbacks
+from peftlab.lab.methods import build_config, trainer_callbacks, waits_for_step_count
 from peftlab.lab.results import DIVERGED, FAILED, INTERRUPTED, OK, EpochRecord, RunResult, save_run
 
 RUN_SPEC_NAME = "run.json"
@@ -322,7 +322,7 @@ class Prepared:
         if self.quant is not None and self.peft_config is None:
             raise WorkbenchError(f"run {run.name!r}: full fine-tuning cannot train a quantized base; drop quantize or use lora.")
         self.splits: Splits = load_splits(run.data, run.train.seed)
-        if any(getattr(self.peft_config, name, None) == PLACEHOLDER_STEPS for name in STEP_COUNT_OPTIONS):
+        if waits_for_step_count(self.peft_config):
             task = TaskType.CAUSAL_LM if self.causal else TaskType.SEQ_CLS
             steps = optimizer_steps(run.train, len(self.splits.train_labels))
             self.peft_config = build_config(run.method, run.options, task, total_steps=steps)

@@ -36,7 +36,7 @@ from peftlab import limits
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import AdaptedLayer, LayerAdapter, iter_wrappers
-from peftlab.methods.lora import LoraConfig
+from peftlab.methods.lora import LoraConfig, lora_bias_parameters
 from peftlab.registry import MethodSpec, register
 
 if TYPE_CHECKING:
@@ -176,25 +176,6 @@ class AdaLoraConfig(LoraConfig):
             return None
         return self.rank_pattern.get(module_name + _E_SUFFIX)
 
-    def checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors as written to disk: each full-size layer cut to the rows its rank_pattern keeps.
-
-        Layers already built at their allocated size (loaded from such a checkpoint) are left as
-        they are. Keys are module paths plus ``.lora_A`` / ``.lora_E`` / ``.lora_B``.
-        """
-        if not self.rank_pattern:
-            return tensors
-        out = dict(tensors)
-        for key, mask in self.rank_pattern.items():
-            module = module_of_pattern_key(key)
-            keep = torch.tensor(mask, dtype=torch.bool)
-            for suffix, dim in ((".lora_A", 0), (".lora_E", 0), (".lora_B", 1)):
-                name = module + suffix
-                if name in out and out[name].shape[dim] == len(mask):
-                    out[name] = out[name].index_select(dim, keep.nonzero().view(-1).to(out[name].device))
-        return out
-
-
 def module_of_pattern_key(key: str) -> str:
     """``"a.b.lora_E"`` or peft's in-memory ``"a.b.lora_E.default"`` -> ``"a.b"``."""
     if key.endswith(_E_SUFFIX):
@@ -299,6 +280,25 @@ def make_adalora_adapter(base: nn.Module, config: AdaLoraConfig, adapter_name: s
     return adapter
 
 
+def adalora_disk_tensors(config: AdaLoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as written to disk: each full-size layer cut to the rows its rank_pattern keeps.
+
+    Layers already built at their allocated size (loaded from such a checkpoint) are left as
+    they are. Keys are module paths plus ``.lora_A`` / ``.lora_E`` / ``.lora_B``.
+    """
+    if not config.rank_pattern:
+        return tensors
+    out = dict(tensors)
+    for key, mask in config.rank_pattern.items():
+        module = module_of_pattern_key(key)
+        keep = torch.tensor(mask, dtype=torch.bool)
+        for suffix, dim in ((".lora_A", 0), (".lora_E", 0), (".lora_B", 1)):
+            name = module + suffix
+            if name in out and out[name].shape[dim] == len(mask):
+                out[name] = out[name].index_select(dim, keep.nonzero().view(-1).to(out[name].device))
+    return out
+
+
 def svd_adapters(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, SvdAdapter]]:
     """(module path, adapter) for every AdaLoRA adapter named ``adapter_name`` in ``model``."""
     for path, wrapper in iter_wrappers(model):
@@ -308,4 +308,14 @@ def svd_adapters(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Svd
                 yield path, adapter
 
 
-register(MethodSpec(AdaLoraConfig, make_adalora_adapter, ADALORA_DEFAULT_TARGETS))
+register(
+    MethodSpec(
+        AdaLoraConfig,
+        make_adalora_adapter,
+        ADALORA_DEFAULT_TARGETS,
+        extra_tensors=lora_bias_parameters,
+        disk_tensors=adalora_disk_tensors,
+        step_count_options=("total_step",),
+        trainer_callbacks=("peftlab.adalora_callback:AdaLoraCallback",),
+    )
+)

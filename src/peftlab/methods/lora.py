@@ -23,7 +23,7 @@ from peftlab import functional as Fn
 from peftlab import kernels, limits
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
-from peftlab.layers import AdaptedLayer, LayerAdapter
+from peftlab.layers import AdaptedLayer, LayerAdapter, ModulesToSave
 from peftlab.registry import MethodSpec, register
 from peftlab.targeting import pattern_value
 
@@ -144,27 +144,25 @@ class LoraConfig(LayerConfig):
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise PeftConfigError(f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {rank!r}.")
 
-    def extra_trainable_parameters(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-        """Biases trained and saved with the adapter, keyed by their path in the model."""
-        if self.bias == "none":
-            return {}
-        from peftlab.layers import ModulesToSave
-
-        skip = {
-            id(p)
-            for m in model.modules()
-            if isinstance(m, (AdaptedLayer, ModulesToSave))
-            for p in (
-                [q for a in m.adapters.values() for q in a.held_parameters()] if isinstance(m, AdaptedLayer) else m.parameters()
-            )
-        }
-        if self.bias == "all":
-            return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and id(p) not in skip}
-        return {
-            f"{name}.base_layer.bias": m.base_layer.bias
-            for name, m in model.named_modules()
-            if isinstance(m, AdaptedLayer) and adapter_name in m.adapters and getattr(m.base_layer, "bias", None) is not None
-        }
+def lora_bias_parameters(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, nn.Parameter]:
+    """Biases trained and saved with the adapter (``bias="all"`` / ``"lora_only"``), keyed by their path in the model."""
+    if config.bias == "none":
+        return {}
+    skip = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (AdaptedLayer, ModulesToSave))
+        for p in (
+            [q for a in m.adapters.values() for q in a.held_parameters()] if isinstance(m, AdaptedLayer) else m.parameters()
+        )
+    }
+    if config.bias == "all":
+        return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and id(p) not in skip}
+    return {
+        f"{name}.base_layer.bias": m.base_layer.bias
+        for name, m in model.named_modules()
+        if isinstance(m, AdaptedLayer) and adapter_name in m.adapters and getattr(m.base_layer, "bias", None) is not None
+    }
 
 
 class LoraLinear(LayerAdapter):
@@ -344,4 +342,4 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
     return adapter
 
 
-register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS))
+register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS, extra_tensors=lora_bias_parameters))

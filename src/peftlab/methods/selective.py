@@ -32,6 +32,7 @@ from peftlab.config import PeftConfig, PeftType
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.registry import MethodSpec, register
 from peftlab.targeting import name_matches
+from peftlab.tuners.selective import SelectiveTuner
 
 _NORM_NAME = re.compile(r".*(LayerNorm|RMSNorm|LayerNorm2d)$", re.IGNORECASE)
 
@@ -300,4 +301,8 @@ class SelectiveValues:
         self.active = None
 
 
-register(MethodSpec(SelectiveConfig, None, make_tuner=SelectiveValues))
+def make_selective_tuner(model: nn.Module, spec: MethodSpec) -> SelectiveTuner:
+    return SelectiveTuner(model, SelectiveValues(model))
+
+
+register(MethodSpec(SelectiveConfig, make_tuner=make_selective_tuner, run_defaults={"bitfit": True}))

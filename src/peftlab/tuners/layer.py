@@ -20,11 +20,11 @@ from torch import nn
 from peftlab import quantization, regroup, surgery, targeting
 from peftlab.errors import AdapterStateError
 from peftlab.layers import BASE_ROW, AdaptedLayer, iter_wrappers
-from peftlab.registry import MethodSpec
 from peftlab.tuners.base import Tuner, check_modules_to_save, follow_active, wrapper_tensors, wrappers_disabled
 
 if TYPE_CHECKING:
     from peftlab.config import PeftConfig
+    from peftlab.registry import MethodSpec
 
 
 class LayerTuner(Tuner):
@@ -73,9 +73,9 @@ class LayerTuner(Tuner):
     # ----- tensors ------------------------------------------------------------------------------
     def adapter_tensors(self, adapter_name: str, config: "PeftConfig") -> dict[str, torch.Tensor]:
         out = wrapper_tensors(self.model, adapter_name)
-        extra = getattr(config, "extra_trainable_parameters", None)  # LoRA's trained biases
+        extra = self.__dict__["_spec"].extra_tensors  # LoRA's trained biases
         if extra is not None:
-            out.update(extra(self.model, adapter_name))
+            out.update(extra(self.model, config, adapter_name))
         return out
 
     # ----- merging ------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ from torch import nn
 
 from peftlab import surgery
 from peftlab.errors import AdapterStateError
-from peftlab.registry import MethodSpec
 from peftlab.tuners.base import Tuner, check_modules_to_save, follow_active, wrappers_disabled
 
 if TYPE_CHECKING:
     from peftlab.config import PeftConfig
+    from peftlab.registry import MethodSpec
 
 
 class PromptTuner(Tuner):

@@ -2,36 +2,58 @@
 
 No module is replaced, so the tree is the model's own (``base_model.model.<parameter>``); the
 values of inactive adapters and the base values live in the method's value store
-(:class:`peftlab.methods.selective.SelectiveValues`, built by the registry's ``make_tuner``).
+(a :class:`ValueStore`; selective tuning's is :class:`peftlab.methods.selective.SelectiveValues`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from peftlab import surgery
 from peftlab.errors import AdapterStateError
-from peftlab.registry import MethodSpec
 from peftlab.tuners.base import Tuner
 
 if TYPE_CHECKING:
     from peftlab.config import PeftConfig
 
 
+class ValueStore(Protocol):
+    """The values of a method that trains tensors the model already has: one store per model."""
+
+    def add(self, adapter_name: str, config: "PeftConfig") -> None:
+        """Register an adapter; raise before changing anything when the config selects nothing."""
+
+    def remove(self, adapter_name: str) -> None:
+        """Forget an adapter; the model gets back the base values of its tensors if it was active."""
+
+    def activate(self, adapter_name: str) -> None:
+        """Put this adapter's values into the model (the previous active one is stashed)."""
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """Inside the block the model holds the base values."""
+
+    def tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors by parameter name: the live ones if active, stored values if not."""
+
+    def finish(self, keep: str | None) -> None:
+        """Drop the store's state: keep adapter ``keep``'s values in the model, or the base values."""
+
+
 class SelectiveTuner(Tuner):
     """Adapters that are values of the model's own tensors (nothing injected)."""
 
-    def __init__(self, model: nn.Module, spec: MethodSpec) -> None:
+    def __init__(self, model: nn.Module, values: ValueStore) -> None:
         super().__init__(model)
-        self.__dict__["_values"] = spec.make_tuner(model)
+        self.__dict__["_values"] = values
 
     @property
-    def values(self):  # noqa: ANN201 - the method's value store (SelectiveValues)
+    def values(self) -> ValueStore:
         return self.__dict__["_values"]
 
     def add(self, adapter_name: str, config: "PeftConfig", active: str) -> None:
