@@ -11,7 +11,7 @@ from peftlab import registry
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError, QuantizationError
 from peftlab.quantization import QuantConfig, quantize_model
-from peftlab.tuners import LayerTuner, PromptTuner, SelectiveTuner
+from peftlab.tuners import LayerTuner, PromptTuner, SelectiveTuner, tuner_for
 from conftest import tiny_llama
 
 
@@ -24,7 +24,7 @@ def test_peft_type_lists_exactly_the_registered_methods():
 @pytest.mark.parametrize("key", registry.registered_methods())
 def test_make_tuner_builds_the_tuner_kind(key):
     spec = registry.method_for(key)
-    tuner = spec.make_tuner(tiny_llama(), spec)
+    tuner = tuner_for(tiny_llama(), spec)
     expected = PromptTuner if spec.make_model_adapter else LayerTuner if spec.make_adapter else SelectiveTuner
     assert type(tuner) is expected
 

@@ -13,8 +13,6 @@ Works on CPU with bitsandbytes >= 0.45 (forward and backward through the frozen 
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -203,9 +201,9 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
     """
     require_bitsandbytes()
     config = config or QuantConfig()
-    from peftlab.layers import AdaptedLayer, ModulesToSave
-
-    if any(isinstance(m, (AdaptedLayer, ModulesToSave)) for m in model.modules()):
+    # Adapter wrappers hold their layer as ``base_layer`` / ``original_module`` (peft's tree); read by
+    # name so this module, which the layer code builds on, imports none of it.
+    if any({"base_layer", "original_module"} & set(m._modules) for m in model.modules()):
         raise QuantizationError("quantize the base model before adding adapters (get_peft_model after quantize_model).")
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, config.skip_modules)]
     if not names:

@@ -45,8 +45,8 @@ class MethodSpec:
 
     A method adapts layers (``make_adapter``), the model's inputs (``make_model_adapter``, the
     prompt methods) or neither (a custom ``make_tuner``, e.g. selective tuning, which trains tensors
-    the model already has); ``make_tuner`` builds the matching tuner kind and is filled in for the
-    first two.
+    the model already has); :func:`peftlab.tuners.tuner_for` builds the matching tuner kind
+    (the registry imports no tuner code, so every module may look methods up here).
 
     Args:
         config_cls: the method's config dataclass (its ``peft_type`` is the registry key).
@@ -56,7 +56,8 @@ class MethodSpec:
         make_model_adapter: builds the one model-level adapter module of a prompt method.
         default_targets_for: (config, model) -> target module names, for methods whose defaults
             depend on the config (bottleneck placement); used instead of ``default_targets``.
-        make_tuner: (model, spec) -> the :class:`~peftlab.tuners.Tuner` that drives the method.
+        make_tuner: (model, spec) -> the :class:`~peftlab.tuners.Tuner` that drives the method;
+            None picks LayerTuner for ``make_adapter`` and PromptTuner for ``make_model_adapter``.
         extra_tensors: base-model parameters trained and saved with an adapter (LoRA's biases).
         disk_tensors: rewrites an adapter's tensors into their on-disk form (AdaLoRA's pruned ranks).
         supports_quantized: False when the method cannot work on a 4-/8-bit base; it is then
@@ -94,11 +95,6 @@ class MethodSpec:
                 f"{self.config_cls.__name__}: register one of make_adapter (layer method), "
                 f"make_model_adapter (prompt method) or make_tuner (method without surgery)."
             )
-        if self.make_tuner is None:
-            from peftlab.tuners.layer import LayerTuner
-            from peftlab.tuners.prompt import PromptTuner
-
-            object.__setattr__(self, "make_tuner", LayerTuner if self.make_adapter is not None else PromptTuner)
         unknown = [
             name for name in (*self.run_defaults, *self.step_count_options)
             if name not in {f.name for f in fields(self.config_cls)}

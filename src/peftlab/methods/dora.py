@@ -14,6 +14,8 @@ so DoRA merges; unmerging divides by the factor ``k`` recorded at merge time.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,10 @@ from torch import nn
 from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab.errors import AdapterStateError, TargetModuleError
-from peftlab.methods.lora import LoraConfig, LoraLinear
+from peftlab.methods.lora_layers import LoraLinear
+
+if TYPE_CHECKING:
+    from peftlab.methods.lora import LoraConfig
 
 
 class Magnitude(nn.Module):
@@ -97,7 +102,7 @@ class DoraLinear(LoraLinear):
         self._merged_factor = None
 
 
-def make_dora_adapter(base: nn.Module, r: int, scaling: float, config: LoraConfig, module_name: str) -> DoraLinear:
+def make_dora_adapter(base: nn.Module, r: int, scaling: float, config: "LoraConfig", module_name: str) -> DoraLinear:
     """Build the DoRA adapter for one layer (called by the LoRA factory when use_dora is set)."""
     if not BL.is_linear(base):
         raise TargetModuleError(

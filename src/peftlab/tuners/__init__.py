@@ -22,5 +22,8 @@ __all__ = ["LayerTuner", "PromptTuner", "SelectiveTuner", "Tuner", "tuner_for"]
 
 def tuner_for(model: nn.Module, spec: "MethodSpec") -> Tuner:
     """The tuner kind that fits ``spec``'s method, wrapped around ``model``."""
-    assert spec.make_tuner is not None  # MethodSpec fills it in
-    return spec.make_tuner(model, spec)
+    if spec.make_tuner is not None:
+        return spec.make_tuner(model, spec)
+    if spec.make_model_adapter is not None:
+        return PromptTuner(model, spec)
+    return LayerTuner(model, spec)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import torch

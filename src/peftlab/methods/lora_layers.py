@@ -1,0 +1,158 @@
+"""LoRA's layer adapters: ``out + s * B A x`` on Linear / Conv1D, Embedding and Conv2d.
+
+Kept apart from the config and factory (:mod:`peftlab.methods.lora`) so DoRA
+(:mod:`peftlab.methods.dora`) can build on :class:`LoraLinear` while the LoRA factory builds DoRA
+adapters, without the two modules importing each other.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab import base_layer as BL
+from peftlab import functional as Fn
+from peftlab import kernels
+from peftlab.layers import LayerAdapter
+
+InitMode = Literal[True, False, "gaussian"]
+
+
+class LoraLinear(LayerAdapter):
+    """LoRA for ``nn.Linear`` and GPT-2 ``Conv1D``: ``out + s * B(A(dropout(x)))``.
+
+    Shapes: x (..., in) -> A -> (..., r) -> B -> (..., out).
+    """
+
+    #: The output is exactly ``out + s * B A x``, so the fused kernel and mixed-batch stacking apply
+    #: (subclasses that change the formula, like DoRA, set it False).
+    plain_low_rank: ClassVar[bool] = True
+
+    def __init__(
+        self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, fan_in_fan_out: bool
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def reset(self, init: InitMode) -> None:
+        if init is False:
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return out + delta.to(out.dtype)
+
+    def _dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.plain_low_rank:
+            return None
+        return kernels.lora_linear(
+            base_layer, x, self.lora_A.weight, self.lora_B.weight, self.scaling, self._dropout_p(), self.training
+        )
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if not self.plain_low_rank or (self.training and self._dropout_p() > 0):
+            return None
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
+        return Fn.transpose_if(delta, self.fan_in_fan_out)
+
+    def merge_into(self, base_layer: nn.Module) -> None:
+        BL.add_to_weight(base_layer, Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling))
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        BL.add_to_weight(base_layer, -Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling))
+
+
+class LoraEmbedding(LayerAdapter):
+    """LoRA for ``nn.Embedding``: ``out + s * embed(ids, A^T) @ B^T``; A (r, num), B (dim, r).
+
+    Here A starts at zero and B random (the lookup table is A, so zeroing it gives identity).
+    """
+
+    def __init__(self, base: nn.Embedding, r: int, scaling: float) -> None:
+        super().__init__()
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.zeros(base.embedding_dim, r))
+        self.scaling = scaling
+        self._lookup = dict(
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+
+    def reset(self, init: InitMode) -> None:
+        if init is False:
+            nn.init.normal_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+            return
+        nn.init.zeros_(self.lora_embedding_A)
+        nn.init.normal_(self.lora_embedding_B)
+
+    def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(x, self.lora_embedding_A.T, **self._lookup)  # (..., r)
+        return out + (rows @ self.lora_embedding_B.T * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return Fn.lora_embedding_delta(self.lora_embedding_A, self.lora_embedding_B, self.scaling)
+
+    def merge_into(self, base_layer: nn.Module) -> None:
+        BL.add_to_weight(base_layer, self.delta_weight())
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        BL.add_to_weight(base_layer, -self.delta_weight())
+
+
+class LoraConv2d(LayerAdapter):
+    """LoRA for ``nn.Conv2d``: A is a conv with the base's kernel into r channels, B a 1x1 conv."""
+
+    def __init__(self, base: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Conv2d(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation, bias=False
+        )
+        self.lora_B = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+
+    def reset(self, init: InitMode) -> None:
+        if init is False:
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_channels)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        return out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return Fn.lora_conv2d_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def merge_into(self, base_layer: nn.Module) -> None:
+        BL.add_to_weight(base_layer, self.delta_weight())
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        BL.add_to_weight(base_layer, -self.delta_weight())
