@@ -42,12 +42,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.quantization import prepare_model_for_kbit_training
     from peftlab.quantization import quantize_model
     from peftlab.adalora_callback import AdaLoraCallback
-    from peftlab.task_models import PeftModelForCausalLM
-    from peftlab.task_models import PeftModelForFeatureExtraction
-    from peftlab.task_models import PeftModelForQuestionAnswering
-    from peftlab.task_models import PeftModelForSeq2SeqLM
-    from peftlab.task_models import PeftModelForSequenceClassification
-    from peftlab.task_models import PeftModelForTokenClassification
+    from peftlab.model import PeftModelForCausalLM
+    from peftlab.model import PeftModelForFeatureExtraction
+    from peftlab.model import PeftModelForQuestionAnswering
+    from peftlab.model import PeftModelForSeq2SeqLM
+    from peftlab.model import PeftModelForSequenceClassification
+    from peftlab.model import PeftModelForTokenClassification
     from peftlab.auto import AutoPeftModel
     from peftlab.auto import AutoPeftModelForCausalLM
     from peftlab.auto import AutoPeftModelForFeatureExtraction
@@ -90,12 +90,12 @@ _LAZY: dict[str, str] = {
     "QuantConfig": "peftlab.quantization",
     "prepare_model_for_kbit_training": "peftlab.quantization",
     "quantize_model": "peftlab.quantization",
-    "PeftModelForCausalLM": "peftlab.task_models",
-    "PeftModelForFeatureExtraction": "peftlab.task_models",
-    "PeftModelForQuestionAnswering": "peftlab.task_models",
-    "PeftModelForSeq2SeqLM": "peftlab.task_models",
-    "PeftModelForSequenceClassification": "peftlab.task_models",
-    "PeftModelForTokenClassification": "peftlab.task_models",
+    "PeftModelForCausalLM": "peftlab.model",
+    "PeftModelForFeatureExtraction": "peftlab.model",
+    "PeftModelForQuestionAnswering": "peftlab.model",
+    "PeftModelForSeq2SeqLM": "peftlab.model",
+    "PeftModelForSequenceClassification": "peftlab.model",
+    "PeftModelForTokenClassification": "peftlab.model",
     "AutoPeftModel": "peftlab.auto",
     "AutoPeftModelForCausalLM": "peftlab.auto",
     "AutoPeftModelForFeatureExtraction": "peftlab.auto",

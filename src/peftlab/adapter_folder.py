@@ -39,6 +39,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no locks, leftovers are kept
     fcntl = None  # type: ignore[assignment]
 
+from peftlab.errors import CheckpointError
+
 STAGING_MARK = ".peftlab-save-"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -300,3 +302,27 @@ def read_consistently(folder: str | os.PathLike, read: Callable[[PinnedFolder], 
                 continue
             raise
     raise OSError(errno.EAGAIN, f"{folder} was replaced {_READ_ATTEMPTS} times while being read", os.fspath(folder))
+
+
+def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None) -> str:
+    """Local path of ``filename`` in an adapter folder, downloading it when ``path`` is a hub id.
+
+    Here rather than in :mod:`peftlab.checkpoint` so that reading a config needs no weight code
+    (``config`` -> ``checkpoint`` -> ``config`` was an import cycle).
+    """
+    local_dir = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+    candidate = os.path.join(local_dir, filename)
+    if os.path.isfile(candidate):
+        return candidate
+    if os.path.isdir(local_dir) or os.path.isabs(os.fspath(path)) or os.fspath(path).startswith("."):
+        raise CheckpointError(f"{candidate} does not exist; is {local_dir} an adapter folder saved by save_pretrained?")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=os.fspath(path), filename=filename, subfolder=subfolder)
+    except Exception as exc:  # offline, unknown repo, missing file: one clear message for all
+        raise CheckpointError(
+            f"could not find {filename} in a local folder {local_dir!r} or download it from the Hugging Face Hub "
+            f"repo {os.fspath(path)!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Check the path, or set HF_HUB_OFFLINE=0 and your network."
+        ) from None

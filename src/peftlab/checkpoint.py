@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from peftlab import adapter_folder
+from peftlab.adapter_folder import resolve_adapter_file
 from peftlab.errors import CheckpointError
 from peftlab.io import atomic_write
 from peftlab.registry import method_for
@@ -138,26 +139,6 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Sorted names of the floating-point tensors holding NaN/inf (such an adapter gives NaN outputs)."""
     return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-
-
-def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None) -> str:
-    """Local path of ``filename`` in an adapter folder, downloading it when ``path`` is a hub id."""
-    local_dir = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
-    candidate = os.path.join(local_dir, filename)
-    if os.path.isfile(candidate):
-        return candidate
-    if os.path.isdir(local_dir) or os.path.isabs(os.fspath(path)) or os.fspath(path).startswith("."):
-        raise CheckpointError(f"{candidate} does not exist; is {local_dir} an adapter folder saved by save_pretrained?")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(repo_id=os.fspath(path), filename=filename, subfolder=subfolder)
-    except Exception as exc:  # offline, unknown repo, missing file: one clear message for all
-        raise CheckpointError(
-            f"could not find {filename} in a local folder {local_dir!r} or download it from the Hugging Face Hub "
-            f"repo {os.fspath(path)!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            f"Check the path, or set HF_HUB_OFFLINE=0 and your network."
-        ) from None
 
 
 def load_adapter_weights(

@@ -184,7 +184,7 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> "PeftConfig":
         """Read ``adapter_config.json`` from a local folder (or a hub repo id when online)."""
-        from peftlab.checkpoint import resolve_adapter_file
+        from peftlab.adapter_folder import resolve_adapter_file
 
         config_path = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder)
         with open(config_path, "rb") as fh:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from peftlab import activation_checkpointing, adapter_folder, causal_loss, checkpoint, limits, quantization, targeting
-from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig
+from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig, TaskType
 from peftlab.errors import AdapterStateError, PeftConfigError, QuantizationError
 from peftlab.layers import BASE_ROW
 from peftlab.registry import method_for
@@ -399,7 +399,6 @@ class PeftModel(nn.Module):
         Returned as the ``PeftModelFor*`` class of the config's task type when called on PeftModel.
         """
         from peftlab import hub
-        from peftlab.task_models import task_model_class
 
         hub.check_load_kwargs(kwargs)
         model_id = hub.resolve_revision(model_id, revision, subfolder)
@@ -465,6 +464,52 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
 
+# peft's task-specific class names. PeftModel already serves every task (the forward is the base
+# model's own), so each class only names the task: get_peft_model and PeftModel.from_pretrained
+# return the class matching config.task_type as peft does, so isinstance checks against
+# PeftModelForCausalLM and direct PeftModelForCausalLM(model, config) calls keep working. They live
+# here, not in a module of their own, because both need the other (that was an import cycle).
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A PeftModel for ``TaskType.SEQ_CLS`` (the classifier head is trained and saved)."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """A PeftModel for ``TaskType.TOKEN_CLS`` (the classifier head is trained and saved)."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """A PeftModel for ``TaskType.QUESTION_ANS`` (``qa_outputs`` is trained and saved)."""
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A PeftModel for ``TaskType.CAUSAL_LM``."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """A PeftModel for ``TaskType.SEQ_2_SEQ_LM``."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """A PeftModel for ``TaskType.FEATURE_EXTRACTION``."""
+
+
+TASK_MODEL_CLASSES: dict[TaskType, type[PeftModel]] = {
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def task_model_class(task_type: TaskType | str | None) -> type[PeftModel]:
+    """The ``PeftModelFor*`` class for ``task_type``; plain ``PeftModel`` when there is none."""
+    return TASK_MODEL_CLASSES.get(TaskType(task_type), PeftModel) if task_type is not None else PeftModel
+
+
 def get_peft_model_state_dict(model: PeftModel, state_dict: Any = None, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     return checkpoint.get_peft_model_state_dict(model, state_dict, adapter_name)
 
@@ -491,7 +536,6 @@ def get_peft_model(
     stage here). ``mixed=True`` (peft's PeftMixedModel) is refused with what to use instead.
     """
     from peftlab import hub
-    from peftlab.task_models import task_model_class
 
     if mixed:
         raise AdapterStateError(
