@@ -171,7 +171,9 @@ def _git_commit() -> str | None:
     import subprocess
 
     try:
-        run = lambda *args: subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True, check=True).stdout.strip()
+        def run(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True, check=True).stdout.strip()
+
         head = run("rev-parse", "--short", "HEAD")
         return head + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):

@@ -112,9 +112,8 @@ def test_disable_adapter_gives_base_output():
 def test_disable_while_merged_is_refused():
     model = get_peft_model(TwoLinear(), LoraConfig(r=2, target_modules=["a"]))
     model.merge_adapter()
-    with pytest.raises(peftlab.AdapterStateError, match="unmerge_adapter"):
-        with model.disable_adapter():
-            pass
+    with pytest.raises(peftlab.AdapterStateError, match="unmerge_adapter"), model.disable_adapter():
+        pass
 
 
 def test_unload_restores_original_weights():

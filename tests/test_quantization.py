@@ -123,7 +123,8 @@ def test_loaded_model_owns_its_memory_and_keeps_tied_weights(tmp_path):
 def _mapped_from(path) -> list[tuple[int, int]] | None:
     """Address ranges of this process mapped from ``path`` (None where /proc is not there)."""
     try:
-        lines = open("/proc/self/maps").read().splitlines()
+        with open("/proc/self/maps") as fh:
+            lines = fh.read().splitlines()
     except OSError:
         return None
     ranges = []

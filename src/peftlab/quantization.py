@@ -213,7 +213,6 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
         trim_heap()  # the layer's full-precision temporaries are freed now; hand their pages back
     for param in model.parameters():
         param.requires_grad_(False)
-    model.peftlab_quantization = config  # type: ignore[assignment]  # read by save/report code
     return model
 
 

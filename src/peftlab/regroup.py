@@ -51,7 +51,7 @@ def takes_cache(model: nn.Module) -> bool:
     return _class_takes_cache(type(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _class_takes_cache(cls: type) -> bool:  # reading a signature costs ~20 us: once per class
     return _signature_takes_cache(cls.forward)
 

@@ -10,10 +10,6 @@ from torch import nn
 from peftlab.layers import AdaptedLayer, LayerAdapter, ModulesToSave, iter_wrappers
 
 
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

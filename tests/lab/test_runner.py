@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from peftlab.lab.runner import _trainer_class, classification_metrics, head_parameters, resolve_model
 

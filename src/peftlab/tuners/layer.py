@@ -205,7 +205,7 @@ def merge_and_unload_quantized(peft_model: Any, names: list[str], safe_merge: bo
     adapted = {n: w for n, w in iter_wrappers(base) if isinstance(w, AdaptedLayer) and quantization.is_quantized_linear(w.base_layer)}
     before = {n: quantization.dequantize_weight(w.base_layer) for n, w in adapted.items()}
     specs = {f"{n}.base_layer": quantization.spec_of(w.base_layer) for n, w in adapted.items()}
-    for name, wrapper in adapted.items():
+    for wrapper in adapted.values():
         wrapper.base_layer = quantization.dequantize_linear(wrapper.base_layer)
     peft_model.merge_adapter(names, safe_merge=safe_merge)
     merged = {n: w.base_layer.weight.detach().clone() for n, w in adapted.items()}
