@@ -34,20 +34,20 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.methods.prompt_tuning import PromptTuningConfig
     from peftlab.methods.prompt_tuning import PromptTuningInit
     from peftlab.methods.selective import SelectiveConfig
-    from peftlab.model import PeftModel
-    from peftlab.model import get_peft_model
-    from peftlab.model import get_peft_model_state_dict
-    from peftlab.model import set_peft_model_state_dict
+    from peftlab.peft_model import PeftModel
+    from peftlab.peft_model import get_peft_model
+    from peftlab.peft_model import get_peft_model_state_dict
+    from peftlab.peft_model import set_peft_model_state_dict
     from peftlab.quantization import QuantConfig
     from peftlab.quantization import prepare_model_for_kbit_training
     from peftlab.quantization import quantize_model
     from peftlab.adalora_callback import AdaLoraCallback
-    from peftlab.model import PeftModelForCausalLM
-    from peftlab.model import PeftModelForFeatureExtraction
-    from peftlab.model import PeftModelForQuestionAnswering
-    from peftlab.model import PeftModelForSeq2SeqLM
-    from peftlab.model import PeftModelForSequenceClassification
-    from peftlab.model import PeftModelForTokenClassification
+    from peftlab.peft_model import PeftModelForCausalLM
+    from peftlab.peft_model import PeftModelForFeatureExtraction
+    from peftlab.peft_model import PeftModelForQuestionAnswering
+    from peftlab.peft_model import PeftModelForSeq2SeqLM
+    from peftlab.peft_model import PeftModelForSequenceClassification
+    from peftlab.peft_model import PeftModelForTokenClassification
     from peftlab.auto import AutoPeftModel
     from peftlab.auto import AutoPeftModelForCausalLM
     from peftlab.auto import AutoPeftModelForFeatureExtraction
@@ -83,19 +83,19 @@ _LAZY: dict[str, str] = {
     "PromptTuningConfig": "peftlab.methods.prompt_tuning",
     "PromptTuningInit": "peftlab.methods.prompt_tuning",
     "SelectiveConfig": "peftlab.methods.selective",
-    "PeftModel": "peftlab.model",
-    "get_peft_model": "peftlab.model",
-    "get_peft_model_state_dict": "peftlab.model",
-    "set_peft_model_state_dict": "peftlab.model",
+    "PeftModel": "peftlab.peft_model",
+    "get_peft_model": "peftlab.peft_model",
+    "get_peft_model_state_dict": "peftlab.peft_model",
+    "set_peft_model_state_dict": "peftlab.peft_model",
     "QuantConfig": "peftlab.quantization",
     "prepare_model_for_kbit_training": "peftlab.quantization",
     "quantize_model": "peftlab.quantization",
-    "PeftModelForCausalLM": "peftlab.model",
-    "PeftModelForFeatureExtraction": "peftlab.model",
-    "PeftModelForQuestionAnswering": "peftlab.model",
-    "PeftModelForSeq2SeqLM": "peftlab.model",
-    "PeftModelForSequenceClassification": "peftlab.model",
-    "PeftModelForTokenClassification": "peftlab.model",
+    "PeftModelForCausalLM": "peftlab.peft_model",
+    "PeftModelForFeatureExtraction": "peftlab.peft_model",
+    "PeftModelForQuestionAnswering": "peftlab.peft_model",
+    "PeftModelForSeq2SeqLM": "peftlab.peft_model",
+    "PeftModelForSequenceClassification": "peftlab.peft_model",
+    "PeftModelForTokenClassification": "peftlab.peft_model",
     "AutoPeftModel": "peftlab.auto",
     "AutoPeftModelForCausalLM": "peftlab.auto",
     "AutoPeftModelForFeatureExtraction": "peftlab.auto",

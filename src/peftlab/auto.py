@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from peftlab.config import PeftConfig, TaskType
 from peftlab.errors import CheckpointError, PeftConfigError
-from peftlab.model import PeftModel, task_model_class
+from peftlab.peft_model import PeftModel, task_model_class
 
 # transformers Auto class used for each task type when the caller does not fix one.
 _AUTO_CLASS_FOR_TASK = {

@@ -14,7 +14,7 @@ from peftlab.io import atomic_write_text
 
 if TYPE_CHECKING:
     from peftlab.config import PeftConfig
-    from peftlab.model import PeftModel
+    from peftlab.peft_model import PeftModel
 
 CARD_NAME = "README.md"
 

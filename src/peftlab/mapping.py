@@ -27,7 +27,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     ``low_cpu_mem_usage`` is accepted for peft's signature: adapters are created directly on
     the base layer's device, so there is no meta-device stage to skip.
     """
-    from peftlab.model import get_peft_model
+    from peftlab.peft_model import get_peft_model
 
     if peft_config.is_prompt_learning:
         raise PeftConfigError(

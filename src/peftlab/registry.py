@@ -92,7 +92,7 @@ class MethodSpec:
         factories = (self.make_adapter, self.make_model_adapter)
         if sum(f is not None for f in factories) > 1 or (self.make_tuner is None and not any(factories)):
             raise PeftConfigError(
-                f"{self.config_cls.__name__}: register one of make_adapter (layer method), "
+                f"{self.config_cls.__name__}: register exactly one of make_adapter (layer method), "
                 f"make_model_adapter (prompt method) or make_tuner (method without surgery)."
             )
         unknown = [

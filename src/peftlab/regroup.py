@@ -4,7 +4,7 @@ A layer computes a mixed batch fastest when each adapter's rows are contiguous: 
 then works on its own slice, as in a one-adapter batch (see
 :func:`peftlab.kernels.mixed_lora_forward`). Rows interleaved across adapters force every row
 through every adapter's rank block instead (1.21x the bare model against 1.09x grouped, MiniLM,
-seq 64, docs/benchmarks.md). So :class:`~peftlab.model.PeftModel` sorts the rows once at the
+seq 64, docs/benchmarks.md). So :class:`~peftlab.peft_model.PeftModel` sorts the rows once at the
 model's input, by adapter in order of first appearance, and puts the outputs back in the
 caller's order.
 

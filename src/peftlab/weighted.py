@@ -25,7 +25,7 @@ from peftlab.errors import AdapterStateError
 from peftlab.layers import AdaptedLayer, ModulesToSave, iter_wrappers
 
 if TYPE_CHECKING:
-    from peftlab.model import PeftModel
+    from peftlab.peft_model import PeftModel
 
 COMBINATIONS = ("linear", "cat", "svd")
 

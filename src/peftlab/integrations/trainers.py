@@ -37,7 +37,7 @@ _replaced: list[tuple[Any, str, Any]] = []
 
 def is_peftlab_model(model: Any) -> bool:
     """True for a peftlab ``PeftModel``, also inside DDP / FSDP / ``torch.compile`` wrappers."""
-    from peftlab.model import PeftModel
+    from peftlab.peft_model import PeftModel
 
     seen = 0
     while not isinstance(model, PeftModel) and seen < 8:

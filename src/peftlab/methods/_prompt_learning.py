@@ -4,7 +4,7 @@ These methods leave every layer of the model alone. They learn a few *virtual to
 are put in front of the real input, either as input embeddings (prompt tuning, P-tuning) or as
 attention keys/values in every layer (prefix tuning). :class:`PromptLearningConfig` holds the
 fields peft's config of the same name has; :class:`VirtualTokens` is the model-level adapter
-module that :class:`~peftlab.model.PeftModel` keeps in ``prompt_encoder[adapter_name]``.
+module that :class:`~peftlab.peft_model.PeftModel` keeps in ``prompt_encoder[adapter_name]``.
 
 On disk, all three save one tensor, ``prompt_embeddings``: the rows the model actually sees
 (after any encoder), as peft does. A loaded adapter therefore holds a plain table of rows; the
