@@ -33,7 +33,7 @@ def test_spec_options_must_name_config_fields():
     spec = registry.method_for("LORA")
     with pytest.raises(PeftConfigError, match="name no config field: \\['rank'\\]"):
         dataclasses.replace(spec, run_defaults={"rank": 4})
-    with pytest.raises(PeftConfigError, match="register one of"):
+    with pytest.raises(PeftConfigError, match="exactly one of"):
         registry.MethodSpec(spec.config_cls)
 
 

@@ -1,4 +1,5 @@
-"""IA3 behaviour: identity at init, hand-computed scaling, merge/unmerge, feed-forward rules."""
+"""IA3: the contract table (identity at init, merge, save/load, training, peft parity) plus
+hand-computed scaling, merge/unmerge through a full model and the feed-forward rules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,30 @@ from torch import nn
 
 import peftlab
 from peftlab import IA3Config, get_peft_model
+from _contract import Case, contract_tests
 from conftest import main_output, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+
+def _peft(**kwargs):
+    import peft
+
+    return lambda: peft.IA3Config(init_ia3_weights=False, **kwargs)
+
+
+def _ours(**kwargs):
+    return lambda identity: IA3Config(init_ia3_weights=identity, **kwargs)
+
+
+BERT = dict(task_type="SEQ_CLS")
+GPT2 = dict(task_type="CAUSAL_LM", fan_in_fan_out=True)
+LLAMA = dict(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj", "up_proj"], feedforward_modules=["down_proj", "up_proj"])
+
+CASES = {
+    "bert-defaults": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT)),
+    "gpt2-conv1d-defaults": Case(tiny_gpt2, text_inputs, _ours(**GPT2), _peft(**GPT2)),
+    "llama-two-feedforward": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA)),
+}
+globals().update(contract_tests(CASES))
 
 
 class Block(nn.Module):

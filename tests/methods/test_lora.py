@@ -1,4 +1,5 @@
-"""LoRA behaviour: identity at init, hand-computed outputs, merge/unmerge, disable, mixed batches."""
+"""LoRA: the contract table (identity at init, merge, save/load, training, peft parity) plus
+hand-computed outputs, merge_and_unload, disable and mixed batches."""
 
 from __future__ import annotations
 
@@ -11,7 +12,32 @@ from torch import nn
 
 import peftlab
 from peftlab import LoraConfig, get_peft_model
+from _contract import Case, contract_tests, conv_inputs
 from conftest import ConvNet, main_output, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+
+def _peft(**kwargs):
+    import peft
+
+    return lambda: peft.LoraConfig(init_lora_weights=False, **kwargs)
+
+
+def _ours(**kwargs):
+    return lambda identity: LoraConfig(init_lora_weights=identity, **kwargs)
+
+
+BERT = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear")
+GPT2 = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)  # wte: tied, see below
+LLAMA = dict(task_type="CAUSAL_LM", r=3, lora_alpha=5, target_modules="all-linear", rank_pattern={"v_proj": 2}, use_rslora=True)
+CONV = dict(r=2, lora_alpha=3, target_modules=["conv", "lin", "emb"])
+
+CASES = {
+    "bert-all-linear": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT)),
+    "gpt2-conv1d": Case(tiny_gpt2, text_inputs, _ours(**GPT2), _peft(**GPT2)),
+    "llama-rslora-pattern": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA)),
+    "convnet": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV)),
+}
+globals().update(contract_tests(CASES))
 
 
 class TwoLinear(nn.Module):
@@ -28,16 +54,6 @@ def run(model, inputs):
     model.eval()
     with torch.no_grad():
         return main_output(model(**inputs))
-
-
-@pytest.mark.parametrize("build", [tiny_bert_cls, tiny_gpt2, tiny_llama])
-def test_identity_at_init(build):
-    torch.manual_seed(0)
-    base = build().eval()
-    inputs = text_inputs()
-    expected = run(base, inputs)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear"))
-    torch.testing.assert_close(run(model, inputs), expected, atol=0, rtol=0)
 
 
 def test_forward_matches_hand_computation():
