@@ -2,7 +2,7 @@
 
 Each variant loads in a fresh process (so its peak is its own), ``--repeats`` times, alternating:
   * ``trim``: ``load_quantized_model`` as shipped (freed heap pages handed back after every layer),
-  * ``no_trim``: the same with ``peftlab.heap.trim_heap`` turned into a no-op,
+  * ``no_trim``: the same with ``peftlab.release_memory.trim_heap`` turned into a no-op,
   * ``fp32``: the plain full-precision model with every weight read once, for scale (its weights
     are pages of the memory-mapped file, resident only once read).
 Reported from /proc/self/status: VmHWM (peak resident), VmRSS, RssAnon and RssFile after loading,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import QuantizationError
-from peftlab.heap import trim_heap
+from peftlab.release_memory import trim_heap
 
 INSTALL_HINT = "install it with `pip install peftlab[quant]` (bitsandbytes>=0.45)"
 # Module names never quantized by default: the output head is small next to its activations
@@ -224,7 +224,7 @@ def load_quantized_model(name_or_path: str, config: QuantConfig | None = None, m
     any tensor still points into the mapping; the parameters left in full precision (embeddings,
     norms, head) are therefore copied out of it at the end, which releases the whole mapping:
     SmolLM2-135M keeps ~420 MB less resident after loading (docs/qlora.md). Freed temporaries
-    are handed back to the OS after every layer (:func:`peftlab.heap.trim_heap`): another ~290 MB
+    are handed back to the OS after every layer (:func:`peftlab.release_memory.trim_heap`): another ~290 MB
     off the load peak and the resident size after loading. The load still reads every fp32
     weight once, but as file pages the kernel can drop, not as copies.
     """

@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
-from peftlab import heap
+from peftlab import release_memory
 
-glibc_only = pytest.mark.skipif(heap._malloc_trim() is None, reason="needs glibc's malloc_trim")
+glibc_only = pytest.mark.skipif(release_memory._malloc_trim() is None, reason="needs glibc's malloc_trim")
 
 
 @glibc_only
@@ -20,7 +20,7 @@ def test_trim_heap_releases_holes_left_by_freed_memory():
     script = textwrap.dedent(
         """
         import ctypes, re
-        from peftlab.heap import trim_heap
+        from peftlab.release_memory import trim_heap
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc.restype = ctypes.c_void_p
         libc.malloc.argtypes = [ctypes.c_size_t]
