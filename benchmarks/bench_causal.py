@@ -39,7 +39,7 @@ def load_base() -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
-    from peftlab.models import resolve_model_name
+    from peftlab.lab.model_zoo import resolve_model_name
 
     logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(resolve_model_name("smollm2-135m"), dtype=torch.float32)

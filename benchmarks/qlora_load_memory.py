@@ -27,7 +27,7 @@ def status():
     text = open("/proc/self/status").read()
     return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) / 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 import peftlab.quantization as Q
-from peftlab.models import smollm2_135m
+from peftlab.lab.model_zoo import smollm2_135m
 path = smollm2_135m()
 variant = sys.argv[1]
 before = status()

