@@ -279,7 +279,7 @@ def mixed_lora_forward(base: nn.Module, x: torch.Tensor, rows: Sequence[str],
     if any(a.dtype != x.dtype or b.dtype != x.dtype for a, b, _ in adapters.values()) or weight.dtype != x.dtype:
         return None
     runs = row_runs(rows)
-    if len(runs) <= 2 * len(set(rows)):  # the same test as peftlab.regroup.grouping_order
+    if len(runs) <= 2 * len(set(rows)):  # the same test as peftlab.mixed_batch.grouping_order
         out = base(x)
         in_features, out_features = x.shape[-1], out.shape[-1]
         x2, out2 = x.reshape(x.shape[0], -1, in_features), out.view(out.shape[0], -1, out_features)

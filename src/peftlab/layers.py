@@ -27,6 +27,7 @@ from torch import nn
 
 from peftlab.errors import AdapterStateError
 from peftlab.kernels import mixed_lora_forward
+from peftlab.mixed_batch import group_rows
 
 BASE_ROW = "__base__"  # row name in mixed batches that selects the bare base model
 
@@ -250,7 +251,7 @@ class AdaptedLayer(nn.Module):
                 fused = mixed_lora_forward(self.base_layer, x, rows, factors)  # type: ignore[arg-type]
                 if fused is not None:
                     return fused
-        groups = _group_rows(rows, x.device)
+        groups = group_rows(rows, x.device)
         if not any(a.transforms_input for a in adapters.values()):
             # Output-only adapters: run the base layer once on the whole batch.
             out = self.base_layer(x, *args, **kwargs)
@@ -319,20 +320,13 @@ class ModulesToSave(nn.Module):
             return self.original_module(x, *args, **kwargs)
         if self.row_adapters is None:
             return self._module_for(self.active_adapters)(x, *args, **kwargs)
-        groups = _group_rows(self.row_adapters, x.device)
+        groups = group_rows(self.row_adapters, x.device)
         parts = [(index, self._module_for([name])(x[index], *args, **kwargs)) for name, index in groups.items()]
         first = parts[0][1]
         result = first.new_empty((x.shape[0], *first.shape[1:]))
         for index, part in parts:
             result[index] = part
         return result
-
-
-def _group_rows(rows: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(rows):
-        groups.setdefault(name, []).append(i)
-    return {name: torch.tensor(idx, device=device, dtype=torch.long) for name, idx in groups.items()}
 
 
 def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | ModulesToSave]]:

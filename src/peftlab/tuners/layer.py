@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftlab import quantization, regroup, surgery, targeting
+from peftlab import mixed_batch, quantization, surgery, targeting
 from peftlab.errors import AdapterStateError
 from peftlab.layers import BASE_ROW, AdaptedLayer, iter_wrappers
 from peftlab.tuners.base import Tuner, check_modules_to_save, follow_active, wrapper_tensors, wrappers_disabled
@@ -104,17 +104,17 @@ class LayerTuner(Tuner):
         if adapter_names is None:
             return self.model(*args, **kwargs)
         names = list(adapter_names)
-        order = regroup.grouping_order(names)
+        order = mixed_batch.grouping_order(names)
         permuted = None
-        if order is not None and regroup.safe_to_reorder(self.model, kwargs):
-            permuted = regroup.permute_inputs(args, kwargs, order, len(names))
+        if order is not None and mixed_batch.safe_to_reorder(self.model, kwargs):
+            permuted = mixed_batch.permute_inputs(args, kwargs, order, len(names))
         if permuted is not None:
             # Rows interleaved across adapters: run them grouped by adapter (each layer then works
             # on one contiguous slice per adapter) and hand the outputs back in the caller's order.
             sorted_args, sorted_kwargs = permuted
             with self.rows_routed([names[i] for i in order]):
                 output = self.model(*sorted_args, **sorted_kwargs)
-            restored = regroup.restore_output(output, order)
+            restored = mixed_batch.restore_output(output, order)
             if restored is not None:
                 return restored
             # Something in the output is not a batch-first tensor: run again in the caller's order.

@@ -10,17 +10,17 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import peftlab
-from peftlab import regroup
+from peftlab import mixed_batch
 from tests.conftest import main_output, text_inputs, tiny_bert_cls, tiny_gpt2
 
 INTERLEAVED = ["a", "b", "a", "b", "__base__", "a", "b", "a", "b", "a"]
 
 
 def test_grouping_order():
-    assert regroup.grouping_order(["a", "b", "a", "b", "a", "b"]) == [0, 2, 4, 1, 3, 5]
-    assert regroup.grouping_order(["b", "a", "b", "a", "b", "a"]) == [0, 2, 4, 1, 3, 5]  # by first appearance
-    assert regroup.grouping_order(["a", "a", "b", "b"]) is None  # already grouped
-    assert regroup.grouping_order(["a", "b", "a", "b"]) is None  # two runs per name: the kernel's slices still apply
+    assert mixed_batch.grouping_order(["a", "b", "a", "b", "a", "b"]) == [0, 2, 4, 1, 3, 5]
+    assert mixed_batch.grouping_order(["b", "a", "b", "a", "b", "a"]) == [0, 2, 4, 1, 3, 5]  # by first appearance
+    assert mixed_batch.grouping_order(["a", "a", "b", "b"]) is None  # already grouped
+    assert mixed_batch.grouping_order(["a", "b", "a", "b"]) is None  # two runs per name: the kernel's slices still apply
 
 
 def test_restore_output_puts_rows_back_and_refuses_what_it_cannot_place():
@@ -28,13 +28,13 @@ def test_restore_output_puts_rows_back_and_refuses_what_it_cannot_place():
     rows = torch.arange(3.0).unsqueeze(1)  # row i holds i
     permuted = rows[order]
     out = SequenceClassifierOutput(loss=torch.tensor(1.5), logits=permuted, hidden_states=(permuted, permuted * 2))
-    back = regroup.restore_output(out, order)
+    back = mixed_batch.restore_output(out, order)
     assert isinstance(back, SequenceClassifierOutput)
     assert back.loss.item() == 1.5
     assert torch.equal(back.logits, rows) and torch.equal(back.hidden_states[1], rows * 2)
-    assert torch.equal(regroup.restore_output([permuted, None, 3], order)[0], rows)
-    assert regroup.restore_output(torch.zeros(2, 3), order) is None  # not batch-first
-    assert regroup.restore_output({"x": object()}, order) is None
+    assert torch.equal(mixed_batch.restore_output([permuted, None, 3], order)[0], rows)
+    assert mixed_batch.restore_output(torch.zeros(2, 3), order) is None  # not batch-first
+    assert mixed_batch.restore_output({"x": object()}, order) is None
 
 
 def two_adapter_bert() -> peftlab.PeftModel:
@@ -97,9 +97,9 @@ def test_models_with_a_cache_keep_the_caller_order_unless_use_cache_is_false(mon
     model = peftlab.get_peft_model(tiny_gpt2(), peftlab.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False), adapter_name="a")
     model.add_adapter("b", peftlab.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
     model.eval()
-    assert regroup.takes_cache(model.get_base_model())
+    assert mixed_batch.takes_cache(model.get_base_model())
     called = []
-    monkeypatch.setattr(regroup, "permute_inputs", lambda *a: called.append(1) or a[:2])
+    monkeypatch.setattr(mixed_batch, "permute_inputs", lambda *a: called.append(1) or a[:2])
     names = ["a", "b", "a", "b", "a", "b"]
     inputs = text_inputs(batch=len(names))
     with torch.no_grad():
@@ -155,7 +155,7 @@ def test_unrestorable_output_runs_again_in_the_caller_order():
 
 @pytest.mark.parametrize("names", [["a", "b", "c"], ["a"] * 3])
 def test_short_or_uniform_batches_are_left_alone(names):
-    assert regroup.grouping_order(names) is None
+    assert mixed_batch.grouping_order(names) is None
 
 
 def test_dict_subclasses_it_does_not_know_are_not_restored():
@@ -163,8 +163,8 @@ def test_dict_subclasses_it_does_not_know_are_not_restored():
 
     order = [1, 0, 2]
     out = defaultdict(list, {"x": torch.zeros(3, 2)})
-    assert regroup.restore_output(out, order) is None
-    assert torch.equal(regroup.restore_output({"x": torch.arange(3)}, order)["x"], torch.tensor([1, 0, 2]))
+    assert mixed_batch.restore_output(out, order) is None
+    assert torch.equal(mixed_batch.restore_output({"x": torch.arange(3)}, order)["x"], torch.tensor([1, 0, 2]))
 
 
 @pytest.mark.parametrize(
@@ -178,7 +178,7 @@ def test_dict_subclasses_it_does_not_know_are_not_restored():
     ],
     ids=["ia3", "loha", "lokr", "bottleneck", "dora"],
 )
-def test_regrouped_mixed_batches_for_every_layer_method(make_config):
+def test_mixed_batched_mixed_batches_for_every_layer_method(make_config):
     """Regrouping happens at the model input, so it applies to every layer method's mixed batches."""
     torch.manual_seed(0)
     model = peftlab.get_peft_model(tiny_bert_cls(), make_config(), adapter_name="a")
@@ -188,7 +188,7 @@ def test_regrouped_mixed_batches_for_every_layer_method(make_config):
             if ".b." in name or name.endswith(".b"):
                 param.add_(torch.randn_like(param) * 0.3)
     model.eval()
-    assert regroup.grouping_order(INTERLEAVED) is not None
+    assert mixed_batch.grouping_order(INTERLEAVED) is not None
     inputs = text_inputs(batch=len(INTERLEAVED))
     with torch.no_grad():
         out = model(**inputs, adapter_names=INTERLEAVED).logits
@@ -220,8 +220,8 @@ def test_inputs_that_may_not_be_per_row_keep_the_caller_order(monkeypatch):
     with torch.no_grad():
         out = model(x, scale=scale, adapter_names=names)
     assert seen_rows == [names]  # not regrouped
-    assert regroup.permute_inputs((x,), {"scale": scale}, [0, 2, 4, 1, 3, 5], 6) is None
-    assert regroup.permute_inputs((x,), {"scale": scale[:2]}, [0, 2, 4, 1, 3, 5], 6) is not None
+    assert mixed_batch.permute_inputs((x,), {"scale": scale}, [0, 2, 4, 1, 3, 5], 6) is None
+    assert mixed_batch.permute_inputs((x,), {"scale": scale[:2]}, [0, 2, 4, 1, 3, 5], 6) is not None
     # Row i alone and row i inside the batch of 6 may take different fp32 kernels (gemv / gemm,
     # MKL / oneDNN / default ATen), which sum in different orders. Each output element sums 6
     # input terms, the bias and r=2 LoRA terms (9 terms); fp32 rounding of an n-term sum is at
@@ -243,9 +243,9 @@ def test_inputs_that_may_not_be_per_row_keep_the_caller_order(monkeypatch):
 
 def test_a_passed_cache_is_never_reordered():
     bert = tiny_bert_cls()  # its forward names no cache; one could still arrive through **kwargs
-    assert regroup.safe_to_reorder(bert, {})
-    assert not regroup.safe_to_reorder(bert, {"past_key_values": object()})
+    assert mixed_batch.safe_to_reorder(bert, {})
+    assert not mixed_batch.safe_to_reorder(bert, {"past_key_values": object()})
     gpt2 = tiny_gpt2()
-    assert not regroup.safe_to_reorder(gpt2, {})
-    assert regroup.safe_to_reorder(gpt2, {"use_cache": False})
-    assert not regroup.safe_to_reorder(gpt2, {"use_cache": False, "past_key_values": object()})
+    assert not mixed_batch.safe_to_reorder(gpt2, {})
+    assert mixed_batch.safe_to_reorder(gpt2, {"use_cache": False})
+    assert not mixed_batch.safe_to_reorder(gpt2, {"use_cache": False, "past_key_values": object()})

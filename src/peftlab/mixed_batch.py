@@ -145,3 +145,11 @@ def _is_model_output(value: Any) -> bool:
     except ImportError:
         return False
     return isinstance(value, ModelOutput)
+
+
+def group_rows(rows: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Row indices per adapter name, in order of first appearance (how a wrapper splits a mixed batch)."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(rows):
+        groups.setdefault(name, []).append(i)
+    return {name: torch.tensor(idx, device=device, dtype=torch.long) for name, idx in groups.items()}
