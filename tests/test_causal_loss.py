@@ -11,7 +11,6 @@ accumulation in both, then a bf16 round), so ``|diff| <= 2 * 2**-8 * max|z|``.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -69,7 +68,9 @@ def test_gradcheck():
     shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
     keep = (shifted != -100).nonzero().squeeze(1)
     h = hidden.detach().reshape(-1, 3)[keep].requires_grad_()
-    fn = lambda h, w, b: LinearCrossEntropy.apply(h, w, b, shifted[keep], torch.tensor(float(keep.numel())), 2, True, True)
+    def fn(h, w, b):
+        return LinearCrossEntropy.apply(h, w, b, shifted[keep], torch.tensor(float(keep.numel())), 2, True, True)
+
     assert torch.autograd.gradcheck(fn, (h, head.weight, head.bias))
 
 

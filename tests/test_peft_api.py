@@ -21,7 +21,6 @@ from peftlab import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForSequenceClassification,
-    get_layer_status,
     get_peft_config,
     get_peft_model,
     get_peft_model_state_dict,
@@ -37,7 +36,7 @@ def _cls_model(seed: int = 0):
 
 def _perturb(model) -> None:
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
 

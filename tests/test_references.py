@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import peftlab
-from peftlab import LoraConfig, PrefixTuningConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peftlab import LoraConfig, PrefixTuningConfig, get_peft_model, get_peft_model_state_dict
 from _references import (
     greedy_by_reference,
     lora_linear_reference,

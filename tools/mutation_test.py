@@ -31,15 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # module -> (file under src/peftlab, the tests that exercise it). The peft-parity tests stay in
 # where they sit in these files: they are a second witness, not the only one.
 MODULES: dict[str, tuple[str, list[str]]] = {
-    "functional": ("functional.py", ["tests/test_functional.py", "tests/test_references.py", "tests/test_lora.py", "tests/methods/test_dora.py",
+    "functional": ("functional.py", ["tests/test_functional.py", "tests/test_references.py", "tests/methods/test_lora.py", "tests/methods/test_dora.py",
                                      "tests/methods/test_loha.py", "tests/methods/test_lokr.py", "tests/methods/test_adalora.py"]),
-    "lora": ("methods/lora.py", ["tests/test_lora.py", "tests/test_references.py", "tests/test_errors.py"]),
+    "lora": ("methods/lora.py", ["tests/methods/test_lora.py", "tests/test_references.py", "tests/test_errors.py"]),
+    "lora_layers": ("methods/lora_layers.py", ["tests/methods/test_lora.py", "tests/test_references.py", "tests/test_kernels.py"]),
     "dora": ("methods/dora.py", ["tests/methods/test_dora.py"]),
-    "ia3": ("methods/ia3.py", ["tests/test_ia3.py", "tests/test_peft_parity.py", "tests/test_targeting.py",
+    "ia3": ("methods/ia3.py", ["tests/methods/test_ia3.py", "tests/test_peft_parity.py", "tests/test_targeting.py",
                                "tests/test_checkpoint.py"]),
     "kernels": ("kernels.py", ["tests/test_kernels.py"]),
     "checkpoint": ("checkpoint.py", ["tests/test_checkpoint.py", "tests/test_errors.py"]),
-    "regroup": ("regroup.py", ["tests/test_regroup.py"]),
+    "mixed_batch": ("mixed_batch.py", ["tests/test_mixed_batch.py"]),
 }
 
 

@@ -65,7 +65,7 @@ def render(readme: str) -> str:
             raise SystemExit(f"error: {path.relative_to(ROOT)} does not exist; run the study, then "
                              f"python tools/readme_numbers.py --from RESULTS_JSON.")
         text = renderer(json.loads(path.read_text(encoding="utf-8")))
-        readme = pattern.sub(lambda m: m.group(1) + text + m.group(3), readme)
+        readme = pattern.sub(lambda m, text=text: m.group(1) + text + m.group(3), readme)
     return readme
 
 

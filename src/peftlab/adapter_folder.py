@@ -215,7 +215,7 @@ def _rename_aside(staging: str, target: str) -> None:
 
 
 def _fsync_tree(folder: str) -> None:
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         for name in files:
             with contextlib.suppress(OSError):
                 fd = os.open(os.path.join(root, name), os.O_RDONLY)

@@ -31,7 +31,7 @@ def model_card(config: "PeftConfig") -> str:
              "library loads them.", "", "## Settings", ""]
     lines += [f"- `{k}`: `{v}`" for k, v in settings.items()]
     lines += ["", "## Load", "", "```python", "from peftlab import PeftModel",
-              f"model = PeftModel.from_pretrained(base_model, \"<this folder or repo>\")", "```", ""]
+              "model = PeftModel.from_pretrained(base_model, \"<this folder or repo>\")", "```", ""]
     return "\n".join(front + lines)
 
 

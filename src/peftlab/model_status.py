@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from peftlab.errors import AdapterStateError
-from peftlab.layers import AdaptedLayer, ModulesToSave, iter_wrappers
+from peftlab.layers import AdaptedLayer, ModulesToSave
 
 if TYPE_CHECKING:
     from peftlab.model import PeftModel

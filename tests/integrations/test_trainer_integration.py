@@ -94,7 +94,7 @@ def test_checkpoints_and_save_model_hold_adapter_files_only(tmp_path, trainer_su
     trainer.save_model(str(tmp_path / "final"))
     for folder in [tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4", tmp_path / "final"]:
         files = set(os.listdir(folder))
-        assert ADAPTER_FILES <= files, (folder, files)
+        assert files >= ADAPTER_FILES, (folder, files)
         assert not files & FULL_WEIGHT_FILES, (folder, files)
     # The saved adapter is the trained one.
     reloaded = PeftModel.from_pretrained(tiny_bert_cls(), str(tmp_path / "final"))
