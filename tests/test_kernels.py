@@ -10,7 +10,7 @@ from torch import nn
 
 import peftlab
 from peftlab import kernels
-from peftlab.layers import AdaptedLayer
+from peftlab.layers import LayerWrapper
 from tests.conftest import main_output, text_inputs, tiny_bert_cls, tiny_gpt2
 
 FUSED_NODE = "LoraLinearFunctionBackward"
@@ -44,9 +44,9 @@ def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torc
     return out.detach(), grads
 
 
-def layer(model: peftlab.PeftModel, name: str = "lin") -> AdaptedLayer:
+def layer(model: peftlab.PeftModel, name: str = "lin") -> LayerWrapper:
     module = model.get_base_model().get_submodule(name)
-    assert isinstance(module, AdaptedLayer)
+    assert isinstance(module, LayerWrapper)
     return module
 
 

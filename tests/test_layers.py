@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import peftlab
-from peftlab.layers import AdaptedLayer
+from peftlab.layers import LayerWrapper
 
 
 class Two(nn.Module):
@@ -18,7 +18,7 @@ class Two(nn.Module):
         return self.a(x)
 
 
-def lora_layer() -> tuple[peftlab.PeftModel, AdaptedLayer]:
+def lora_layer() -> tuple[peftlab.PeftModel, LayerWrapper]:
     torch.manual_seed(0)
     model = peftlab.get_peft_model(Two(), peftlab.LoraConfig(r=2, target_modules=["a"], lora_dropout=0.1, init_lora_weights=False))
     model.add_adapter("other", peftlab.LoraConfig(r=3, target_modules=["a"]))

@@ -114,7 +114,7 @@ def test_method_merges_into_quantized_base(method, quant):
     assert all(
         is_quantized_linear(layer.base_layer)
         for layer in model.modules()
-        if isinstance(layer, peftlab.layers.AdaptedLayer)
+        if isinstance(layer, peftlab.layers.LayerWrapper)
     )
     model.unmerge_adapter()
     assert float((logits(model, inputs) - unmerged).norm()) < 0.5 * effect

@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from peftlab import IA3Config, LoraConfig, get_peft_model
-from peftlab.layers import AdaptedLayer
+from peftlab.layers import LayerWrapper
 from peftlab.targeting import candidates, layer_index, name_matches, pattern_value
 from conftest import tiny_bart, tiny_bert_cls, tiny_distilbert, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5, tiny_vit
 
@@ -14,7 +14,7 @@ ARCHS = [tiny_bert_cls, tiny_roberta, tiny_distilbert, tiny_gpt2, tiny_llama, ti
 
 
 def adapted(model) -> list[str]:
-    return [n for n, m in model.get_base_model().named_modules() if isinstance(m, AdaptedLayer)]
+    return [n for n, m in model.get_base_model().named_modules() if isinstance(m, LayerWrapper)]
 
 
 @pytest.mark.parametrize("build", ARCHS)
@@ -66,7 +66,7 @@ def test_peft_wrapper_names_in_target_modules_are_ignored():
     from peftlab.errors import TargetModuleError
 
     model = get_peft_model(tiny_bert_cls(), LoraConfig(target_modules=["query", "classifier.original_module", "classifier.modules_to_save.a"]))
-    adapted = [n for n, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LayerWrapper)]
     assert adapted and all(n.endswith("query") for n in adapted)
     with pytest.raises(TargetModuleError, match="match no module"):
         get_peft_model(tiny_bert_cls(), LoraConfig(target_modules=["query", "quary"]))  # a real typo still fails

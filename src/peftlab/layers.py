@@ -1,12 +1,12 @@
 """The two wrappers that model surgery puts into a model.
 
-* :class:`AdaptedLayer` wraps one base layer (Linear, Conv1D, Embedding, Conv2d, ...) kept as
+* :class:`LayerWrapper` wraps one base layer (Linear, Conv1D, Embedding, Conv2d, ...) kept as
   ``base_layer``, and holds each method's tensors in containers keyed by adapter name, named
   as Hugging Face peft names them: ``lora_A.<adapter>.weight``, ``ia3_l.<adapter>``, ...
 * :class:`ModulesToSave` wraps a module that is trained in full (e.g. a classifier head):
   the frozen ``original_module`` beside one trainable copy per adapter in ``modules_to_save``.
 
-A method's logic stays in one small class anyway: it subclasses :class:`LayerAdapter`, declares
+A method's logic stays in one small class anyway: it subclasses :class:`AdapterView`, declares
 its tensors as plain attributes (``self.lora_A = nn.Linear(...)``) and overrides the hooks it
 needs (an additive method only touches the output, IA3 scales the input or the output). When the
 adapter is added to a layer, each of its direct parameters and submodules moves into the layer's
@@ -32,8 +32,23 @@ from peftlab.mixed_batch import group_rows
 BASE_ROW = "__base__"  # row name in mixed batches that selects the bare base model
 
 
-class LayerAdapter(nn.Module):
-    """One adapter on one base layer.
+def read_through(wrapper: nn.Module, name: str, inner: str) -> Any:
+    """``wrapper.<name>`` for a wrapper's ``__getattr__``: its own parameters, buffers and
+    submodules first (nn.Module's lookup), then the wrapped module ``wrapper.<inner>``.
+
+    This is how code written for the bare module keeps working on its wrapper, as in peft
+    (``layer.weight``, ``layer.in_features``, ``peft_model.config``, ``tuner.generate``).
+    """
+    try:
+        return nn.Module.__getattr__(wrapper, name)
+    except AttributeError:
+        if name == inner:  # the wrapped module itself is missing (mid-__init__, or deleted): no recursion
+            raise
+        return getattr(getattr(wrapper, inner), name)
+
+
+class AdapterView(nn.Module):
+    """One adapter on one base layer: its hooks, and a view of its tensors held by the :class:`LayerWrapper`.
 
     The wrapped layer computes ``adapt_output(x, base(adapt_input(x)))`` for each active,
     unmerged adapter, in activation order. Subclasses declare only their own tensors, as plain
@@ -161,14 +176,18 @@ class LayerAdapter(nn.Module):
         raise AdapterStateError(f"{type(self).__name__} cannot be unmerged from the base weights.")
 
 
-class AdaptedLayer(nn.Module):
-    """A base layer plus its adapters; forwards through the active, unmerged ones."""
+class LayerWrapper(nn.Module):
+    """What surgery puts in place of a base layer: the layer (``base_layer``) plus every adapter's tensors.
+
+    Its forward runs the base layer through the hooks of the active, unmerged adapters (their
+    :class:`AdapterView` objects). peft calls the same module a tuner layer (e.g. ``lora.Linear``).
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        # Adapter name -> view of that adapter (see LayerAdapter); its tensors are in the containers.
-        self.adapters: dict[str, LayerAdapter] = {}
+        # Adapter name -> view of that adapter (see AdapterView); its tensors are in the containers.
+        self.adapters: dict[str, AdapterView] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -188,7 +207,7 @@ class AdaptedLayer(nn.Module):
             )
         return existing
 
-    def add(self, name: str, adapter: LayerAdapter) -> None:
+    def add(self, name: str, adapter: AdapterView) -> None:
         adapter.attach(self, name)
         self.adapters[name] = adapter
 
@@ -212,10 +231,10 @@ class AdaptedLayer(nn.Module):
             self.adapters[name].unmerge_from(self.base_layer)
 
     # ----- forward ----------------------------------------------------------------------------
-    def _live(self, names: Sequence[str]) -> list[LayerAdapter]:
+    def _live(self, names: Sequence[str]) -> list[AdapterView]:
         return [self.adapters[n] for n in names if n in self.adapters and n not in self.merged_adapters]
 
-    def _forward_with(self, adapters: list[LayerAdapter], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _forward_with(self, adapters: list[AdapterView], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x_in = x
         for adapter in adapters:
             x_in = adapter.adapt_input(x_in)
@@ -270,14 +289,8 @@ class AdaptedLayer(nn.Module):
             result[index] = part
         return result
 
-    def __getattr__(self, name: str):
-        # Code that reads e.g. ``layer.weight`` or ``layer.in_features`` keeps working.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
+    def __getattr__(self, name: str) -> Any:
+        return read_through(self, name, "base_layer")  # layer.weight, layer.in_features, ...
 
 
 class ModulesToSave(nn.Module):
@@ -301,13 +314,8 @@ class ModulesToSave(nn.Module):
         del self.modules_to_save[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "original_module":
-                raise
-            return getattr(self.original_module, name)
+    def __getattr__(self, name: str) -> Any:
+        return read_through(self, name, "original_module")
 
     def _module_for(self, names: Sequence[str]) -> nn.Module:
         for name in names:
@@ -329,8 +337,8 @@ class ModulesToSave(nn.Module):
         return result
 
 
-def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | ModulesToSave]]:
+def iter_wrappers(model: nn.Module) -> Iterator[tuple[str, LayerWrapper | ModulesToSave]]:
     """All (module path, wrapper) pairs in ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, (AdaptedLayer, ModulesToSave)):
+        if isinstance(module, (LayerWrapper, ModulesToSave)):
             yield name, module

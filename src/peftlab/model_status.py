@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from peftlab.errors import AdapterStateError
-from peftlab.layers import AdaptedLayer, ModulesToSave
+from peftlab.layers import LayerWrapper, ModulesToSave
 
 if TYPE_CHECKING:
     from peftlab.model import PeftModel
@@ -81,11 +81,11 @@ def get_layer_status(model: "PeftModel") -> list[TunerLayerStatus]:
         )
     rows: list[TunerLayerStatus] = []
     for name, layer in model.tuner.named_modules():
-        if not isinstance(layer, (AdaptedLayer, ModulesToSave)):
+        if not isinstance(layer, (LayerWrapper, ModulesToSave)):
             continue
-        available = sorted(layer.adapters) if isinstance(layer, AdaptedLayer) else sorted(layer.modules_to_save)
+        available = sorted(layer.adapters) if isinstance(layer, LayerWrapper) else sorted(layer.modules_to_save)
         params = _adapter_parameters(layer, available)
-        if isinstance(layer, AdaptedLayer):
+        if isinstance(layer, LayerWrapper):
             method = model.peft_config[available[0]].peft_type.value.lower() if available else "adapter"
             module_type = f"{method}.{type(layer.base_layer).__name__}"
             merged = list(layer.merged_adapters)

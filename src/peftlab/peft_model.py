@@ -23,7 +23,7 @@ from torch import nn
 from peftlab import activation_checkpointing, adapter_folder, causal_loss, checkpoint, limits, quantization, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig, TaskType
 from peftlab.errors import AdapterStateError, PeftConfigError, QuantizationError
-from peftlab.layers import BASE_ROW
+from peftlab.layers import BASE_ROW, read_through
 from peftlab.registry import method_for
 from peftlab.tuners import PromptTuner, Tuner, tuner_for
 from peftlab.tuners.base import has_module
@@ -456,12 +456,7 @@ class PeftModel(nn.Module):
 
     # ----- attribute fall-through ---------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+        return read_through(self, name, "base_model")
 
 
 # peft's task-specific class names. PeftModel already serves every task (the forward is the base

@@ -20,11 +20,11 @@ if TYPE_CHECKING:
     import torch
 
     from peftlab.config import PeftConfig
-    from peftlab.layers import LayerAdapter
+    from peftlab.layers import AdapterView
     from peftlab.tuners import Tuner
 
 # (base layer, config, adapter name, module path) -> the adapter module for that layer.
-AdapterFactory = Callable[[nn.Module, "PeftConfig", str, str], "LayerAdapter"]
+AdapterFactory = Callable[[nn.Module, "PeftConfig", str, str], "AdapterView"]
 # (base model, resolved config) -> one model-level adapter (prompt methods): PeftModel keeps it in
 # ``prompt_encoder[adapter name]`` and lets it rewrite the inputs of forward / generate.
 ModelAdapterFactory = Callable[[nn.Module, "PeftConfig"], nn.Module]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from peftlab.layers import AdaptedLayer, LayerAdapter, ModulesToSave, iter_wrappers
+from peftlab.layers import LayerWrapper, AdapterView, ModulesToSave, iter_wrappers
 
 
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -18,7 +18,7 @@ def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def base_of(module: nn.Module) -> nn.Module:
     """The plain layer inside a wrapper (or the module itself)."""
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
+    return module.base_layer if isinstance(module, LayerWrapper) else module
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -39,14 +39,14 @@ def inject_adapter(
     model: nn.Module,
     names: Sequence[str],
     adapter_name: str,
-    make_adapter: Callable[[nn.Module, str], LayerAdapter],
+    make_adapter: Callable[[nn.Module, str], AdapterView],
 ) -> None:
     """Put a new adapter named ``adapter_name`` into each named module.
 
     All adapters are built first, so a layer that cannot be adapted raises before the model
     is touched.
     """
-    built: list[tuple[str, nn.Module, LayerAdapter]] = []
+    built: list[tuple[str, nn.Module, AdapterView]] = []
     for name in names:
         module = model.get_submodule(name)
         base = base_of(module)
@@ -54,8 +54,8 @@ def inject_adapter(
         adapter.to(device=adapter_device(base), dtype=adapter_dtype(base))
         built.append((name, module, adapter))
     for name, module, adapter in built:
-        if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(module)
+        if not isinstance(module, LayerWrapper):
+            module = LayerWrapper(module)
             replace_submodule(model, name, module)
         module.add(adapter_name, adapter)
 
@@ -79,7 +79,7 @@ def wrap_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: s
 def _inside_wrapper(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
     for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), (AdaptedLayer, ModulesToSave)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (LayerWrapper, ModulesToSave)):
             return True
     return False
 
@@ -87,7 +87,7 @@ def _inside_wrapper(model: nn.Module, name: str) -> bool:
 def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Delete one adapter everywhere; wrappers left with no adapter go back to plain layers."""
     for name, wrapper in list(iter_wrappers(model)):
-        if isinstance(wrapper, AdaptedLayer) and adapter_name in wrapper.adapters:
+        if isinstance(wrapper, LayerWrapper) and adapter_name in wrapper.adapters:
             wrapper.remove(adapter_name)
             if not wrapper.adapters:
                 replace_submodule(model, name, wrapper.base_layer)
@@ -100,7 +100,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
 def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Take every wrapper out of ``model``; with ``merge`` fold the active adapters in first."""
     for name, wrapper in list(iter_wrappers(model)):
-        if isinstance(wrapper, AdaptedLayer):
+        if isinstance(wrapper, LayerWrapper):
             if merge:
                 wrapper.merge(adapter_names if adapter_names is not None else wrapper.active_adapters)
             replace_submodule(model, name, wrapper.base_layer)

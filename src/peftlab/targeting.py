@@ -81,12 +81,12 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def candidates(model: nn.Module, types: tuple[type, ...] | None = None) -> list[Candidate]:
     """Every adaptable leaf layer of the model with its type, weight shape and size."""
-    from peftlab.layers import AdaptedLayer, ModulesToSave
+    from peftlab.layers import LayerWrapper, ModulesToSave
 
     wanted = types or (*linear_types(), nn.Embedding, nn.Conv2d)
     out: list[Candidate] = []
     for name, module in model.named_modules():
-        if isinstance(module, (AdaptedLayer, ModulesToSave)) or not isinstance(module, wanted):
+        if isinstance(module, (LayerWrapper, ModulesToSave)) or not isinstance(module, wanted):
             continue
         weight = getattr(module, "weight", None)
         shape = tuple(weight.shape) if weight is not None else ()
@@ -146,13 +146,13 @@ def find_targets(
     method: str = "adapter",
 ) -> list[str]:
     """Names of the modules to adapt, in model order. Raises when nothing fits."""
-    from peftlab.layers import AdaptedLayer, ModulesToSave
+    from peftlab.layers import LayerWrapper, ModulesToSave
 
     skip = set(skip)
     wrapped_inner = {
         f"{name}.{child}" if name else child
         for name, m in model.named_modules()
-        if isinstance(m, (AdaptedLayer, ModulesToSave))
+        if isinstance(m, (LayerWrapper, ModulesToSave))
         for child, _ in m.named_modules()
         if child
     }
@@ -164,9 +164,9 @@ def find_targets(
         matched = [
             n
             for n in names
-            if isinstance(modules[n], (*lin, AdaptedLayer)) and n not in heads and not any(n == s or n.endswith("." + s) for s in skip)
+            if isinstance(modules[n], (*lin, LayerWrapper)) and n not in heads and not any(n == s or n.endswith("." + s) for s in skip)
         ]
-        matched = [n for n in matched if not isinstance(modules[n], AdaptedLayer) or isinstance(modules[n].base_layer, lin)]
+        matched = [n for n in matched if not isinstance(modules[n], LayerWrapper) or isinstance(modules[n].base_layer, lin)]
     else:
         matched = [n for n in names if name_matches(n, target_modules) and not any(n == s or n.endswith("." + s) for s in skip)]
         if not isinstance(target_modules, str):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import AdapterStateError
-from peftlab.layers import AdaptedLayer, ModulesToSave, iter_wrappers
+from peftlab.layers import LayerWrapper, ModulesToSave, iter_wrappers
 
 if TYPE_CHECKING:
     from peftlab.peft_model import PeftModel
@@ -68,7 +68,7 @@ def add_weighted_adapter(model: "PeftModel", adapters: Sequence[str], weights: S
     try:
         with torch.no_grad():
             for _, layer in iter_wrappers(model.get_base_model()):
-                if isinstance(layer, AdaptedLayer) and adapter_name in layer.adapters:
+                if isinstance(layer, LayerWrapper) and adapter_name in layer.adapters:
                     _combine(layer, adapters, weights, adapter_name, combination_type, new_rank)
     except BaseException:
         model.delete_adapter(adapter_name)
@@ -83,7 +83,7 @@ def _union_targets(targets: list) -> list[str] | str:
     return sorted(set().union(*targets))
 
 
-def _factors(layer: AdaptedLayer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _factors(layer: LayerWrapper, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The live (A, B) parameters of adapter ``name`` in peft's containers, or None when it is not here."""
     if "lora_A" in layer._modules and name in layer.lora_A:
         return layer.lora_A[name].weight, layer.lora_B[name].weight
@@ -92,7 +92,7 @@ def _factors(layer: AdaptedLayer, name: str) -> tuple[torch.Tensor, torch.Tensor
     return None
 
 
-def _combine(layer: AdaptedLayer, adapters: list[str], weights: list[float], new: str, kind: str, rank: int) -> None:
+def _combine(layer: LayerWrapper, adapters: list[str], weights: list[float], new: str, kind: str, rank: int) -> None:
     target_a, target_b = _factors(layer, new)
     present = [(a, w) for a, w in zip(adapters, weights) if _factors(layer, a) is not None]
     target_a.zero_()

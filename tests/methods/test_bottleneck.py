@@ -70,7 +70,7 @@ def test_only_adapter_parameters_change(case):
 
 
 def adapted_names(model: PeftModel) -> list[str]:
-    return [n for n, m in model.get_base_model().named_modules() if isinstance(m, peftlab.layers.AdaptedLayer)]
+    return [n for n, m in model.get_base_model().named_modules() if isinstance(m, peftlab.layers.LayerWrapper)]
 
 
 @pytest.mark.parametrize(
@@ -225,7 +225,7 @@ def test_disable_and_unload_give_base_outputs():
 
 
 def adapted_names_in(module: nn.Module) -> list[str]:
-    return [n for n, m in module.named_modules() if isinstance(m, peftlab.layers.AdaptedLayer)]
+    return [n for n, m in module.named_modules() if isinstance(m, peftlab.layers.LayerWrapper)]
 
 
 def test_two_adapters_set_adapter_save_and_load(tmp_path):

@@ -103,7 +103,7 @@ def _teach_trl_adapted_layers() -> None:
 
     if importlib.util.find_spec("trl") is None:
         return
-    from peftlab.layers import AdaptedLayer
+    from peftlab.layers import LayerWrapper
 
     importlib.import_module("trl.trainer.sft_trainer")
     for name, module in list(sys.modules.items()):
@@ -113,7 +113,7 @@ def _teach_trl_adapted_layers() -> None:
         if current is None and name != "trl.trainer.sft_trainer":
             continue
         _replaced.append((module, "BaseTunerLayer", current))
-        module.BaseTunerLayer = AdaptedLayer if current is None else (current, AdaptedLayer)
+        module.BaseTunerLayer = LayerWrapper if current is None else (current, LayerWrapper)
 
 
 def disable_trainer_support() -> None:

@@ -35,7 +35,7 @@ from peftlab import functional as Fn
 from peftlab import limits
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
-from peftlab.layers import AdaptedLayer, LayerAdapter, iter_wrappers
+from peftlab.layers import LayerWrapper, AdapterView, iter_wrappers
 from peftlab.methods.lora import LoraConfig, lora_bias_parameters
 from peftlab.registry import MethodSpec, register
 
@@ -188,7 +188,7 @@ def _require_int(key: str, value: Any, minimum: int) -> None:
         raise PeftConfigError(f"AdaLoraConfig: {key} must be an integer >= {minimum}, got {value!r}.")
 
 
-class SvdAdapter(LayerAdapter):
+class SvdAdapter(AdapterView):
     """AdaLoRA's SVD-form update on nn.Linear, GPT-2 Conv1D or nn.Conv2d.
 
     Shapes: ``lora_A`` (r, in) [Conv2d: (r, in * kh * kw)], ``lora_E`` (r, 1), ``lora_B`` (out, r).
@@ -253,7 +253,7 @@ class SvdAdapter(LayerAdapter):
         BL.add_to_weight(base_layer, -self.delta_weight())
 
 
-def make_adalora_adapter(base: nn.Module, config: AdaLoraConfig, adapter_name: str, module_name: str) -> LayerAdapter:
+def make_adalora_adapter(base: nn.Module, config: AdaLoraConfig, adapter_name: str, module_name: str) -> AdapterView:
     """Build the SVD adapter for one layer; a ``rank_pattern`` entry sets its allocated rank."""
     if isinstance(base, nn.Conv2d):
         if base.groups != 1:
@@ -302,7 +302,7 @@ def adalora_disk_tensors(config: AdaLoraConfig, tensors: dict[str, torch.Tensor]
 def svd_adapters(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, SvdAdapter]]:
     """(module path, adapter) for every AdaLoRA adapter named ``adapter_name`` in ``model``."""
     for path, wrapper in iter_wrappers(model):
-        if isinstance(wrapper, AdaptedLayer) and adapter_name in wrapper.adapters:
+        if isinstance(wrapper, LayerWrapper) and adapter_name in wrapper.adapters:
             adapter = wrapper.adapters[adapter_name]
             if isinstance(adapter, SvdAdapter):
                 yield path, adapter

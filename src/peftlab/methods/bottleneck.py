@@ -26,7 +26,7 @@ from torch import nn
 
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
-from peftlab.layers import LayerAdapter
+from peftlab.layers import AdapterView
 from peftlab.registry import MethodSpec, register
 from peftlab.surgery import base_of
 from peftlab.base_layer import features, is_linear
@@ -116,7 +116,7 @@ class BottleneckConfig(LayerConfig):
         return int(size // (self.reduction_factor or DEFAULT_REDUCTION_FACTOR))
 
 
-class BottleneckAdapter(LayerAdapter):
+class BottleneckAdapter(AdapterView):
     """``out + up(f(down(dropout(out))))`` on one output projection.
 
     Shapes: out (..., d) -> adapter_down -> (..., m) -> f -> adapter_up -> (..., d).
@@ -150,7 +150,7 @@ class BottleneckAdapter(LayerAdapter):
         )
 
 
-def make_bottleneck_adapter(base: nn.Module, config: BottleneckConfig, adapter_name: str, module_name: str) -> LayerAdapter:
+def make_bottleneck_adapter(base: nn.Module, config: BottleneckConfig, adapter_name: str, module_name: str) -> AdapterView:
     if not is_linear(base):
         raise TargetModuleError(
             f"bottleneck adapters wrap linear output projections; {module_name} is a {type(base).__name__}. "

@@ -17,7 +17,7 @@ from torch import nn
 from peftlab import base_layer as BL
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
-from peftlab.layers import LayerAdapter
+from peftlab.layers import AdapterView
 from peftlab.registry import MethodSpec, register
 from peftlab.targeting import name_matches
 
@@ -101,7 +101,7 @@ class IA3Config(LayerConfig):
                 )
 
 
-class IA3Adapter(LayerAdapter):
+class IA3Adapter(AdapterView):
     """One learned vector ``ia3_l``: shape (out, 1) scaling the output, or (1, in) scaling the input.
 
     For Conv2d the vector is (1, channels, 1, 1).
@@ -151,7 +151,7 @@ class IA3Adapter(LayerAdapter):
         self._rescale_base(base_layer, lambda w, f: torch.div(w, f + 1e-8))
 
 
-def make_ia3_adapter(base: nn.Module, config: IA3Config, adapter_name: str, module_name: str) -> LayerAdapter:
+def make_ia3_adapter(base: nn.Module, config: IA3Config, adapter_name: str, module_name: str) -> AdapterView:
     feedforward = name_matches(module_name, config.feedforward_modules)
     if isinstance(base, nn.Conv2d) or BL.is_linear(base):
         in_features, out_features = BL.features(base)

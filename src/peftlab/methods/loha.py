@@ -19,7 +19,7 @@ from peftlab import functional as Fn
 from peftlab import limits
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.layers import LayerAdapter
+from peftlab.layers import AdapterView
 from peftlab.methods.lora import LORA_DEFAULT_TARGETS
 from peftlab.methods.lycoris import LycorisAdapter, LycorisConfig, check_lycoris_target
 from peftlab.registry import MethodSpec, register
@@ -87,7 +87,7 @@ class LoHaAdapter(LycorisAdapter):
         return delta.reshape(self.weight_shape)
 
 
-def make_loha_adapter(base: nn.Module, config: LoHaConfig, adapter_name: str, module_name: str) -> LayerAdapter:
+def make_loha_adapter(base: nn.Module, config: LoHaConfig, adapter_name: str, module_name: str) -> AdapterView:
     check_lycoris_target("LoHa", base, module_name)
     r, scaling = config.rank_and_scaling(module_name)
     limits.check_rank("LoHa", r, base, module_name)  # before any factor is allocated

@@ -20,7 +20,7 @@ from torch import nn
 from peftlab import functional as Fn
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.layers import LayerAdapter
+from peftlab.layers import AdapterView
 from peftlab.methods.lora import LORA_DEFAULT_TARGETS
 from peftlab.methods.lycoris import LycorisAdapter, LycorisConfig, check_lycoris_target
 from peftlab.registry import MethodSpec, register
@@ -112,7 +112,7 @@ class LoKrAdapter(LycorisAdapter):
         return Fn.kronecker_delta(w1, w2, self.scaling).reshape(self.weight_shape)
 
 
-def make_lokr_adapter(base: nn.Module, config: LoKrConfig, adapter_name: str, module_name: str) -> LayerAdapter:
+def make_lokr_adapter(base: nn.Module, config: LoKrConfig, adapter_name: str, module_name: str) -> AdapterView:
     check_lycoris_target("LoKr", base, module_name)
     r, scaling = config.rank_and_scaling(module_name)
     adapter = LoKrAdapter(base, r, scaling, config)

@@ -21,7 +21,7 @@ from peftlab import functional as Fn
 from peftlab import limits
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
-from peftlab.layers import AdaptedLayer, LayerAdapter, ModulesToSave
+from peftlab.layers import LayerWrapper, AdapterView, ModulesToSave
 from peftlab.methods.dora import make_dora_adapter
 from peftlab.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLinear
 from peftlab.registry import MethodSpec, register
@@ -148,9 +148,9 @@ def lora_bias_parameters(model: nn.Module, config: LoraConfig, adapter_name: str
     skip = {
         id(p)
         for m in model.modules()
-        if isinstance(m, (AdaptedLayer, ModulesToSave))
+        if isinstance(m, (LayerWrapper, ModulesToSave))
         for p in (
-            [q for a in m.adapters.values() for q in a.held_parameters()] if isinstance(m, AdaptedLayer) else m.parameters()
+            [q for a in m.adapters.values() for q in a.held_parameters()] if isinstance(m, LayerWrapper) else m.parameters()
         )
     }
     if config.bias == "all":
@@ -158,11 +158,11 @@ def lora_bias_parameters(model: nn.Module, config: LoraConfig, adapter_name: str
     return {
         f"{name}.base_layer.bias": m.base_layer.bias
         for name, m in model.named_modules()
-        if isinstance(m, AdaptedLayer) and adapter_name in m.adapters and getattr(m.base_layer, "bias", None) is not None
+        if isinstance(m, LayerWrapper) and adapter_name in m.adapters and getattr(m.base_layer, "bias", None) is not None
     }
 
 
-def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> LayerAdapter:
+def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> AdapterView:
     """Build the LoRA adapter that fits ``base``'s layer type."""
     r = int(pattern_value(config.rank_pattern, module_name, config.r))
     alpha = float(pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
@@ -175,7 +175,7 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
                 f"forward. Use plain LoRA (use_dora=False) on quantized bases."
             )
         return make_dora_adapter(base, r, scaling, config, module_name)
-    adapter: LayerAdapter
+    adapter: AdapterView
     if isinstance(base, nn.Embedding):
         adapter = LoraEmbedding(base, r, scaling)
     elif isinstance(base, nn.Conv2d):

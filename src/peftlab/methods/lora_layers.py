@@ -17,12 +17,12 @@ from torch import nn
 from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab import kernels
-from peftlab.layers import LayerAdapter
+from peftlab.layers import AdapterView
 
 InitMode = Literal[True, False, "gaussian"]
 
 
-class LoraLinear(LayerAdapter):
+class LoraLinear(AdapterView):
     """LoRA for ``nn.Linear`` and GPT-2 ``Conv1D``: ``out + s * B(A(dropout(x)))``.
 
     Shapes: x (..., in) -> A -> (..., r) -> B -> (..., out).
@@ -82,7 +82,7 @@ class LoraLinear(LayerAdapter):
         BL.add_to_weight(base_layer, -Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling))
 
 
-class LoraEmbedding(LayerAdapter):
+class LoraEmbedding(AdapterView):
     """LoRA for ``nn.Embedding``: ``out + s * embed(ids, A^T) @ B^T``; A (r, num), B (dim, r).
 
     Here A starts at zero and B random (the lookup table is A, so zeroing it gives identity).
@@ -123,7 +123,7 @@ class LoraEmbedding(LayerAdapter):
         BL.add_to_weight(base_layer, -self.delta_weight())
 
 
-class LoraConv2d(LayerAdapter):
+class LoraConv2d(AdapterView):
     """LoRA for ``nn.Conv2d``: A is a conv with the base's kernel into r channels, B a 1x1 conv."""
 
     def __init__(self, base: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:

@@ -20,7 +20,7 @@ from peftlab import functional as Fn
 from peftlab import limits
 from peftlab.config import LayerConfig
 from peftlab.errors import PeftConfigError, TargetModuleError
-from peftlab.layers import LayerAdapter
+from peftlab.layers import AdapterView
 from peftlab.targeting import pattern_value
 
 
@@ -71,7 +71,7 @@ class LycorisConfig(LayerConfig):
         return r, alpha / r
 
 
-class LycorisAdapter(LayerAdapter):
+class LycorisAdapter(AdapterView):
     """Base for adapters whose update is a delta weight built from factors.
 
     ``out + layer_op(x, dW)`` where layer_op is ``F.linear`` for Linear and ``F.conv2d`` (with

@@ -29,7 +29,7 @@ from torch import nn
 
 from peftlab import surgery
 from peftlab.errors import AdapterStateError
-from peftlab.layers import AdaptedLayer, ModulesToSave
+from peftlab.layers import LayerWrapper, ModulesToSave, read_through
 
 if TYPE_CHECKING:
     from peftlab.config import PeftConfig
@@ -115,12 +115,7 @@ class Tuner(nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         # As in peft: ``peft_model.base_model.config`` and friends reach the wrapped model.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+        return read_through(self, name, "model")
 
 
 def wrapper_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -128,7 +123,7 @@ def wrapper_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
-        if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+        if isinstance(module, LayerWrapper) and adapter_name in module.adapters:
             for key, tensor in module.adapters[adapter_name].held_tensors().items():
                 out[prefix + key] = tensor
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:

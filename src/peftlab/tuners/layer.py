@@ -1,7 +1,7 @@
 """Layer surgery: methods whose adapters live inside the model's layers (LoRA, IA3, LoHa, ...).
 
 The tuner is ``PeftModel.base_model``; its ``model`` is the user's model with some layers
-replaced by :class:`~peftlab.layers.AdaptedLayer` and heads by
+replaced by :class:`~peftlab.layers.LayerWrapper` and heads by
 :class:`~peftlab.layers.ModulesToSave`. Mixed batches (one adapter per row) are routed here.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from peftlab import mixed_batch, quantization, surgery, targeting
 from peftlab.errors import AdapterStateError
-from peftlab.layers import BASE_ROW, AdaptedLayer, iter_wrappers
+from peftlab.layers import BASE_ROW, LayerWrapper, iter_wrappers
 from peftlab.tuners.base import Tuner, check_modules_to_save, follow_active, wrapper_tensors, wrappers_disabled
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class LayerTuner(Tuner):
         follow_active(self.model, adapter_name)
 
     def _merged(self) -> bool:
-        return any(isinstance(w, AdaptedLayer) and w.merged_adapters for _, w in iter_wrappers(self.model))
+        return any(isinstance(w, LayerWrapper) and w.merged_adapters for _, w in iter_wrappers(self.model))
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -79,8 +79,8 @@ class LayerTuner(Tuner):
         return out
 
     # ----- merging ------------------------------------------------------------------------------
-    def _layers(self) -> list[AdaptedLayer]:
-        return [w for _, w in iter_wrappers(self.model) if isinstance(w, AdaptedLayer)]
+    def _layers(self) -> list[LayerWrapper]:
+        return [w for _, w in iter_wrappers(self.model) if isinstance(w, LayerWrapper)]
 
     def merge(self, names: Sequence[str], configs: dict[str, "PeftConfig"], safe_merge: bool) -> None:
         layers = self._layers()
@@ -153,7 +153,7 @@ def known_rows(names: Sequence[str], known: Sequence[str]) -> None:
         raise AdapterStateError(f"adapter_names mentions unknown adapters {unknown}; known: {sorted(known)} and {BASE_ROW!r}.")
 
 
-def _untie_merged_weights(model: nn.Module, layers: list[AdaptedLayer]) -> None:
+def _untie_merged_weights(model: nn.Module, layers: list[LayerWrapper]) -> None:
     """Give a layer its own weight before merging when the weight is shared (tied embeddings).
 
     Merging into a weight tied to the output head would change the head too, which the
@@ -173,7 +173,7 @@ def _untie_merged_weights(model: nn.Module, layers: list[AdaptedLayer]) -> None:
             layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
 
-def _check_merge_is_finite(layers: list[AdaptedLayer], names: Sequence[str]) -> None:
+def _check_merge_is_finite(layers: list[LayerWrapper], names: Sequence[str]) -> None:
     """Merge into copies first and refuse if any resulting weight is NaN or inf."""
     for layer in layers:
         live = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
@@ -202,7 +202,7 @@ def merge_and_unload_quantized(peft_model: Any, names: list[str], safe_merge: bo
         quantization.dequantize_model(base)
         peft_model.merge_adapter(names, safe_merge=safe_merge)
         return surgery.unload(base, merge=True, adapter_names=names)
-    adapted = {n: w for n, w in iter_wrappers(base) if isinstance(w, AdaptedLayer) and quantization.is_quantized_linear(w.base_layer)}
+    adapted = {n: w for n, w in iter_wrappers(base) if isinstance(w, LayerWrapper) and quantization.is_quantized_linear(w.base_layer)}
     before = {n: quantization.dequantize_weight(w.base_layer) for n, w in adapted.items()}
     specs = {f"{n}.base_layer": quantization.spec_of(w.base_layer) for n, w in adapted.items()}
     for wrapper in adapted.values():
