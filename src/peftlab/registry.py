@@ -71,6 +71,9 @@ class MethodSpec:
         default_targets_for: (config, model) -> target module names, for methods whose defaults
             depend on the config (bottleneck placement); used instead of ``default_targets``.
         make_tuner: builds the :class:`ModelTuner` of a method that does no surgery (selective).
+        learning_rates: a sensible learning-rate grid to sweep for this method (the workbench's
+            default sweep); methods differ by orders of magnitude, so one shared grid would
+            judge some of them at a bad rate.
     """
 
     config_cls: type["PeftConfig"]
@@ -80,6 +83,7 @@ class MethodSpec:
     make_model_adapter: ModelAdapterFactory | None = None
     default_targets_for: Callable[["PeftConfig", nn.Module], list[str]] | None = None
     make_tuner: Callable[[nn.Module], ModelTuner] | None = None
+    learning_rates: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         factories = (self.make_adapter, self.make_model_adapter, self.make_tuner)

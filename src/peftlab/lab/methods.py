@@ -22,6 +22,9 @@ from peftlab.errors import PeftConfigError, WorkbenchError
 from peftlab.registry import config_class_for, registered_methods
 
 FULL = "full"
+# Full fine-tuning is no registered method, so its default sweep grid lives here (BERT-style
+# models fine-tune at 1e-5 .. 1e-4; the adapter methods' grids are in their MethodSpec).
+FULL_LEARNING_RATES = (1e-5, 3e-5, 1e-4)
 
 # peft_type -> callbacks the method needs during training; extendable through the config class.
 TRAINER_CALLBACKS: dict[str, tuple[str, ...]] = {

@@ -315,4 +315,4 @@ def svd_adapters(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Svd
                 yield path, adapter
 
 
-register(MethodSpec(AdaLoraConfig, make_adalora_adapter, ADALORA_DEFAULT_TARGETS))
+register(MethodSpec(AdaLoraConfig, make_adalora_adapter, ADALORA_DEFAULT_TARGETS, learning_rates=(3e-4, 1e-3, 3e-3)))

@@ -351,4 +351,4 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
     return adapter
 
 
-register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS))
+register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS, learning_rates=(3e-4, 1e-3, 3e-3)))

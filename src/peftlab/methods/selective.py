@@ -288,4 +288,4 @@ class SelectiveValues:
         self.active = None
 
 
-register(MethodSpec(SelectiveConfig, None, make_tuner=SelectiveValues))
+register(MethodSpec(SelectiveConfig, None, make_tuner=SelectiveValues, learning_rates=(3e-4, 1e-3, 3e-3)))
