@@ -267,3 +267,19 @@ def test_name_stays_under_results(tmp_path, monkeypatch):
         exp = build_experiment(spec, overrides={"top": {"name": name}})
         resolved = os.path.realpath(exp.output_dir)
         assert resolved.startswith(str(tmp_path / "results") + os.sep), (name, exp.output_dir)
+
+
+def test_methods_selects_a_run_by_name_before_its_method():
+    """``--methods lora`` keeps the run named lora, not dora and rslora (method lora too);
+    ``--methods selective`` names no run, so it keeps every selective run."""
+    from types import SimpleNamespace
+
+    from peftlab.errors import WorkbenchError
+    from peftlab.lab.cli import _select_runs
+
+    runs = [SimpleNamespace(name=n, method=m) for n, m in
+            [("lora", "lora"), ("dora", "lora"), ("rslora", "lora"), ("bitfit", "selective"), ("layernorm", "selective")]]
+    assert [r.name for r in _select_runs(runs, ["lora"])] == ["lora"]
+    assert [r.name for r in _select_runs(runs, ["dora", "selective"])] == ["dora", "bitfit", "layernorm"]
+    with pytest.raises(WorkbenchError, match="match no run"):
+        _select_runs(runs, ["ia3"])

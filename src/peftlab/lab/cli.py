@@ -185,12 +185,18 @@ def _load_experiment(args: argparse.Namespace, selected_methods: list[str] | Non
         raise WorkbenchError("--option needs --method (options belong to one method).")
     experiment = build_experiment(spec, overrides=_overrides(args), base_dir=base_dir, default_name=default_name)
     if selected_methods is not None:
-        keep = [r for r in experiment.runs if r.name in selected_methods or r.method in selected_methods]
-        missing = [m for m in selected_methods if not any(m in (r.name, r.method) for r in experiment.runs)]
-        if missing:
-            raise WorkbenchError(f"--methods {missing} match no run; runs in the file: {[r.name for r in experiment.runs]}.")
-        experiment.runs = keep
+        experiment.runs = _select_runs(experiment.runs, selected_methods)
     return experiment
+
+
+def _select_runs(runs: list, selectors: list[str]) -> list:
+    """Runs kept by ``--methods``: a selector that names a run picks that run only (``lora`` is
+    not also ``dora``, whose method is lora too); any other selector picks every run of that method."""
+    names = {r.name for r in runs}
+    missing = [m for m in selectors if not any(m in (r.name, r.method) for r in runs)]
+    if missing:
+        raise WorkbenchError(f"--methods {missing} match no run; runs in the file: {[r.name for r in runs]}.")
+    return [r for r in runs if r.name in selectors or (r.method in selectors and r.method not in names)]
 
 
 # ----- commands ------------------------------------------------------------------------------------
