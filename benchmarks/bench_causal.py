@@ -117,7 +117,7 @@ def peak_rss_rise(fn) -> float:
     """MB the resident set grows above its level at the start of ``fn`` (heap trimmed first)."""
     import gc as gc_module
 
-    from peftlab.heap import trim_heap
+    from peftlab.release_memory import trim_heap
 
     gc_module.collect()
     trim_heap()

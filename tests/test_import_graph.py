@@ -121,3 +121,45 @@ def test_library_never_imports_the_workbench():
         if not (module == "peftlab.lab" or module.startswith("peftlab.lab.")) and module not in WORKBENCH_ENTRY_POINTS
     }
     assert {m: i for m, i in offenders.items() if i} == {}
+
+
+REPO = ROOT.parent.parent
+
+
+def _named_modules(tree: ast.AST, package: str) -> set[tuple[str, str | None]]:
+    """(module, imported name or None) for every peftlab import, TYPE_CHECKING blocks included."""
+    found: set[tuple[str, str | None]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update((alias.name, None) for alias in node.names if alias.name.split(".")[0] == PACKAGE)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            if base.split(".")[0] == PACKAGE:
+                found.update((base, alias.name) for alias in node.names)
+    return found
+
+
+def test_every_peftlab_import_names_a_module_that_exists():
+    """A renamed module leaves no stale import behind, not even in a function body, a TYPE_CHECKING
+    block or a benchmark that no test runs (those fail only when someone runs that line)."""
+    modules = set(import_graph())
+    public = set(peftlab.__all__)
+    stale = []
+    for folder in ("src", "tests", "benchmarks", "tools", "examples"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            in_package = path.is_relative_to(ROOT)
+            package = _module_name(path) if in_package else ""
+            if in_package and path.name != "__init__.py":
+                package = package.rpartition(".")[0]
+            for module, name in _named_modules(ast.parse(path.read_text(encoding="utf-8")), package):
+                ok = module in modules and (
+                    name is None or f"{module}.{name}" in modules or module != PACKAGE or name in public or name == "__version__"
+                )
+                if not ok:
+                    stale.append(f"{path.relative_to(REPO)}: {module}{'' if name is None else ' -> ' + name}")
+    lazy = {m for m in vars(peftlab).get("_LAZY", {}).values()}
+    stale += [f"peftlab._LAZY: {m}" for m in sorted(lazy - modules)]
+    assert stale == []

@@ -16,7 +16,7 @@ from peftlab.errors import AdapterStateError
 from peftlab.layers import LayerWrapper, ModulesToSave
 
 if TYPE_CHECKING:
-    from peftlab.model import PeftModel
+    from peftlab.peft_model import PeftModel
 
 Irregular = Literal["irregular"]
 

@@ -47,10 +47,15 @@ def test_train_writes_results_adapter_and_report(tmp_path, tiny_model_dir, toy_d
     md = (out / "results.md").read_text()
     assert "| lora | lora | ok |" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and "<img" in html and "src=\"plots" not in html
+    assert html.count("data:image/png;base64,") == 4 and "<img" in html and "src=\"plots" not in html
     png = base64.b64decode(html.split("data:image/png;base64,")[1].split('"')[0])
     assert png.startswith(b"\x89PNG")
-    assert {p.name for p in (out / "plots").iterdir()} == {"loss_curves.png", "accuracy_vs_params.png", "time_memory.png"}
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss_curves.png", "accuracy_vs_params.png", "accuracy_vs_time.png",
+                                                          "time_memory.png"}
+    # without a held-out split the report says so; the run keeps its per-example predictions
+    assert "There is no held-out test split" in md and len(run["predictions"]) == len(run["labels"]) == 24
+    assert run["labels"] == [r["label"] for r in toy_rows(24, 1)]
+    assert run["tokens_per_second"] > 0 and run["train_tokens"] > 64
 
     # report rebuilds everything from results.json alone
     for name in ("results.md", "report.html"):
@@ -59,7 +64,7 @@ def test_train_writes_results_adapter_and_report(tmp_path, tiny_model_dir, toy_d
         png_file.unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "results.md").read_text() == md
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 4
 
 
 @pytest.mark.slow
@@ -262,3 +267,19 @@ def test_name_stays_under_results(tmp_path, monkeypatch):
         exp = build_experiment(spec, overrides={"top": {"name": name}})
         resolved = os.path.realpath(exp.output_dir)
         assert resolved.startswith(str(tmp_path / "results") + os.sep), (name, exp.output_dir)
+
+
+def test_methods_selects_a_run_by_name_before_its_method():
+    """``--methods lora`` keeps the run named lora, not dora and rslora (method lora too);
+    ``--methods selective`` names no run, so it keeps every selective run."""
+    from types import SimpleNamespace
+
+    from peftlab.errors import WorkbenchError
+    from peftlab.lab.cli import _select_runs
+
+    runs = [SimpleNamespace(name=n, method=m) for n, m in
+            [("lora", "lora"), ("dora", "lora"), ("rslora", "lora"), ("bitfit", "selective"), ("layernorm", "selective")]]
+    assert [r.name for r in _select_runs(runs, ["lora"])] == ["lora"]
+    assert [r.name for r in _select_runs(runs, ["dora", "selective"])] == ["dora", "bitfit", "layernorm"]
+    with pytest.raises(WorkbenchError, match="match no run"):
+        _select_runs(runs, ["ia3"])

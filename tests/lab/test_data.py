@@ -137,3 +137,39 @@ def test_batched_tokenization_matches_one_call(tiny_model_dir, monkeypatch):
     whole = tok(texts, truncation=True, max_length=5)
     assert enc.features["input_ids"] == whole["input_ids"] and len(enc) == 9
     assert enc[3]["labels"] == 1 and max(len(x) for x in enc.features["input_ids"]) == 5
+
+
+def test_heldout_mode_carves_a_stratified_dev_set_and_tests_on_validation(tmp_path):
+    rows = toy_rows(40, 0) + [{"text": f"good extra {i}", "label": 1} for i in range(20)]  # 20 of label 0, 40 of label 1
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "validation.jsonl", toy_rows(12, 1))
+    s = load_splits(DataConfig(dataset=str(tmp_path), dev_split=0.25), seed=0)
+    # dev: 25% of each label (5 of 20, 10 of 40), so dev keeps train's 1:2 balance
+    assert sorted(s.eval_labels) == [0] * 5 + [1] * 10 and len(s.train_texts) == 45
+    assert sorted(s.train_texts + s.eval_texts) == sorted(r["text"] for r in rows)  # disjoint and complete
+    assert s.test_texts == [r["text"] for r in toy_rows(12, 1)] and s.test_source == "validation"
+    assert s.eval_source.startswith("25% of train")
+    # The carving follows split_seed only: every run seed sees the same dev and test rows
+    other_seed = load_splits(DataConfig(dataset=str(tmp_path), dev_split=0.25), seed=7)
+    assert other_seed.eval_texts == s.eval_texts and other_seed.test_texts == s.test_texts
+    reshuffled = load_splits(DataConfig(dataset=str(tmp_path), dev_split=0.25, split_seed=1), seed=0)
+    assert reshuffled.eval_texts != s.eval_texts
+    rows_count = load_splits(DataConfig(dataset=str(tmp_path), dev_split=6), seed=0)
+    assert len(rows_count.eval_texts) == 6 and sorted(rows_count.eval_labels) == [0, 0, 1, 1, 1, 1]
+
+
+def test_heldout_mode_without_an_eval_split_carves_test_from_train_too(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(50, 0))
+    s = load_splits(DataConfig(dataset=str(tmp_path), dev_split=0.1, validation_split=0.2, max_eval_samples=4), seed=0)
+    assert len(s.test_texts) == 4 and len(s.eval_texts) == 4 and len(s.train_texts) == 36  # 50 - 10 test - 4 dev
+    assert not set(s.test_texts) & set(s.eval_texts) and not set(s.train_texts) & (set(s.test_texts) | set(s.eval_texts))
+    assert s.test_source == "20% of train (stratified)"
+
+
+@pytest.mark.parametrize("value, message", [(1.5, "whole number"), (0.0, "fraction between 0 and 1"),
+                                            (500, "leaves no training rows")])
+def test_bad_dev_split(tmp_path, value, message):
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(10, 0))
+    write_jsonl(tmp_path / "validation.jsonl", toy_rows(4, 1))
+    with pytest.raises(WorkbenchError, match=message):
+        load_splits(DataConfig(dataset=str(tmp_path), dev_split=value), seed=0)

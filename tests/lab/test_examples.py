@@ -49,3 +49,25 @@ def test_imdb_study_settings():
     assert runs["lora-r64-attn-ffn"].options["target_modules"][-2:] == ["ffn.lin1", "ffn.lin2"]
     assert (runs["lora-r32"].options["r"], runs["lora-r32"].options["lora_alpha"], runs["lora-r32"].options["lora_dropout"]) == (32, 32, 0.2)
     assert runs["ia3"].options["feedforward_modules"] == ["ffn.lin1", "ffn.lin2"]
+
+
+def test_classic_study_file():
+    exp = build_experiment(load_file(ROOT / "examples" / "minilm_sst2_classic.yaml"), base_dir=ROOT)
+    runs = {r.name: r for r in exp.runs}
+    assert list(runs) == ["full", "lora-r8", "lora-r16", "lora-all-linear", "ia3"]
+    assert all(r.train.epochs == 5 and r.data.dev_split == 872 for r in exp.runs)  # held-out: dev from train, test = validation
+    assert (runs["lora-r8"].options["r"], runs["lora-r16"].options["r"]) == (8, 16)
+    assert runs["lora-all-linear"].options["target_modules"] == "all-linear" and runs["ia3"].method == "ia3"
+
+
+def test_all_methods_seeds_study_plans_each_methods_own_grid():
+    from peftlab.lab import sweep
+    from peftlab.registry import method_for
+
+    exp = build_experiment(load_file(ROOT / "examples" / "minilm_sst2_all_methods_seeds.yaml"), base_dir=ROOT)
+    groups = sweep.plan(exp)
+    assert len(groups) == 16 and all(g.seeds == [0, 1, 2] and g.swept for g in groups)
+    by_name = {g.name: g for g in groups}
+    assert [s["learning_rate"] for s in by_name["prompt_tuning"].settings] == list(method_for("PROMPT_TUNING").learning_rates)
+    assert [s["learning_rate"] for s in by_name["full"].settings] == [1e-5, 3e-5, 1e-4]
+    assert by_name["ia3"].base.train.head_learning_rate == 1e-3  # the head keeps its own rate; the adapter's is swept

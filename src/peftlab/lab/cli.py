@@ -27,7 +27,8 @@ EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 # flag dest -> (section, key) in the experiment
 _DATA_FLAGS = {"dataset": "dataset", "text_column": "text_column", "label_column": "label_column", "max_length": "max_length",
                "validation_split": "validation_split", "eval_split": "eval_split",
-               "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples"}
+               "max_train_samples": "max_train_samples", "max_eval_samples": "max_eval_samples",
+               "dev_split": "dev_split", "split_seed": "split_seed"}
 _TRAIN_FLAGS = {"epochs": "epochs", "max_steps": "max_steps", "lr": "learning_rate", "head_lr": "head_learning_rate", "batch_size": "batch_size",
                 "eval_batch_size": "eval_batch_size", "weight_decay": "weight_decay", "warmup_ratio": "warmup_ratio",
                 "seed": "seed", "save_steps": "save_steps", "logging_steps": "logging_steps",
@@ -51,7 +52,10 @@ def _experiment_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--validation-split", type=float, help="held-out fraction of train when there is no validation split")
     g.add_argument("--eval-split", help="split to evaluate on (default validation)")
     g.add_argument("--max-train-samples", type=int)
-    g.add_argument("--max-eval-samples", type=int)
+    g.add_argument("--max-eval-samples", type=int, help="cap on evaluation rows (dev and test each in held-out mode)")
+    g.add_argument("--dev-split", type=float, help="held-out mode: fraction (or number) of train rows carved out as the dev "
+                                                   "set for all choices; the eval split then becomes the test set")
+    g.add_argument("--split-seed", type=int, help="seed of the dev/test carving (default 0, the same for every run seed)")
     g.add_argument("--label-names", help="causal-lm: comma-separated answer words, one per label (negative,positive)")
     g.add_argument("--prompt", help="causal-lm: prompt with {text}; the answer follows it")
     t = p.add_argument_group("training")
@@ -99,6 +103,13 @@ def parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train several methods on the same data and seed, then report")
     _experiment_flags(compare)
     compare.add_argument("--methods", help="comma-separated run names or methods to keep (or, without a file, to run)")
+    compare.add_argument("--seeds", help="repeat every run: a count (3 = seeds 0,1,2) or a list (0,1,2); wins over seeds: in the file")
+    compare.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                         help="sweep a train setting, best on dev carried to the seeds (learning_rate=1e-4,3e-4,1e-3; "
+                              "--sweep learning_rate alone: each method's default grid); needs --dev-split; repeatable")
+    compare.add_argument("--dry-run", action="store_true", help="print the runs and an estimated time from a short timed probe; train nothing")
+    compare.add_argument("--no-cache", dest="use_cache", action="store_false",
+                         help="train every run again even when an identical finished run is on disk")
 
     inspect = sub.add_parser("inspect", help="list a model's adaptable modules and the default targets")
     inspect.add_argument("model")
@@ -174,12 +185,18 @@ def _load_experiment(args: argparse.Namespace, selected_methods: list[str] | Non
         raise WorkbenchError("--option needs --method (options belong to one method).")
     experiment = build_experiment(spec, overrides=_overrides(args), base_dir=base_dir, default_name=default_name)
     if selected_methods is not None:
-        keep = [r for r in experiment.runs if r.name in selected_methods or r.method in selected_methods]
-        missing = [m for m in selected_methods if not any(m in (r.name, r.method) for r in experiment.runs)]
-        if missing:
-            raise WorkbenchError(f"--methods {missing} match no run; runs in the file: {[r.name for r in experiment.runs]}.")
-        experiment.runs = keep
+        experiment.runs = _select_runs(experiment.runs, selected_methods)
     return experiment
+
+
+def _select_runs(runs: list, selectors: list[str]) -> list:
+    """Runs kept by ``--methods``: a selector that names a run picks that run only (``lora`` is
+    not also ``dora``, whose method is lora too); any other selector picks every run of that method."""
+    names = {r.name for r in runs}
+    missing = [m for m in selectors if not any(m in (r.name, r.method) for r in runs)]
+    if missing:
+        raise WorkbenchError(f"--methods {missing} match no run; runs in the file: {[r.name for r in runs]}.")
+    return [r for r in runs if r.name in selectors or (r.method in selectors and r.method not in names)]
 
 
 # ----- commands ------------------------------------------------------------------------------------
@@ -218,7 +235,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_main_process():
         experiment.runs = [run]
         outputs = study.finish(experiment, [result], sys.argv)
-        print(f"{run.name}: {result.status}" + (f", accuracy {result.accuracy:.4f}" if result.accuracy is not None else ""))
+        which = f"test accuracy (best epoch on dev: {result.best_epoch})" if result.test_source else "accuracy"
+        print(f"{run.name}: {result.status}" + (f", {which} {result.accuracy:.4f}" if result.accuracy is not None else ""))
         if result.error:
             print(f"peftlab: {result.error}", file=sys.stderr)
         print(f"report: {outputs['html']}")
@@ -230,18 +248,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.experiment and not selected:
         raise WorkbenchError("compare needs an experiment file or --methods full,lora,... with --model and --dataset.")
     experiment = _load_experiment(args, selected)  # bad input is reported before torch and transformers load
-    from peftlab.lab import preflight, study
+    from peftlab.lab import preflight, study, sweep
     from peftlab.lab.results import OK
 
-    study.validate(experiment.runs)
-    preflight.check(experiment.runs)  # missing packages and unloadable models, before any run trains
-    results = []
-    for run in experiment.runs:
-        print(f"== {run.name} ({run.method})", flush=True)
-        result = study.run_in_subprocess(run, study.run_dir(experiment, run))
-        print(f"== {run.name}: {result.status}" + (f" ({result.error})" if result.error else ""), flush=True)
-        results.append(result)
-    outputs = study.finish(experiment, results, sys.argv)
+    groups = sweep.plan(experiment, args.seeds, sweep.parse_sweep_flags(args.sweep))
+    first_runs = [g.run(g.settings[0], seed) for g in groups for seed in g.seeds]
+    study.validate(first_runs)
+    preflight.check(first_runs)  # missing packages and unloadable models, before any run trains
+    if args.dry_run:
+        from peftlab.lab.budget import dry_run
+
+        print(dry_run(experiment, groups, use_cache=args.use_cache))
+        return EXIT_OK
+    runner = study.Study(experiment, groups, sys.argv, use_cache=args.use_cache)
+    try:
+        outputs = runner.run()
+    except KeyboardInterrupt:
+        print(f"\npeftlab: interrupted; {len(runner.results)} finished runs are saved in {experiment.output_dir}. "
+              f"Run the same command again to train only what is missing.", file=sys.stderr)
+        return 130
+    results = list(runner.results.values())
+    print(f"{len(runner.trained)} runs trained, {len(runner.reused)} reused")
     print(f"results: {os.path.join(experiment.output_dir, 'results.json')}\nreport: {outputs['html']}")
     return EXIT_OK if all(r.status == OK for r in results) else EXIT_RUN_FAILED
 

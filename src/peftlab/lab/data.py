@@ -50,6 +50,11 @@ class Splits:
     eval_labels: list[int]
     eval_source: str  # e.g. "validation", "test" or "20% of train"
     num_labels: int
+    # Held-out mode (data.dev_split set): the eval rows above are the dev set, used for every
+    # choice (best epoch, learning rate); these test rows are only scored once, at the end.
+    test_texts: list[str] | None = None
+    test_labels: list[int] | None = None
+    test_source: str | None = None
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
@@ -63,6 +68,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     _check_columns(train, cfg, "train")
     # Labels are checked on whole files, before any shuffle, so errors name file lines.
     num_labels = _check_classes(raw, cfg)
+    if cfg.dev_split is not None:
+        return _heldout_splits(cfg, raw, seed, num_labels)
     if cfg.eval_split in raw:
         evaluation = raw[cfg.eval_split]
         _check_columns(evaluation, cfg, cfg.eval_split)
@@ -123,6 +130,68 @@ def _check_classes(raw: dict[str, list[dict[str, Any]]], cfg: DataConfig) -> int
                 raise WorkbenchError(f"{_where(row, i, split, cfg.dataset)}: label {y} is outside the classes ({why}); "
                                      f"fix or drop that row.")
     return k
+
+
+def _heldout_splits(cfg: DataConfig, raw: dict[str, list[dict[str, Any]]], seed: int, num_labels: int) -> Splits:
+    """train / dev / test: dev is carved out of train (stratified by label, seeded with
+    ``split_seed`` so every seed of a study sees the same dev and test rows); test is the
+    ``eval_split`` split, or a stratified ``validation_split`` share of train when there is none."""
+    train = raw["train"]
+    if cfg.eval_split in raw:
+        test = raw[cfg.eval_split]
+        _check_columns(test, cfg, cfg.eval_split)
+        test_source = cfg.eval_split
+    else:
+        if not 0.0 < cfg.validation_split < 1.0:
+            raise WorkbenchError(f"{cfg.dataset} has no '{cfg.eval_split}' split to test on and data.validation_split="
+                                 f"{cfg.validation_split} cannot carve one out of train; use a fraction between 0 and 1.")
+        train, test = stratified_carve(train, cfg.validation_split, cfg.split_seed, cfg)
+        test_source = f"{cfg.validation_split:.0%} of train (stratified)"
+    n_dev = _dev_size(cfg, len(train))
+    train, dev = stratified_carve(train, n_dev / len(train), cfg.split_seed + 1, cfg)
+    dev_source = (f"{cfg.dev_split:.0%}" if cfg.dev_split < 1 else f"{len(dev)} rows") + " of train (stratified)"
+    train = _subsample(train, cfg.max_train_samples, seed)
+    dev = _subsample(dev, cfg.max_eval_samples, cfg.split_seed)
+    test = _subsample(test, cfg.max_eval_samples, cfg.split_seed)
+    for rows, what in ((train, "training"), (dev, "dev"), (test, "test")):
+        if not rows:
+            raise WorkbenchError(f"{cfg.dataset}: the {what} split is empty; lower data.dev_split / validation_split or add rows.")
+    train_texts, train_labels = _columns(train, cfg, "train")
+    dev_texts, dev_labels = _columns(dev, cfg, "dev")
+    test_texts, test_labels = _columns(test, cfg, test_source)
+    return Splits(train_texts, train_labels, dev_texts, dev_labels, dev_source, max(num_labels, 2),
+                  test_texts=test_texts, test_labels=test_labels, test_source=test_source)
+
+
+def _dev_size(cfg: DataConfig, n_train: int) -> int:
+    """data.dev_split below 1 is a fraction of train, from 1 up a number of rows."""
+    value = cfg.dev_split
+    if value is None or value <= 0 or (value >= 1 and not float(value).is_integer()):
+        raise WorkbenchError(f"data.dev_split must be a fraction between 0 and 1 or a whole number of rows, got {value!r}.")
+    n_dev = round(n_train * value) if value < 1 else int(value)
+    if not 1 <= n_dev < n_train:
+        raise WorkbenchError(f"{cfg.dataset}: data.dev_split={value} leaves no training rows (train has {n_train}); lower it.")
+    return n_dev
+
+
+def stratified_carve(rows: list[dict[str, Any]], fraction: float, seed: int, cfg: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, carved): ``fraction`` of the rows of each label moved out, chosen by a seeded shuffle.
+
+    Stratifying keeps the label balance of a small dev set equal to train's, so a dev accuracy is
+    not moved by an accidental class skew. Both parts keep the source's row order.
+    """
+    by_label: dict[int, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_label.setdefault(_label(row.get(cfg.label_column), cfg, "train", index), []).append(index)
+    rng = random.Random(seed)
+    carved: set[int] = set()
+    for label in sorted(by_label):
+        members = by_label[label]
+        rng.shuffle(members)
+        carved.update(members[: round(len(members) * fraction)])
+    if not carved:  # tiny sets: round() gave every class zero rows; take one row anyway
+        carved.add(sorted(by_label.values(), key=len)[-1][0])
+    return [r for i, r in enumerate(rows) if i not in carved], [r for i, r in enumerate(rows) if i in carved]
 
 
 def _subsample(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:

@@ -37,6 +37,12 @@ class DataConfig:
             [negative, positive] for two labels).
         prompt: causal_lm task only: the prompt with ``{text}`` (default
             "Review: {text}\\nSentiment:"); the answer follows it.
+        dev_split: held-out mode: a fraction (below 1) or number of training rows carved out as
+            the dev set (stratified); the per-epoch evaluation, the best epoch and sweeps use dev
+            only, and the reported accuracy is on the ``eval_split`` split, now the test set, seen
+            once at the end. None keeps one evaluation split (reported and used for choices).
+        split_seed: seeds the dev/test carving and their subsampling, the same for every run
+            seed so that seeds are compared on the same test rows.
     """
 
     dataset: str = ""
@@ -50,6 +56,8 @@ class DataConfig:
     subset: str | None = None
     label_names: list[str] | None = None
     prompt: str | None = None
+    dev_split: float | None = None
+    split_seed: int = 0
 
 
 @dataclass
@@ -126,6 +134,10 @@ class RunConfig:
     task: str = "classification"
     quantize: str | None = None
     quant_options: dict[str, Any] = field(default_factory=dict)
+    # A seeded or swept study repeats one run of the file: ``group`` names that run, ``setting``
+    # holds the swept train values of this repeat (the seed is train.seed).
+    group: str = ""
+    setting: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,21 +155,29 @@ class RunConfig:
             task=data.get("task", "classification"),
             quantize=data.get("quantize"),
             quant_options=dict(data.get("quant_options") or {}),
+            group=data.get("group") or "",
+            setting=dict(data.get("setting") or {}),
         )
 
 
 @dataclass
 class Experiment:
-    """A study: its name, where its results go, and its runs (already merged with defaults)."""
+    """A study: its name, where its results go, and its runs (already merged with defaults).
+
+    ``seeds`` and ``sweeps`` (run name -> train key -> values) are kept as written; ``peftlab.lab.sweep``
+    checks them and expands each run into its repeats.
+    """
 
     name: str
     output_dir: str
     runs: list[RunConfig]
+    seeds: Any = None
+    sweeps: dict[str, Any] = field(default_factory=dict)
 
 
 MAX_EXPERIMENT_BYTES = 4 * 2**20
-_TOP_KEYS = {"name", "output_dir", "model", "data", "train", "runs", "method", "options", "task"}
-_RUN_KEYS = {"name", "method", "options", "model", "data", "train", "task"}
+_TOP_KEYS = {"name", "output_dir", "model", "data", "train", "runs", "method", "options", "task", "seeds", "sweep"}
+_RUN_KEYS = {"name", "method", "options", "model", "data", "train", "task", "sweep"}
 _MODEL_KEYS = {"name", "quantize", *QUANT_OPTIONS}
 
 
@@ -295,7 +315,16 @@ def build_experiment(
     for run in runs:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", run.name) or run.name in (".", ".."):
             raise WorkbenchError(f"run name {run.name!r} may only use letters, digits, '.', '_' and '-' (it names a folder).")
-    return Experiment(name=name, output_dir=output_dir, runs=runs)
+    sweeps = {}
+    for raw, run in zip(runs_raw, runs):
+        study_wide, own = spec.get("sweep"), raw.get("sweep")
+        for where, value in (("sweep", study_wide), (f"runs[{run.name}].sweep", own)):
+            if value is not None and not isinstance(value, dict):
+                raise WorkbenchError(f"{where} must map train settings to lists of values, e.g. {{learning_rate: [1.0e-4, 3.0e-4]}}.")
+        merged = {**(study_wide or {}), **(own or {})}
+        if merged:
+            sweeps[run.name] = merged
+    return Experiment(name=name, output_dir=output_dir, runs=runs, seeds=spec.get("seeds"), sweeps=sweeps)
 
 
 def _merged(cls: type, section: str, *layers: dict[str, Any] | None) -> Any:
@@ -323,7 +352,8 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 
 # Settings whose default is None, with the type a given value must have.
 _OPTIONAL_TYPES = {"max_train_samples": int, "max_eval_samples": int, "save_steps": int, "head_learning_rate": float,
-                   "subset": str, "prompt": str, "label_names": list}
+                   "subset": str, "prompt": str, "label_names": list,
+                   "dev_split": float}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:

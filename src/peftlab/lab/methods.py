@@ -23,6 +23,10 @@ from peftlab.errors import PeftConfigError, WorkbenchError
 from peftlab.registry import config_class_for, method_for, registered_methods
 
 FULL = "full"
+# Full fine-tuning is no registered method, so its default sweep grid lives here (BERT-style
+# models fine-tune at 1e-5 .. 1e-4; the adapter methods' grids are in their MethodSpec).
+FULL_LEARNING_RATES = (1e-5, 3e-5, 1e-4)
+
 # Step-count options (MethodSpec.step_count_options) get this until the runner knows the real
 # optimizer step count: validation before the data is loaded still builds the config.
 PLACEHOLDER_STEPS = 1_000_000

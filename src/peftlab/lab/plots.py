@@ -7,6 +7,7 @@ None when no run has the numbers the plot needs.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from peftlab.errors import WorkbenchError
 from peftlab.io import atomic_write
@@ -60,9 +61,15 @@ LABELS_IN_PLACE = 6
 MARKERS = ("o", "s", "^", "D")
 
 
-def accuracy_vs_params(runs: list[RunResult], path: str) -> str | None:
-    """Validation accuracy against trainable parameters (log scale): the efficiency frontier."""
-    drawn = [r for r in runs if r.status == OK and r.accuracy is not None and r.trainable_params]
+def _groups(runs: list[RunResult], raw: dict | None) -> list:
+    from peftlab.lab.summary import summarize
+
+    return [g for g in summarize(runs, raw or {}) if g.accuracy is not None]
+
+
+def _accuracy_vs(groups: list, path: str, cost: Any, xlabel: str, title: str, exact: bool, split: str) -> str | None:
+    """Mean accuracy against a cost (log x), ±1 std across seeds as error bars, the Pareto front as a step line."""
+    drawn = [g for g in groups if cost(g)]
     if not drawn:
         return None
     plt = _pyplot()
@@ -71,19 +78,73 @@ def accuracy_vs_params(runs: list[RunResult], path: str) -> str | None:
     # accuracies, where in-place labels print over each other: those get a legend, and a marker
     # shape per run next to the colour so that no two runs look alike.
     in_place = len(drawn) <= LABELS_IN_PLACE
-    for i, run in enumerate(drawn):
-        point = (run.trainable_params, 100 * run.accuracy)
-        ax.scatter(*point, s=40, marker=MARKERS[(i // 10) % len(MARKERS)], label=run.name)
+    for i, g in enumerate(drawn):
+        point = (cost(g), g.accuracy.mean)
+        marker = MARKERS[(i // 10) % len(MARKERS)]
+        scatter = ax.scatter(*point, s=40, marker=marker, label=g.name)
+        if g.accuracy.std is not None:
+            ax.errorbar(*point, yerr=g.accuracy.std, fmt="none", ecolor=scatter.get_facecolor()[0], capsize=3, lw=1)
         if in_place:
-            ax.annotate(run.name, point, textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(g.name, point, textcoords="offset points", xytext=(5, 4), fontsize=8)
+    from peftlab.lab.stats import pareto_front
+
+    front = sorted((cost(g), g.accuracy.mean) for g, on in zip(drawn, pareto_front([cost(g) for g in drawn],
+                                                                                    [g.accuracy.mean for g in drawn])) if on)
+    if len(front) > 1:
+        ax.step(*zip(*front), where="post", color="grey", lw=0.8, ls="--", zorder=0)
     if not in_place:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    exact = any(r.task == "causal_lm" for r in drawn)
-    ax.set_ylabel("validation accuracy (%)" + (" (causal LM: exact match)" if exact else ""))
-    ax.set_title("Accuracy vs trainable parameters")
+    ax.set_xlabel(xlabel)
+    seeded = any(g.accuracy.std is not None for g in drawn)
+    ax.set_ylabel(f"{split} accuracy (%)" + (" (causal LM: exact match)" if exact else "")
+                  + (", mean ± std over seeds" if seeded else ""))
+    ax.set_title(title + " (dashed: Pareto front)" if len(front) > 1 else title)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _split(runs: list[RunResult]) -> str:
+    return "test" if any(r.test_source for r in runs) else "validation"
+
+
+def accuracy_vs_params(runs: list[RunResult], path: str, raw: dict | None = None) -> str | None:
+    """Accuracy against trainable parameters (log scale): the efficiency frontier, with error bars over seeds."""
+    exact = any(r.task == "causal_lm" for r in runs if r.status == OK)
+    return _accuracy_vs(_groups(runs, raw), path, lambda g: g.trainable_params, "trainable parameters",
+                        "Accuracy vs trainable parameters", exact, _split(runs))
+
+
+def accuracy_vs_time(runs: list[RunResult], path: str, raw: dict | None = None) -> str | None:
+    """Accuracy against training wall time: what a method costs in time rather than in parameters."""
+    exact = any(r.task == "causal_lm" for r in runs if r.status == OK)
+    return _accuracy_vs(_groups(runs, raw), path, lambda g: g.seconds.mean if g.seconds else None, "training time (s)",
+                        "Accuracy vs training time", exact, _split(runs))
+
+
+def sweep_curves(runs: list[RunResult], path: str, raw: dict | None = None) -> str | None:
+    """Each run's dev accuracy over its swept learning rates: a method that is only badly tuned shows as such."""
+    curves = {}
+    for group, sel in ((raw or {}).get("selection") or {}).items():
+        points = [(p["setting"]["learning_rate"], 100 * p["dev_accuracy"]) for p in sel.get("dev_curve") or []
+                  if p.get("dev_accuracy") is not None and "learning_rate" in (p.get("setting") or {})]
+        if points:
+            curves[group] = (sorted(points), (sel.get("setting") or {}).get("learning_rate"))
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (group, (points, chosen)) in enumerate(curves.items()):
+        (line,) = ax.plot(*zip(*points), marker=MARKERS[(i // 10) % len(MARKERS)], label=group)
+        best = [p for p in points if p[0] == chosen]
+        if best:
+            ax.scatter(*best[0], s=120, facecolors="none", edgecolors=line.get_color(), zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("dev accuracy (%) at the best epoch")
+    ax.set_title("Learning-rate sweeps on dev (circled: chosen)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, path)
 
 
@@ -110,13 +171,20 @@ def time_memory_bars(runs: list[RunResult], path: str) -> str | None:
     return _save(fig, path)
 
 
-def draw_all(runs: list[RunResult], folder: str) -> dict[str, str]:
-    """Every plot for a study: title -> PNG path (plots without data are left out)."""
+def draw_all(runs: list[RunResult], folder: str, raw: dict | None = None) -> dict[str, str]:
+    """Every plot for a study: title -> PNG path (plots without data are left out).
+
+    ``raw`` is the results.json content; its run groups and sweep choices shape the summary plots."""
+    from peftlab.lab.summary import final_runs
+
+    finals = [r for members in final_runs(runs, raw or {}).values() for r in members[:1]]
     out: dict[str, str] = {}
     for title, fn, name in (
-        ("Loss curves", loss_curves, "loss_curves.png"),
-        ("Accuracy vs trainable parameters", accuracy_vs_params, "accuracy_vs_params.png"),
-        ("Time and memory", time_memory_bars, "time_memory.png"),
+        ("Loss curves", lambda rs, p: loss_curves(finals, p), "loss_curves.png"),
+        ("Accuracy vs trainable parameters", lambda rs, p: accuracy_vs_params(rs, p, raw), "accuracy_vs_params.png"),
+        ("Accuracy vs training time", lambda rs, p: accuracy_vs_time(rs, p, raw), "accuracy_vs_time.png"),
+        ("Learning-rate sweeps on dev", lambda rs, p: sweep_curves(rs, p, raw), "sweep_curves.png"),
+        ("Time and memory", lambda rs, p: time_memory_bars(finals, p), "time_memory.png"),
     ):
         path = fn(runs, os.path.join(folder, name))
         if path is not None:

@@ -50,8 +50,8 @@ class RunResult:
     peak_rss_mb: float | None = None
     cuda_peak_mb: float | None = None
     train_seconds: float | None = None
-    train_tokens: int | None = None  # causal_lm: non-padding input tokens trained on (all epochs)
-    tokens_per_second: float | None = None  # causal_lm: train_tokens / train_seconds
+    train_tokens: int | None = None  # non-padding input tokens trained on (all epochs)
+    tokens_per_second: float | None = None  # train_tokens / train_seconds
     total_seconds: float | None = None
     epochs: list[EpochRecord] = field(default_factory=list)
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, train loss] pairs
@@ -67,6 +67,16 @@ class RunResult:
     num_eval: int | None = None
     eval_source: str | None = None
     world_size: int = 1
+    # Held-out mode: accuracy / f1 / eval_loss above are on the test split (test_source); the
+    # settings were chosen on dev, whose accuracy at the chosen epoch is dev_accuracy.
+    dev_accuracy: float | None = None
+    best_epoch: int | None = None
+    test_source: str | None = None
+    num_test: int | None = None
+    # per-example predicted class and label on the reported split, for paired comparisons
+    predictions: list[int] | None = None
+    labels: list[int] | None = None
+    config_hash: str | None = None  # cache key: run config + data + code (peftlab.lab.cache)
     environment: dict[str, Any] = field(default_factory=dict)
     finished_at: str | None = None
 
@@ -100,9 +110,11 @@ def load_run(run_dir: str) -> RunResult | None:
         return RunResult.from_dict(json.load(fh))
 
 
-def save_study(output_dir: str, name: str, runs: list[RunResult], command: list[str] | None = None) -> str:
+def save_study(output_dir: str, name: str, runs: list[RunResult], command: list[str] | None = None,
+               extra: dict[str, Any] | None = None) -> str:
+    """results.json; ``extra`` adds study-level records (seeds, the sweep's choice per run group)."""
     data = {"schema": SCHEMA_VERSION, "study": name, "created": now(), "command": command,
-            "runs": [r.to_dict() for r in runs]}
+            **(extra or {}), "runs": [r.to_dict() for r in runs]}
     path = os.path.join(output_dir, RESULTS_NAME)
     atomic_write_text(path, json.dumps(data, indent=2))
     return path

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from peftlab.errors import PeftlabError, WorkbenchError
-from peftlab.lab import measure
+from peftlab.lab import measure, selection
 from peftlab.lab.data import Encoded, Splits, load_splits
 from peftlab.lab.experiment import RunConfig, TrainConfig
 from peftlab.lab.methods import build_config, trainer_callbacks, waits_for_step_count
@@ -321,6 +321,9 @@ class Prepared:
         self.quant = quant_config(run)
         if self.quant is not None and self.peft_config is None:
             raise WorkbenchError(f"run {run.name!r}: full fine-tuning cannot train a quantized base; drop quantize or use lora.")
+        if self.causal and run.data.dev_split is not None:
+            raise WorkbenchError(f"run {run.name!r}: data.dev_split (a held-out test split) is not supported for the "
+                                 f"causal_lm task yet; drop dev_split for this run.")
         self.splits: Splits = load_splits(run.data, run.train.seed)
         if waits_for_step_count(self.peft_config):
             task = TaskType.CAUSAL_LM if self.causal else TaskType.SEQ_CLS
@@ -381,6 +384,9 @@ class Prepared:
         else:
             self.train_set = Encoded(self.splits.train_texts, self.splits.train_labels, self.tokenizer, max_length)
             self.eval_set = Encoded(self.splits.eval_texts, self.splits.eval_labels, self.tokenizer, max_length)
+        self.test_set = None
+        if self.splits.test_texts is not None:
+            self.test_set = Encoded(self.splits.test_texts, self.splits.test_labels, self.tokenizer, max_length)
 
     def _load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -474,6 +480,7 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
                             f"Run the same command with --resume to continue.")
         else:
             _final_eval(result, trainer)
+            selection.finish(result, trainer, prep, checkpoints)
             if hasattr(prep.model, "peft_config"):  # methods such as AdaLoRA settle their config while training
                 result.config = prep.model.peft_config["default"].to_dict()
             result.status = OK
@@ -537,7 +544,7 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any,
         bf16=cfg.bf16,
         activation_checkpointing=cfg.gradient_checkpointing,
         # causal_lm: count the tokens trained on, for the report's tokens/s
-        include_num_input_tokens_seen="non_padding" if prep.causal else "no",
+        include_num_input_tokens_seen="non_padding",  # tokens/s for every run
         ddp_backend="gloo" if world_size() > 1 and cpu else None,
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,
@@ -550,6 +557,8 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str) -> tuple[Any,
     )
     timer, stopper = EpochTimer(), StopOnSignal()
     callbacks = [timer, stopper, FiniteWeights(), CompleteMark(), *trainer_callbacks(prep.peft_config, prep.model)]
+    if prep.test_set is not None:  # held-out mode: remember the best epoch on dev
+        callbacks.append(selection.best_epoch_callback(output_dir))
     if prep.causal:
         from peftlab.lab.causal import collator
 

@@ -2,6 +2,8 @@
 
 One process per run keeps each method's peak memory its own and keeps a crash in one run
 from taking the others down: a run that fails is recorded as failed and the study goes on.
+Finished runs are reused by their cache key (``peftlab.lab.cache``) and results.json is
+rewritten after every run, so stopping a study loses at most the run in progress.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import sys
 
 import peftlab
 from peftlab.io import atomic_write_text
-from peftlab.lab import report
+from peftlab.lab import cache, report
 from peftlab.lab.data import load_splits
 from peftlab.lab.experiment import Experiment, RunConfig
 from peftlab.lab.methods import build_config
-from peftlab.lab.results import FAILED, RunResult, load_run, save_study
+from peftlab.lab.results import FAILED, RunResult, load_run, save_run, save_study
 from peftlab.lab.runner import RUN_SPEC_NAME
 
 
@@ -68,7 +70,65 @@ def run_in_subprocess(run: RunConfig, folder: str) -> RunResult:
     return result
 
 
-def finish(experiment: Experiment, results: list[RunResult], command: list[str] | None) -> dict[str, str]:
+def finish(experiment: Experiment, results: list[RunResult], command: list[str] | None,
+           extra: dict | None = None) -> dict[str, str]:
     """Write results.json and rebuild the report from it."""
-    save_study(experiment.output_dir, experiment.name, results, command)
+    save_study(experiment.output_dir, experiment.name, results, command, extra=extra)
     return report.build(experiment.output_dir)
+
+
+class Study:
+    """Runs a planned study (groups of seeds and sweeps), reusing cached runs, saving as it goes."""
+
+    def __init__(self, experiment: Experiment, groups: list, command: list[str] | None, use_cache: bool = True) -> None:
+        self.experiment, self.groups, self.command, self.use_cache = experiment, groups, command, use_cache
+        self.results: dict[str, RunResult] = {}
+        self.selection: dict[str, dict] = {}
+        self.trained: list[str] = []
+        self.reused: list[str] = []
+
+    def extra(self) -> dict:
+        """Study-level records for results.json: seeds, each group's final runs, the sweep choices."""
+        groups = {}
+        for g in self.groups:
+            chosen = self.selection[g.name]["setting"] if g.name in self.selection else g.settings[0]
+            if chosen is not None:  # None: every setting of the sweep failed
+                groups[g.name] = [r.name for r in g.final_runs(chosen)]
+        seeded = any(g.seeded for g in self.groups)
+        return {"seeds": self.groups[0].seeds if seeded else None, "selection": self.selection, "groups": groups}
+
+    def one(self, run: RunConfig) -> RunResult:
+        folder = run_dir(self.experiment, run)
+        key = cache.run_key(run)
+        hit = cache.cached(folder, key) if self.use_cache else None
+        if hit is not None:
+            print(f"== {run.name}: reused (finished earlier with the same config, data and code)", flush=True)
+            self.results[run.name] = hit
+            self.reused.append(run.name)
+            return hit
+        print(f"== {run.name} ({run.method})", flush=True)
+        result = run_in_subprocess(run, folder)
+        result.config_hash = key
+        save_run(result, folder)
+        print(f"== {run.name}: {result.status}" + (f" ({result.error})" if result.error else ""), flush=True)
+        self.results[run.name] = result
+        self.trained.append(run.name)
+        save_study(self.experiment.output_dir, self.experiment.name, list(self.results.values()), self.command, extra=self.extra())
+        return result
+
+    def run(self) -> dict[str, str]:
+        from peftlab.lab import sweep
+
+        for group in self.groups:
+            setting = group.settings[0]
+            if group.swept:
+                for run in group.sweep_runs():
+                    self.one(run)
+                setting, curve = sweep.choose(group, self.results)
+                self.selection[group.name] = {"setting": setting, "dev_curve": curve, "seed": group.seeds[0],
+                                              "metric": "dev accuracy at the best epoch"}
+                if setting is None:  # every setting failed; the report lists why
+                    continue
+            for run in group.final_runs(setting):
+                self.one(run)
+        return finish(self.experiment, list(self.results.values()), self.command, extra=self.extra())

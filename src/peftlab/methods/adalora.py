@@ -317,5 +317,6 @@ register(
         disk_tensors=adalora_disk_tensors,
         step_count_options=("total_step",),
         trainer_callbacks=("peftlab.adalora_callback:AdaLoraCallback",),
+        learning_rates=(3e-4, 1e-3, 3e-3),
     )
 )

@@ -191,5 +191,5 @@ def default_bottleneck_targets(config: BottleneckConfig, model: nn.Module) -> li
 
 
 register(
-    MethodSpec(BottleneckConfig, make_bottleneck_adapter, default_targets_for=default_bottleneck_targets)
+    MethodSpec(BottleneckConfig, make_bottleneck_adapter, default_targets_for=default_bottleneck_targets, learning_rates=(3e-4, 1e-3, 3e-3))
 )

@@ -176,4 +176,4 @@ def resolve_ia3_config(config: IA3Config, model: nn.Module) -> IA3Config:
     return config
 
 
-register(MethodSpec(IA3Config, make_ia3_adapter, IA3_DEFAULT_TARGETS, resolve_config=resolve_ia3_config))
+register(MethodSpec(IA3Config, make_ia3_adapter, IA3_DEFAULT_TARGETS, resolve_config=resolve_ia3_config, learning_rates=(3e-3, 1e-2, 3e-2)))

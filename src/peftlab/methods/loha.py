@@ -96,4 +96,4 @@ def make_loha_adapter(base: nn.Module, config: LoHaConfig, adapter_name: str, mo
     return adapter
 
 
-register(MethodSpec(LoHaConfig, make_loha_adapter, LORA_DEFAULT_TARGETS))
+register(MethodSpec(LoHaConfig, make_loha_adapter, LORA_DEFAULT_TARGETS, learning_rates=(3e-4, 1e-3, 3e-3)))

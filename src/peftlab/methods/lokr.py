@@ -120,4 +120,4 @@ def make_lokr_adapter(base: nn.Module, config: LoKrConfig, adapter_name: str, mo
     return adapter
 
 
-register(MethodSpec(LoKrConfig, make_lokr_adapter, LORA_DEFAULT_TARGETS))
+register(MethodSpec(LoKrConfig, make_lokr_adapter, LORA_DEFAULT_TARGETS, learning_rates=(3e-4, 1e-3, 3e-3)))

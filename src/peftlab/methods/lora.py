@@ -201,4 +201,4 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
     return adapter
 
 
-register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS, extra_tensors=lora_bias_parameters))
+register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS, extra_tensors=lora_bias_parameters, learning_rates=(3e-4, 1e-3, 3e-3)))

@@ -118,4 +118,5 @@ def make_prompt_encoder(model: nn.Module, config: PromptEncoderConfig) -> Prompt
     return PromptEncoder(config).to(model.get_input_embeddings().weight.device)
 
 
-register(MethodSpec(PromptEncoderConfig, resolve_config=resolve_p_tuning_config, make_model_adapter=make_prompt_encoder, run_defaults={"num_virtual_tokens": 20}))
+register(MethodSpec(PromptEncoderConfig, resolve_config=resolve_p_tuning_config, make_model_adapter=make_prompt_encoder, run_defaults={"num_virtual_tokens": 20},
+                    learning_rates=(1e-3, 3e-3, 1e-2)))

@@ -112,4 +112,5 @@ def make_prefix_encoder(model: nn.Module, config: PrefixTuningConfig) -> PrefixE
     return PrefixEncoder(config).to(model.get_input_embeddings().weight.device)
 
 
-register(MethodSpec(PrefixTuningConfig, resolve_config=resolve_prefix_config, make_model_adapter=make_prefix_encoder, run_defaults={"num_virtual_tokens": 20}))
+register(MethodSpec(PrefixTuningConfig, resolve_config=resolve_prefix_config, make_model_adapter=make_prefix_encoder, run_defaults={"num_virtual_tokens": 20},
+                    learning_rates=(3e-3, 1e-2, 3e-2)))

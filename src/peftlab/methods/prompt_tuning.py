@@ -120,4 +120,5 @@ def make_prompt_embedding(model: nn.Module, config: PromptTuningConfig) -> Promp
     return module.to(word_embeddings.weight.device)
 
 
-register(MethodSpec(PromptTuningConfig, resolve_config=resolve_embedding_prompt_config, make_model_adapter=make_prompt_embedding, run_defaults={"num_virtual_tokens": 20}))
+register(MethodSpec(PromptTuningConfig, resolve_config=resolve_embedding_prompt_config, make_model_adapter=make_prompt_embedding, run_defaults={"num_virtual_tokens": 20},
+                    learning_rates=(1e-2, 3e-2, 1e-1)))

@@ -305,4 +305,4 @@ def make_selective_tuner(model: nn.Module, spec: MethodSpec) -> SelectiveTuner:
     return SelectiveTuner(model, SelectiveValues(model))
 
 
-register(MethodSpec(SelectiveConfig, make_tuner=make_selective_tuner, run_defaults={"bitfit": True}))
+register(MethodSpec(SelectiveConfig, make_tuner=make_selective_tuner, run_defaults={"bitfit": True}, learning_rates=(3e-4, 1e-3, 3e-3)))

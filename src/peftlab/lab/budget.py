@@ -1,0 +1,164 @@
+"""``compare --dry-run``: list a study's runs and estimate its time from a short timed probe.
+
+The probe builds each distinct model + method once (as the run would), times a few real
+optimizer steps on the run's own batches and one evaluation batch, and scales by the run's step
+and evaluation counts. It writes nothing. Estimates ignore the probe's warm-up and any later
+speed change (thermal limits, other processes), so read them as the right order of magnitude.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftlab.lab import cache, measure
+from peftlab.lab.experiment import RunConfig
+
+PROBE_STEPS = 3
+
+
+@dataclass
+class Probe:
+    setup_seconds: float  # model + data loading, paid by every run
+    step_seconds: float  # one optimizer step of one batch
+    eval_row_seconds: float  # one evaluation row
+    n_train: int
+    n_eval: int  # per-epoch evaluation rows (dev in held-out mode)
+    n_test: int  # rows scored once at the end (0 without a held-out test split)
+
+
+def _probe_key(run: RunConfig) -> str:
+    """Runs that cost the same per step share a probe (seed and learning rates do not matter)."""
+    spec = run.to_dict()
+    for key in ("name", "group", "setting"):
+        spec.pop(key, None)
+    for key in ("seed", "learning_rate", "head_learning_rate", "weight_decay", "warmup_ratio", "epochs", "max_steps", "progress"):
+        spec["train"].pop(key, None)
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def probe(run: RunConfig, steps: int = PROBE_STEPS) -> Probe:
+    """Time ``steps`` optimizer steps (after one warm-up step) and one evaluation batch of ``run``."""
+    from transformers import DataCollatorWithPadding
+
+    from peftlab.lab.runner import Prepared
+
+    watch = measure.Stopwatch()
+    prep = Prepared(run)
+    setup = watch.seconds()
+    cfg = run.train
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    model = prep.model.to(device)
+    if prep.causal:
+        from peftlab.lab.causal import collator
+
+        collate = collator(prep.tokenizer)
+    else:
+        collate = DataCollatorWithPadding(prep.tokenizer)
+    n = len(prep.train_set)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+
+    def batch(dataset: Any, start: int, size: int) -> dict[str, torch.Tensor]:
+        rows = [dataset[(start + i) % len(dataset)] for i in range(size)]
+        return {k: v.to(device) for k, v in collate(rows).items()}
+
+    def step(i: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = model(**batch(prep.train_set, i * cfg.batch_size, cfg.batch_size)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    step(0)
+    _sync(device)
+    watch = measure.Stopwatch()
+    for i in range(1, steps + 1):
+        step(i)
+    _sync(device)
+    step_seconds = watch.seconds() / steps
+    model.eval()
+    size = min(cfg.eval_batch_size, len(prep.eval_set))
+    with torch.no_grad():
+        model(**batch(prep.eval_set, 0, size))  # warm-up
+        _sync(device)
+        watch = measure.Stopwatch()
+        model(**batch(prep.eval_set, 0, size))
+        _sync(device)
+    test_set = getattr(prep, "test_set", None)
+    return Probe(setup, step_seconds, watch.seconds() / size, n, len(prep.eval_set), len(test_set) if test_set is not None else 0)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0 elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def estimate_seconds(run: RunConfig, p: Probe) -> float:
+    """setup + steps x step time (accumulated micro-batches included) + evaluation rows x row time."""
+    from peftlab.lab.runner import optimizer_steps
+
+    steps = optimizer_steps(run.train, p.n_train) * run.train.gradient_accumulation_steps
+    evaluations = math.ceil(run.train.epochs) if run.train.max_steps <= 0 else 1
+    rows = evaluations * p.n_eval + p.n_test + (p.n_eval if p.n_test == 0 else 0)  # + the final pass for predictions
+    return p.setup_seconds + steps * p.step_seconds + rows * p.eval_row_seconds
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def dry_run(experiment: Any, groups: list, *, use_cache: bool = True, probe_fn: Any = probe) -> str:
+    """The plan as text: each run (reused ones marked), its estimated time, and the total."""
+    from peftlab.lab.study import run_dir
+
+    startup = process_age()  # imports + reading the data, which every run's own process pays again
+    probes: dict[str, Probe] = {}
+    lines = [f"study {experiment.name}: results in {experiment.output_dir}"]
+    total = 0.0
+    for group in groups:
+        planned: list[tuple[RunConfig, str]] = [(r, "sweep") for r in group.sweep_runs()]
+        if group.swept:
+            # the first seed at the chosen setting is the sweep's own run; the other seeds follow it
+            template = group.final_runs(group.settings[0])[1:]
+            planned += [(r, "seed, at the setting chosen on dev") for r in template]
+        else:
+            planned += [(r, "seed" if group.seeded else "run") for r in group.final_runs(group.settings[0])]
+        for run, role in planned:
+            key = _probe_key(run)
+            if key not in probes:
+                probes[key] = probe_fn(run)
+            undecided = role.startswith("seed, at")  # its setting is not known before the sweep ran
+            hit = use_cache and not undecided and cache.cached(run_dir(experiment, run), cache.run_key(run)) is not None
+            seconds = 0.0 if hit else startup + estimate_seconds(run, probes[key])
+            total += seconds
+            name = run.name.replace(_setting_tag(group, run), ".<best>") if undecided else run.name
+            lines.append(f"  {name:<40} {run.method:<14} {role:<36} " + ("reused" if hit else f"~{_clock(seconds)}"))
+    lines.append(f"{sum(1 for l in lines[1:] if not l.endswith('reused'))} runs to train, estimated {_clock(total)} "
+                 f"(from a {PROBE_STEPS}-step timed probe per model and method; reused runs cost nothing)")
+    return "\n".join(lines)
+
+
+def _setting_tag(group: Any, run: RunConfig) -> str:
+    """The part of a run name that spells its setting (".lr0.001"), replaced by <best> before the choice."""
+    return run.name[len(group.name):].rsplit(".s", 1)[0] if group.seeded else run.name[len(group.name):]
