@@ -133,7 +133,7 @@ def test_quantize_4bit_trains_an_adapter_that_loads(tmp_path, llama_dir, causal_
 
 
 def test_quantized_base_is_prepared_before_the_adapter(llama_dir, causal_data):
-    from peftlab.lab.runner import Prepared
+    from peftlab.lab.setup import Prepared
     from peftlab.quantization import is_quantized_linear
 
     spec = {"model": {"name": str(llama_dir), "quantize": "4bit", "bnb_4bit_quant_type": "fp4",

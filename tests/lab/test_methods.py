@@ -89,7 +89,7 @@ def test_required_options_get_run_defaults():
 )
 def test_optimizer_steps_match_the_trainer(epochs, max_steps, batch, accumulate, rows, expected):
     from peftlab.lab.experiment import TrainConfig
-    from peftlab.lab.runner import optimizer_steps
+    from peftlab.lab.setup import optimizer_steps
 
     train = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch, gradient_accumulation_steps=accumulate)
     assert optimizer_steps(train, rows) == expected

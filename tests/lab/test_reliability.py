@@ -179,7 +179,7 @@ def test_kill_inside_checkpoint_write_then_resume_equals_uninterrupted(tmp_path,
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     checkpoints = out / "runs" / "lora" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-16", "checkpoint-8"]
-    from peftlab.lab.runner import last_checkpoint
+    from peftlab.lab.checkpoints import last_checkpoint
 
     assert last_checkpoint(str(out / "runs" / "lora")) == str(checkpoints / "checkpoint-8")
 
@@ -194,7 +194,7 @@ def test_kill_inside_checkpoint_write_then_resume_equals_uninterrupted(tmp_path,
 
 
 def test_resume_skips_and_names_torn_checkpoints(tmp_path):
-    from peftlab.lab.runner import COMPLETE_MARK, last_checkpoint, torn_checkpoints
+    from peftlab.lab.checkpoints import COMPLETE_MARK, last_checkpoint, torn_checkpoints
 
     run = tmp_path / "run"
     for step, complete in ((4, True), (8, True), (12, False)):
@@ -220,14 +220,14 @@ def test_growing_finite_loss_is_diverged_and_keeps_last_good_checkpoint(tmp_path
     assert "divergence rule" in result["error"]  # finite throughout: the growth rule, not the NaN check, stopped it
     assert all(math.isfinite(loss) for _, loss in result["loss_curve"])
     assert not (out / "runs" / "lora" / "adapter").exists()
-    from peftlab.lab.runner import last_checkpoint
+    from peftlab.lab.checkpoints import last_checkpoint
 
     kept = last_checkpoint(str(out / "runs" / "lora"))
     assert kept is not None and os.path.basename(kept) in result["error"]
 
 
 def test_divergence_rule():
-    from peftlab.lab.runner import divergence
+    from peftlab.lab.callbacks import divergence
 
     assert divergence(0.7, 0.69) is None and divergence(60.0, 0.69) is None  # floor of 1: 100x max(first, 1)
     assert "divergence rule" in divergence(101.0, 0.69)

@@ -53,7 +53,9 @@ def test_best_epoch_is_restored(tmp_path):
     model = torch.nn.Linear(2, 2)
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     model.add_module("frozen", frozen)
-    callback = selection.best_epoch_callback(str(tmp_path))
+    from peftlab.lab.callbacks import BestEpoch
+
+    callback = BestEpoch(str(tmp_path))
     control = SimpleNamespace()
     snapshots = []
     for epoch, (acc, loss) in enumerate([(0.6, 0.9), (0.8, 0.7), (0.8, 0.8), (0.7, 0.5)], 1):

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from peftlab.lab.runner import _trainer_class, classification_metrics, head_parameters, resolve_model
+from peftlab.lab.metrics import classification_metrics
+from peftlab.lab.setup import resolve_model
+from peftlab.lab.trainer import LabTrainer, head_parameters
 
 
 def test_metrics_binary_and_macro():
@@ -36,7 +38,7 @@ def test_head_learning_rate_groups(tmp_path):
     head = head_parameters(model)
     assert head == {id(p) for n, p in model.named_parameters() if "classifier.modules_to_save" in n}
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=0.02, report_to=[], use_cpu=True, weight_decay=0.1)
-    trainer = _trainer_class(1e-3)(model=model, args=args)
+    trainer = LabTrainer(model=model, args=args, head_learning_rate=1e-3)
     optimizer = trainer.create_optimizer()
     by_lr = {}
     for group in optimizer.param_groups:
@@ -45,7 +47,7 @@ def test_head_learning_rate_groups(tmp_path):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(by_lr) == len(trainable)  # every trainable parameter is in exactly one group
     assert all(by_lr[id(p)] == (1e-3 if id(p) in head else 0.02) for p in trainable)
-    plain = _trainer_class(None)(model=model, args=args).create_optimizer()
+    plain = LabTrainer(model=model, args=args).create_optimizer()
     assert {g["lr"] for g in plain.param_groups} == {0.02}
 
 

@@ -110,7 +110,7 @@ def _train_args(model: str, data, out) -> list[str]:
 
 
 def test_the_adapter_records_the_model_name_given_not_a_machine_path(tmp_path, headless_bert, toy_data_dir, monkeypatch, capsys):
-    monkeypatch.setattr("peftlab.lab.runner.resolve_model", lambda name: str(headless_bert) if name == "my-model" else name)
+    monkeypatch.setattr("peftlab.lab.setup.resolve_model", lambda name: str(headless_bert) if name == "my-model" else name)
     monkeypatch.setattr(preflight, "check_model", lambda name: None)
     assert main(_train_args("my-model", toy_data_dir, tmp_path / "out") + ["--no-progress"]) == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "out" / "runs" / "lora" / "adapter" / "adapter_config.json").read_text())

@@ -43,9 +43,7 @@ def _probe_key(run: RunConfig) -> str:
 
 def probe(run: RunConfig, steps: int = PROBE_STEPS) -> Probe:
     """Time ``steps`` optimizer steps (after one warm-up step) and one evaluation batch of ``run``."""
-    from transformers import DataCollatorWithPadding
-
-    from peftlab.lab.runner import Prepared
+    from peftlab.lab.setup import Prepared
 
     watch = measure.Stopwatch()
     prep = Prepared(run)
@@ -53,12 +51,7 @@ def probe(run: RunConfig, steps: int = PROBE_STEPS) -> Probe:
     cfg = run.train
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     model = prep.model.to(device)
-    if prep.causal:
-        from peftlab.lab.causal import collator
-
-        collate = collator(prep.tokenizer)
-    else:
-        collate = DataCollatorWithPadding(prep.tokenizer)
+    collate = prep.task.collator
     n = len(prep.train_set)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
@@ -115,7 +108,7 @@ def _sync(device: torch.device) -> None:
 
 def estimate_seconds(run: RunConfig, p: Probe) -> float:
     """setup + steps x step time (accumulated micro-batches included) + evaluation rows x row time."""
-    from peftlab.lab.runner import optimizer_steps
+    from peftlab.lab.setup import optimizer_steps
 
     steps = optimizer_steps(run.train, p.n_train) * run.train.gradient_accumulation_steps
     evaluations = math.ceil(run.train.epochs) if run.train.max_steps <= 0 else 1

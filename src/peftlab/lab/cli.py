@@ -219,11 +219,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     preflight.check([run])
     from peftlab.lab import study
     from peftlab.lab.results import OK
-    from peftlab.lab.runner import Prepared, execute, is_main_process
+    from peftlab.lab.runner import execute, is_main_process
+    from peftlab.lab.setup import Prepared
 
     folder = study.run_dir(experiment, run)
     if args.resume:
-        from peftlab.lab.runner import last_checkpoint, torn_checkpoints
+        from peftlab.lab.checkpoints import last_checkpoint, torn_checkpoints
 
         if last_checkpoint(folder) is None:
             torn = [os.path.basename(p) for p in torn_checkpoints(folder)]

@@ -13,7 +13,7 @@ def load_model(name: str):  # noqa: ANN201 - a transformers model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging
 
-    from peftlab.lab.runner import resolve_model
+    from peftlab.lab.setup import resolve_model
 
     logging.set_verbosity_error()  # the load report about the new classifier head is noise here
 

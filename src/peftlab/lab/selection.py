@@ -1,7 +1,7 @@
 """Choosing on dev, reporting on test: the best epoch of a run and its held-out test score.
 
 In held-out mode (``data.dev_split`` set) the Trainer evaluates on the dev set after every
-epoch; :func:`best_epoch_callback` writes the trainable tensors of the epoch with the best dev
+epoch; :class:`peftlab.lab.callbacks.BestEpoch` writes the trainable tensors of the epoch with the best dev
 accuracy to disk, and :func:`finish` puts them back and scores the test set once. The test rows
 never influence a choice. Every run also keeps its per-example predictions on the reported split,
 so two methods can be compared example by example (``peftlab.lab.stats.paired_bootstrap``).
@@ -21,58 +21,25 @@ from peftlab.lab.results import RunResult
 BEST_FILE = "best-on-dev{rank}.pt"
 
 
-def _best_path(folder: str) -> str:
+def best_path(folder: str) -> str:
     """One file per DDP process: each keeps (identical) tensors of its own, so no process reads a
     file another is still writing."""
     rank = os.environ.get("RANK", "0")
     return os.path.join(folder, BEST_FILE.format(rank="" if rank == "0" else f".rank{rank}"))
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def best_epoch_callback(folder: str) -> Any:
-    """A Trainer callback that keeps the trainable tensors of the best dev evaluation in ``folder``.
-
-    Best = highest dev accuracy, ties to the lower dev loss, then to the earlier epoch. The
-    tensors go to disk rather than into a copy in memory, so a method's peak memory stays its own.
-    """
-    from transformers import TrainerCallback
-
-    class BestEpoch(TrainerCallback):
-        def __init__(self) -> None:
-            self.path = _best_path(folder)
-            self.score_path = self.path + ".json"
-            self.best: dict[str, float] | None = None
-            if os.path.isfile(self.score_path):  # a resumed run continues from what it had chosen
-                with open(self.score_path, encoding="utf-8") as fh:
-                    self.best = json.load(fh)
-
-        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):  # noqa: ANN001
-            if model is None or not metrics or metrics.get("eval_accuracy") is None:
-                return control
-            score = {"accuracy": float(metrics["eval_accuracy"]), "loss": float(metrics.get("eval_loss", float("inf"))),
-                     "epoch": round(float(state.epoch or 0), 6)}
-            if self.best is None or (score["accuracy"], -score["loss"]) > (self.best["accuracy"], -self.best["loss"]):
-                os.makedirs(folder, exist_ok=True)
-                torch.save({n: p.detach().cpu() for n, p in _trainable(model).items()}, self.path)
-                with open(self.score_path, "w", encoding="utf-8") as fh:
-                    json.dump(score, fh)
-                self.best = score
-            return control
-
-    return BestEpoch()
 
 
 def restore_best(model: torch.nn.Module, folder: str) -> dict[str, float] | None:
     """Load the best-on-dev tensors back into ``model``; their score, or None when none was kept."""
-    path = _best_path(folder)
+    path = best_path(folder)
     if not os.path.isfile(path):
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
     with torch.no_grad():
-        for name, param in _trainable(model).items():
+        for name, param in trainable_tensors(model).items():
             if name in saved:
                 param.copy_(saved[name].to(param.device, param.dtype))
     with open(path + ".json", encoding="utf-8") as fh:

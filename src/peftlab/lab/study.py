@@ -32,7 +32,7 @@ def validate(runs: list[RunConfig]) -> None:
     from peftlab.config import TaskType
     from peftlab.errors import PeftConfigError, WorkbenchError
     from peftlab.lab.causal import template_for
-    from peftlab.lab.runner import quant_config
+    from peftlab.lab.setup import quant_config
 
     seen: set[str] = set()
     for run in runs:
