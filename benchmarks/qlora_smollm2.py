@@ -86,6 +86,7 @@ def run_one(setting: str, args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from peftlab import LoraConfig, TaskType
     from peftlab.lab import causal
+    from peftlab.lab.causal_train import train_causal
     from peftlab.quantization import QuantConfig, parameter_bytes, weight_bytes
 
     torch.set_num_threads(args.threads)
@@ -111,7 +112,7 @@ def run_one(setting: str, args: argparse.Namespace) -> dict:
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets.split(","))
     say(setting, f"training on {len(train)} sentences, then evaluating")
     with PeakSampler() as peak:
-        result = causal.train_causal(
+        result = train_causal(
             model, train, held_out, tokenizer=tokenizer, template=template, lora_config=lora, quant=None,
             gradient_checkpointing=args.gradient_checkpointing, epochs=args.epochs, learning_rate=args.lr,
             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, eval_batch_size=args.eval_batch_size,

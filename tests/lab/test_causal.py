@@ -19,8 +19,8 @@ from peftlab.lab.causal import (
     pad_batch,
     perplexity,
     read_jsonl,
-    train_causal,
 )
+from peftlab.lab.causal_train import train_causal
 
 
 

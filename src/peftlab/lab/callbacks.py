@@ -2,6 +2,7 @@
 
 - :class:`EpochTimer`: wall time of each epoch's training steps.
 - :class:`StepTimer`: wall time of each optimizer step (median step time).
+- :class:`TrainSummary`: the mean training loss and the steps of a finished run.
 - :class:`StopOnSignal` (with :func:`sigterm_sets`): after SIGTERM, finish the step, save a
   checkpoint and stop, so the run can be resumed.
 - :class:`FiniteWeights`: stop before a checkpoint is written when a trainable weight became NaN/inf.
@@ -94,6 +95,19 @@ class StepTimer(TrainerCallback):
     def median(self) -> float:
         ordered = sorted(self.times)
         return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+class TrainSummary(TrainerCallback):
+    """The Trainer's closing numbers: mean training loss over the run and optimizer steps taken."""
+
+    def __init__(self) -> None:
+        self.train_loss: float | None = None
+        self.steps = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if logs and "train_loss" in logs:
+            self.train_loss = float(logs["train_loss"])
+            self.steps = state.global_step
 
 
 class StopOnSignal(TrainerCallback):

@@ -6,8 +6,9 @@ tokens (labels are -100 elsewhere), so the model learns to answer, not to rewrit
 Evaluation generates greedily and counts exact matches of the label word, and reports the
 perplexity of the answer tokens.
 
-Self-contained function API (:func:`train_causal`, :func:`generate`); the workbench runner
-(``peftlab train --task causal-lm``) reuses the template, dataset, collator and metric functions.
+The workbench's one training path (``peftlab train --task causal-lm``, and the function API
+:func:`peftlab.lab.causal_train.train_causal`) plugs in the template, dataset, collator and metric
+functions of this module; :func:`generate` continues a prompt with a saved adapter.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import json
 import math
 import os
 import random
-import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -258,119 +257,3 @@ def generate(
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-# ----- training -------------------------------------------------------------------------------
-@dataclass
-class CausalResult:
-    """What one causal-LM training run measured."""
-
-    train_loss: float
-    train_seconds: float
-    step_seconds: float  # median seconds per optimizer step
-    steps: int
-    eval: dict[str, float] = field(default_factory=dict)
-    output_dir: str | None = None
-    tokens_per_second: float | None = None  # non-padding input tokens trained on per second of training
-    model: Any = field(default=None, repr=False, compare=False)  # the trained PeftModel, for more evaluation
-
-
-class _StepTimer:
-    """Trainer callback recording wall time per optimizer step."""
-
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
-                timer.start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-                timer.times.append(time.perf_counter() - timer.start)
-
-        self.start = 0.0
-        self.times: list[float] = []
-        self.callback = Callback()
-
-    def median(self) -> float:
-        ordered = sorted(self.times)
-        return ordered[len(ordered) // 2] if ordered else float("nan")
-
-
-def train_causal(
-    model: str | nn.Module,
-    train_rows: Sequence[dict[str, Any]],
-    eval_rows: Sequence[dict[str, Any]] | None = None,
-    *,
-    tokenizer: Any = None,
-    output_dir: str | os.PathLike | None = None,
-    template: PromptTemplate = PromptTemplate(),
-    lora_config: Any = None,
-    quant: Any = None,
-    gradient_checkpointing: bool = False,
-    epochs: float = 1.0,
-    max_steps: int = -1,
-    learning_rate: float = 1e-3,
-    batch_size: int = 8,
-    max_length: int = 128,
-    seed: int = 0,
-    eval_batch_size: int = 32,
-    callbacks: Sequence[Any] = (),
-) -> CausalResult:
-    """LoRA-train a causal LM (optionally on a k-bit base) to answer with the label word.
-
-    ``model`` is an alias/folder/hub id (``tokenizer`` then loaded with it) or a model object
-    with its ``tokenizer``. ``quant`` (a :class:`peftlab.quantization.QuantConfig`) quantizes
-    the frozen base before the adapter is added (QLoRA). The adapter and tokenizer are saved
-    to ``output_dir`` when given. ``callbacks`` are extra ``transformers.TrainerCallback`` objects
-    (progress reporting, for example).
-    """
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    from peftlab import LoraConfig, TaskType, get_peft_model
-    from peftlab.quantization import is_quantized_model, prepare_model_for_kbit_training, quantize_model
-
-    set_seed(seed)
-    if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = load_causal_lm(os.fspath(model), quant)
-    else:
-        if tokenizer is None:
-            raise PeftConfigError("train_causal: pass tokenizer= together with a model object.")
-        if quant is not None:
-            quantize_model(model, quant)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if quant is not None or gradient_checkpointing or is_quantized_model(model):
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    lora_config = lora_config or LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16)
-    peft_model = get_peft_model(model, lora_config)
-    train_set = build_causal_dataset(train_rows, tokenizer, template, max_length)
-    timer = _StepTimer()
-    with tempfile.TemporaryDirectory(prefix="peftlab-causal-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch, num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
-            per_device_train_batch_size=batch_size, save_strategy="no", report_to=[], seed=seed,
-            logging_steps=10, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
-            lr_scheduler_type="linear", warmup_steps=0, include_num_input_tokens_seen="non_padding",
-        )
-        trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, data_collator=collator(tokenizer), callbacks=[timer.callback, *callbacks])
-        start = time.perf_counter()
-        output = trainer.train()
-        seconds = time.perf_counter() - start
-    result = CausalResult(float(output.training_loss), seconds, timer.median(), int(output.global_step))
-    result.tokens_per_second = trainer.state.num_input_tokens_seen / seconds if seconds > 0 else None
-    if eval_rows:
-        pad_id = tokenizer.pad_token_id
-        eval_set = build_causal_dataset(eval_rows, tokenizer, template, max_length)
-        result.eval = {
-            "accuracy": exact_match_accuracy(peft_model, tokenizer, eval_rows, template, eval_batch_size, max_length)["accuracy"],
-            "perplexity": perplexity(peft_model, eval_set, pad_id, eval_batch_size),
-        }
-    if output_dir is not None:
-        peft_model.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        result.output_dir = os.fspath(output_dir)
-    result.model = peft_model
-    return result

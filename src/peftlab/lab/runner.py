@@ -100,7 +100,8 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
             result.error = (f"stopped by SIGTERM after step {stopper.step}; checkpoint saved in {checkpoints}. "
                             f"Run the same command with --resume to continue.")
         else:
-            _final_eval(result, trainer)
+            if len(prep.eval_set):
+                _final_eval(result, trainer)
             selection.finish(result, trainer, prep, checkpoints)
             if hasattr(prep.model, "peft_config"):  # methods such as AdaLoRA settle their config while training
                 result.config = prep.model.peft_config["default"].to_dict()
@@ -157,7 +158,7 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str, extra_callbac
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         seed=cfg.seed,
-        eval_strategy="epoch",
+        eval_strategy="epoch" if len(prep.eval_set) else "no",  # no rows to evaluate: train_causal without eval_rows
         save_strategy="steps" if cfg.save_steps else "epoch",
         save_steps=cfg.save_steps or 500,
         save_total_limit=2,

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -135,7 +136,30 @@ class Prepared:
                 self.peft_config.base_model_name_or_path = run.model
             model = get_peft_model(model, self.peft_config)
         self.model = model
+        self._build_data(run)
+
+    @classmethod
+    def from_rows(cls, run: RunConfig, model: torch.nn.Module, tokenizer: Any, template: Any,
+                  train_rows: Sequence[dict[str, Any]], eval_rows: Sequence[dict[str, Any]]) -> Prepared:
+        """A causal-LM run of ``model`` (already adapted) on rows held in memory, for
+        :func:`peftlab.lab.causal_train.train_causal`."""
+        self = cls.__new__(cls)
+        self.causal = run.task == "causal_lm"
+        self.peft_config = model.peft_config["default"] if hasattr(model, "peft_config") else None
+        self.quant, self.quantization, self.model_path = None, None, None
+        self.template, self.tokenizer, self.model = template, tokenizer, model
+        self.splits = Splits(train_texts=[r["text"] for r in train_rows], train_labels=[int(r["label"]) for r in train_rows],
+                             eval_texts=[r["text"] for r in eval_rows], eval_labels=[int(r["label"]) for r in eval_rows],
+                             eval_source="eval_rows", num_labels=len(template.labels))
+        self._build_data(run)
+        return self
+
+    def _build_data(self, run: RunConfig) -> None:
+        """The tokenized train / eval (/ test) sets and the task parts that go with them."""
+        from peftlab.errors import PeftConfigError
+
         max_length = self.max_length = run.data.max_length
+        self.test_set = None
         if self.causal:
             from peftlab.lab.causal import build_causal_dataset
 
@@ -146,14 +170,14 @@ class Prepared:
                 self.eval_set = build_causal_dataset(self.eval_rows, self.tokenizer, self.template, max_length)
             except PeftConfigError as exc:
                 raise WorkbenchError(str(exc)) from None
-        else:
-            self.train_set = Encoded(self.splits.train_texts, self.splits.train_labels, self.tokenizer, max_length)
-            self.eval_set = Encoded(self.splits.eval_texts, self.splits.eval_labels, self.tokenizer, max_length)
-        self.test_set = None
+            self.task = tasks.causal_lm(self.tokenizer, self.eval_rows, self.eval_set, self.template, run.train.eval_batch_size,
+                                        max_length)
+            return
+        self.train_set = Encoded(self.splits.train_texts, self.splits.train_labels, self.tokenizer, max_length)
+        self.eval_set = Encoded(self.splits.eval_texts, self.splits.eval_labels, self.tokenizer, max_length)
         if self.splits.test_texts is not None:
             self.test_set = Encoded(self.splits.test_texts, self.splits.test_labels, self.tokenizer, max_length)
-        self.task = (tasks.causal_lm(self.tokenizer, self.eval_rows, self.eval_set, self.template, run.train.eval_batch_size,
-                                     max_length) if self.causal else tasks.classification(self.tokenizer))
+        self.task = tasks.classification(self.tokenizer)
 
     def _load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
