@@ -163,3 +163,20 @@ def test_every_peftlab_import_names_a_module_that_exists():
     lazy = {m for m in vars(peftlab).get("_LAZY", {}).values()}
     stale += [f"peftlab._LAZY: {m}" for m in sorted(lazy - modules)]
     assert stale == []
+
+
+def test_package_members_never_import_their_own_package_init():
+    """A module inside a package (a method family such as ``methods/lora``) imports its siblings'
+    modules, never names from its own package's ``__init__``: that ``__init__`` imports the members,
+    so such an import reads a half-initialised module and works or fails by import order. The root
+    package is the exception: its public names are lazy (``_LAZY``), so the workbench may use them."""
+    modules = set(import_graph())
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for module, imported in _named_modules(ast.parse(path.read_text(encoding="utf-8")), package):
+            inside = name.startswith(module + ".") and module != PACKAGE
+            if inside and (imported is None or f"{module}.{imported}" not in modules):
+                offenders.append(f"{name}: from {module} import {imported}")
+    assert offenders == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 
@@ -19,6 +20,18 @@ def test_peft_type_lists_exactly_the_registered_methods():
     assert {t.value for t in PeftType} == set(registry.registered_methods())
     for key, spec in registry.registered_specs().items():
         assert spec.config_cls.peft_type == PeftType(key)
+
+
+@pytest.mark.parametrize("key", registry.registered_methods())
+def test_each_method_lives_in_a_family_package_the_registry_imports(key):
+    """A method's config sits in ``peftlab.methods.<family>.<module>``; the family package is one
+    the registry imports, and its ``__init__`` exports the config (and every name it lists)."""
+    config_cls = registry.method_for(key).config_cls
+    family = config_cls.__module__.rpartition(".")[0]
+    assert family.rpartition(".")[0] == "peftlab.methods" and family in registry._BUILTIN_MODULES
+    package = importlib.import_module(family)
+    assert config_cls.__name__ in package.__all__ and getattr(package, config_cls.__name__) is config_cls
+    assert all(hasattr(package, name) for name in package.__all__)
 
 
 @pytest.mark.parametrize("key", registry.registered_methods())

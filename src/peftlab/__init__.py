@@ -20,20 +20,20 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.config import PeftConfig
     from peftlab.config import PeftType
     from peftlab.config import TaskType
-    from peftlab.methods.adalora import AdaLoraConfig
-    from peftlab.methods.adalora_budget import orthogonal_regularization
-    from peftlab.methods.adalora_budget import update_and_allocate
-    from peftlab.methods.bottleneck import BottleneckConfig
-    from peftlab.methods.ia3 import IA3Config
-    from peftlab.methods.loha import LoHaConfig
-    from peftlab.methods.lokr import LoKrConfig
-    from peftlab.methods.lora import LoraConfig
-    from peftlab.methods.p_tuning import PromptEncoderConfig
-    from peftlab.methods.p_tuning import PromptEncoderReparameterizationType
-    from peftlab.methods.prefix_tuning import PrefixTuningConfig
-    from peftlab.methods.prompt_tuning import PromptTuningConfig
-    from peftlab.methods.prompt_tuning import PromptTuningInit
-    from peftlab.methods.selective import SelectiveConfig
+    from peftlab.methods.adalora.adalora import AdaLoraConfig
+    from peftlab.methods.adalora.budget import orthogonal_regularization
+    from peftlab.methods.adalora.budget import update_and_allocate
+    from peftlab.methods.bottleneck.bottleneck import BottleneckConfig
+    from peftlab.methods.ia3.ia3 import IA3Config
+    from peftlab.methods.lycoris.loha import LoHaConfig
+    from peftlab.methods.lycoris.lokr import LoKrConfig
+    from peftlab.methods.lora.lora import LoraConfig
+    from peftlab.methods.prompt.p_tuning import PromptEncoderConfig
+    from peftlab.methods.prompt.p_tuning import PromptEncoderReparameterizationType
+    from peftlab.methods.prompt.prefix_tuning import PrefixTuningConfig
+    from peftlab.methods.prompt.prompt_tuning import PromptTuningConfig
+    from peftlab.methods.prompt.prompt_tuning import PromptTuningInit
+    from peftlab.methods.selective.selective import SelectiveConfig
     from peftlab.peft_model import PeftModel
     from peftlab.peft_model import get_peft_model
     from peftlab.peft_model import get_peft_model_state_dict
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.quantization import QuantConfig
     from peftlab.quantization import prepare_model_for_kbit_training
     from peftlab.quantization import quantize_model
-    from peftlab.adalora_callback import AdaLoraCallback
+    from peftlab.methods.adalora.callback import AdaLoraCallback
     from peftlab.peft_model import PeftModelForCausalLM
     from peftlab.peft_model import PeftModelForFeatureExtraction
     from peftlab.peft_model import PeftModelForQuestionAnswering
@@ -69,20 +69,20 @@ _LAZY: dict[str, str] = {
     "PeftConfig": "peftlab.config",
     "PeftType": "peftlab.config",
     "TaskType": "peftlab.config",
-    "AdaLoraConfig": "peftlab.methods.adalora",
-    "orthogonal_regularization": "peftlab.methods.adalora_budget",
-    "update_and_allocate": "peftlab.methods.adalora_budget",
-    "BottleneckConfig": "peftlab.methods.bottleneck",
-    "IA3Config": "peftlab.methods.ia3",
-    "LoHaConfig": "peftlab.methods.loha",
-    "LoKrConfig": "peftlab.methods.lokr",
-    "LoraConfig": "peftlab.methods.lora",
-    "PromptEncoderConfig": "peftlab.methods.p_tuning",
-    "PromptEncoderReparameterizationType": "peftlab.methods.p_tuning",
-    "PrefixTuningConfig": "peftlab.methods.prefix_tuning",
-    "PromptTuningConfig": "peftlab.methods.prompt_tuning",
-    "PromptTuningInit": "peftlab.methods.prompt_tuning",
-    "SelectiveConfig": "peftlab.methods.selective",
+    "AdaLoraConfig": "peftlab.methods.adalora.adalora",
+    "orthogonal_regularization": "peftlab.methods.adalora.budget",
+    "update_and_allocate": "peftlab.methods.adalora.budget",
+    "BottleneckConfig": "peftlab.methods.bottleneck.bottleneck",
+    "IA3Config": "peftlab.methods.ia3.ia3",
+    "LoHaConfig": "peftlab.methods.lycoris.loha",
+    "LoKrConfig": "peftlab.methods.lycoris.lokr",
+    "LoraConfig": "peftlab.methods.lora.lora",
+    "PromptEncoderConfig": "peftlab.methods.prompt.p_tuning",
+    "PromptEncoderReparameterizationType": "peftlab.methods.prompt.p_tuning",
+    "PrefixTuningConfig": "peftlab.methods.prompt.prefix_tuning",
+    "PromptTuningConfig": "peftlab.methods.prompt.prompt_tuning",
+    "PromptTuningInit": "peftlab.methods.prompt.prompt_tuning",
+    "SelectiveConfig": "peftlab.methods.selective.selective",
     "PeftModel": "peftlab.peft_model",
     "get_peft_model": "peftlab.peft_model",
     "get_peft_model_state_dict": "peftlab.peft_model",
@@ -110,7 +110,7 @@ _LAZY: dict[str, str] = {
     "TunerModelStatus": "peftlab.model_status",
     "get_layer_status": "peftlab.model_status",
     "get_model_status": "peftlab.model_status",
-    "AdaLoraCallback": "peftlab.adalora_callback",  # imports transformers' Trainer machinery
+    "AdaLoraCallback": "peftlab.methods.adalora.callback",  # imports transformers' Trainer machinery
 }
 
 __version__ = "0.1.0"

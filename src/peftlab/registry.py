@@ -1,6 +1,6 @@
 """Method registry: a method's name -> its :class:`MethodSpec`, the one place a method is declared.
 
-Adding a method is one ``register(...)`` call in its own module under ``methods/``; the rest
+Adding a method is one ``register(...)`` call in its own module under ``methods/<family>/``; the rest
 of the library (and the workbench, whose method tables derive from the specs) looks methods up
 here and never names them.
 """
@@ -104,18 +104,16 @@ class MethodSpec:
 
 
 _METHODS: dict[str, MethodSpec] = {}
-# Modules that register the built-in methods; imported lazily on first lookup.
+# Method-family packages; importing one imports the modules that register its methods (its
+# ``__init__``). Imported lazily on first lookup.
 _BUILTIN_MODULES = (
     "peftlab.methods.lora",
-    "peftlab.methods.ia3",
-    "peftlab.methods.loha",
-    "peftlab.methods.lokr",
     "peftlab.methods.adalora",
-    "peftlab.methods.prompt_tuning",
-    "peftlab.methods.prefix_tuning",
-    "peftlab.methods.p_tuning",
+    "peftlab.methods.lycoris",
+    "peftlab.methods.ia3",
     "peftlab.methods.bottleneck",
     "peftlab.methods.selective",
+    "peftlab.methods.prompt",
 )
 
 

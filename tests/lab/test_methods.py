@@ -66,7 +66,7 @@ def test_trainer_callbacks_hook(monkeypatch):
 
 
 def test_adalora_callback_is_declared():
-    assert method_for("ADALORA").trainer_callbacks == ("peftlab.adalora_callback:AdaLoraCallback",)
+    assert method_for("ADALORA").trainer_callbacks == ("peftlab.methods.adalora.callback:AdaLoraCallback",)
     fields = methods.config_fields(config_class_for("LORA"))
     assert "r" in fields and "peft_type" not in fields and all(isinstance(f, str) for f in fields)
     assert dataclasses.is_dataclass(config_class_for("IA3"))

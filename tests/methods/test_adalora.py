@@ -16,7 +16,7 @@ from torch import nn
 import peftlab
 from peftlab import AdaLoraConfig, AdapterStateError, PeftConfigError, TargetModuleError, get_peft_model
 from peftlab.methods.adalora import svd_adapters
-from peftlab.methods.adalora_budget import budget_schedule
+from peftlab.methods.adalora.budget import budget_schedule
 from _contract import Case, contract_tests, conv_inputs, perturb_trainable, run
 from conftest import ConvNet, text_inputs, tiny_bert_cls, tiny_gpt2
 
@@ -389,15 +389,15 @@ def test_callback_adds_the_regulariser_gradient():
 
 def test_callback_is_imported_lazily():
     """``import peftlab`` does not load the Trainer callback module; asking for the name does."""
-    saved = sys.modules.pop("peftlab.adalora_callback", None)
+    saved = sys.modules.pop("peftlab.methods.adalora.callback", None)
     try:
         importlib.reload(peftlab)
-        assert "peftlab.adalora_callback" not in sys.modules and "AdaLoraCallback" not in vars(peftlab)
-        assert peftlab.AdaLoraCallback.__module__ == "peftlab.adalora_callback"
-        assert "peftlab.adalora_callback" in sys.modules
+        assert "peftlab.methods.adalora.callback" not in sys.modules and "AdaLoraCallback" not in vars(peftlab)
+        assert peftlab.AdaLoraCallback.__module__ == "peftlab.methods.adalora.callback"
+        assert "peftlab.methods.adalora.callback" in sys.modules
     finally:
         if saved is not None:
-            sys.modules["peftlab.adalora_callback"] = saved
+            sys.modules["peftlab.methods.adalora.callback"] = saved
 
 
 @pytest.mark.filterwarnings(_PEFT_RANK_PATTERN_WARNING)

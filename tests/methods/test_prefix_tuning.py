@@ -54,7 +54,7 @@ def test_grouped_query_attention_sizes_the_prefix_by_key_value_heads():
 def test_prefix_is_a_cache_of_num_virtual_tokens_positions():
     from transformers import DynamicCache
 
-    from peftlab.methods._prompt_inputs import prefix_cache
+    from peftlab.methods.prompt.inputs import prefix_cache
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_gpt2(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))

@@ -239,7 +239,7 @@ def test_failed_load_adapter_leaves_the_model_as_it_was(tmp_path):
 
 
 def test_method_spec_needs_exactly_one_factory():
-    from peftlab.methods.prompt_tuning import make_prompt_embedding
+    from peftlab.methods.prompt.prompt_tuning import make_prompt_embedding
     from peftlab.registry import MethodSpec, method_for
 
     assert method_for("PROMPT_TUNING").make_model_adapter is make_prompt_embedding

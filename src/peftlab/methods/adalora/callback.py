@@ -31,7 +31,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from peftlab.errors import PeftConfigError
-from peftlab.methods.adalora_budget import resolve_adalora, orthogonal_regularization, update_and_allocate
+from peftlab.methods.adalora.budget import resolve_adalora, orthogonal_regularization, update_and_allocate
 
 
 class AdaLoraCallback(TrainerCallback):

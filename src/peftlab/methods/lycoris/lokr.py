@@ -22,13 +22,13 @@ from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
 from peftlab.layers import AdapterView
 from peftlab.methods.lora import LORA_DEFAULT_TARGETS
-from peftlab.methods.lycoris import LycorisAdapter, LycorisConfig, check_lycoris_target
+from peftlab.methods.lycoris.base import LycorisAdapter, LycorisConfig, check_lycoris_target
 from peftlab.registry import MethodSpec, register
 
 
 @dataclass
 class LoKrConfig(LycorisConfig):
-    """LoKr settings (see :class:`~peftlab.methods.lycoris.LycorisConfig` for the shared ones).
+    """LoKr settings (see :class:`~peftlab.methods.lycoris.base.LycorisConfig` for the shared ones).
 
     Args:
         decompose_both: also factor w1 into a rank-r product when r is small enough

@@ -22,8 +22,8 @@ from peftlab import limits
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import LayerWrapper, AdapterView, ModulesToSave
-from peftlab.methods.dora import make_dora_adapter
-from peftlab.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLinear
+from peftlab.methods.lora.dora import make_dora_adapter
+from peftlab.methods.lora.layers import LoraConv2d, LoraEmbedding, LoraLinear
 from peftlab.registry import MethodSpec, register
 from peftlab.targeting import pattern_value
 
@@ -71,7 +71,7 @@ class LoraConfig(LayerConfig):
             or False (both random: the model changes at init; for tests only).
         rank_pattern / alpha_pattern: per-module overrides, keyed by a regex matched against
             the end of the module name (e.g. ``{"value": 16}``).
-        use_dora: weight-decomposed LoRA (DoRA, :mod:`peftlab.methods.dora`): a trained
+        use_dora: weight-decomposed LoRA (DoRA, :mod:`peftlab.methods.lora.dora`): a trained
             per-row magnitude times the direction of ``W + s B A``; Linear and Conv1D only.
     """
 

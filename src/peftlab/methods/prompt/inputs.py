@@ -21,7 +21,7 @@ from torch import nn
 
 from peftlab.config import TaskType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_learning import CACHE_ARGUMENTS, PromptLearningConfig, VirtualTokens, cache_argument
+from peftlab.methods.prompt.base import CACHE_ARGUMENTS, PromptLearningConfig, VirtualTokens, cache_argument
 
 
 def batch_size(kwargs: dict[str, Any]) -> int:

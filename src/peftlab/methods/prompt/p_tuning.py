@@ -16,8 +16,8 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_inputs import EmbeddingTokens
-from peftlab.methods._prompt_learning import PromptLearningConfig, resolve_embedding_prompt_config
+from peftlab.methods.prompt.inputs import EmbeddingTokens
+from peftlab.methods.prompt.base import PromptLearningConfig, resolve_embedding_prompt_config
 from peftlab.registry import MethodSpec, register
 
 

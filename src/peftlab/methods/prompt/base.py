@@ -201,7 +201,7 @@ class VirtualTokens(nn.Module):
 
     # ----- input hooks (called by the prompt tuner's forward / generate) -----------------------
     def forward_kwargs(self, base_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The base model's forward inputs with the virtual tokens in (see :mod:`._prompt_inputs`)."""
+        """The base model's forward inputs with the virtual tokens in (see :mod:`.inputs`)."""
         raise NotImplementedError
 
     def generate_kwargs(self, base_model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -21,13 +21,13 @@ from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
 from peftlab.layers import AdapterView
 from peftlab.methods.lora import LORA_DEFAULT_TARGETS
-from peftlab.methods.lycoris import LycorisAdapter, LycorisConfig, check_lycoris_target
+from peftlab.methods.lycoris.base import LycorisAdapter, LycorisConfig, check_lycoris_target
 from peftlab.registry import MethodSpec, register
 
 
 @dataclass
 class LoHaConfig(LycorisConfig):
-    """LoHa settings (see :class:`~peftlab.methods.lycoris.LycorisConfig` for the shared ones).
+    """LoHa settings (see :class:`~peftlab.methods.lycoris.base.LycorisConfig` for the shared ones).
 
     Args:
         init_weights: True starts ``w2_b`` at zero (identity at init); False draws every factor

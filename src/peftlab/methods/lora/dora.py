@@ -23,10 +23,10 @@ from torch import nn
 from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab.errors import AdapterStateError, TargetModuleError
-from peftlab.methods.lora_layers import LoraLinear
+from peftlab.methods.lora.layers import LoraLinear
 
 if TYPE_CHECKING:
-    from peftlab.methods.lora import LoraConfig
+    from peftlab.methods.lora.lora import LoraConfig
 
 
 class Magnitude(nn.Module):

@@ -9,7 +9,7 @@ stored as ``lora_A`` (Q), ``lora_E`` (lambda) and ``lora_B`` (P), with ``s = lor
 During training a global rank budget shrinks from ``init_r`` per layer to ``target_r`` per
 layer on a cubic schedule: the least important triplets (P_i, lambda_i, Q_i) get lambda_i = 0.
 That per-step work and the orthogonality regulariser on P and Q are explicit training hooks
-(:mod:`peftlab.methods.adalora_budget`, :mod:`peftlab.adalora_callback`); forward never changes
+(:mod:`peftlab.methods.adalora.budget`, :mod:`peftlab.methods.adalora.callback`); forward never changes
 the loss.
 
 After allocation the config's ``rank_pattern`` records, per layer, which triplets survived
@@ -40,7 +40,7 @@ from peftlab.methods.lora import LoraConfig, lora_bias_parameters
 from peftlab.registry import MethodSpec, register
 
 if TYPE_CHECKING:
-    from peftlab.methods.adalora_budget import ImportanceState
+    from peftlab.methods.adalora.budget import ImportanceState
 
 # Default targets per model type (peft's AdaLoRA table: more projections than LoRA's q/v,
 # since the budget allocator decides where rank goes).
@@ -316,7 +316,7 @@ register(
         extra_tensors=lora_bias_parameters,
         disk_tensors=adalora_disk_tensors,
         step_count_options=("total_step",),
-        trainer_callbacks=("peftlab.adalora_callback:AdaLoraCallback",),
+        trainer_callbacks=("peftlab.methods.adalora.callback:AdaLoraCallback",),
         learning_rates=(3e-4, 1e-3, 3e-3),
     )
 )

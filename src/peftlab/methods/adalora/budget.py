@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import AdapterStateError
-from peftlab.methods.adalora import AdaLoraConfig, SvdAdapter, svd_adapters
+from peftlab.methods.adalora.adalora import AdaLoraConfig, SvdAdapter, svd_adapters
 
 _FACTORS = ("lora_A", "lora_E", "lora_B")
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
-from peftlab.methods._prompt_inputs import PrefixTokens
-from peftlab.methods._prompt_learning import PromptLearningConfig, cache_argument, resolve_prompt_config
+from peftlab.methods.prompt.inputs import PrefixTokens
+from peftlab.methods.prompt.base import PromptLearningConfig, cache_argument, resolve_prompt_config
 from peftlab.registry import MethodSpec, register
 
 

@@ -1,7 +1,7 @@
 """LoRA's layer adapters: ``out + s * B A x`` on Linear / Conv1D, Embedding and Conv2d.
 
-Kept apart from the config and factory (:mod:`peftlab.methods.lora`) so DoRA
-(:mod:`peftlab.methods.dora`) can build on :class:`LoraLinear` while the LoRA factory builds DoRA
+Kept apart from the config and factory (:mod:`peftlab.methods.lora.lora`) so DoRA
+(:mod:`peftlab.methods.lora.dora`) can build on :class:`LoraLinear` while the LoRA factory builds DoRA
 adapters, without the two modules importing each other.
 """
 
