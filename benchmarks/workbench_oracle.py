@@ -4,7 +4,10 @@ A method that lands far below the others in a study (prompt tuning, AdaLoRA on M
 either weak there or broken in peftlab. This trains the same run — config, data, seed, learning
 rate, Trainer settings, the workbench's own training path — twice per seed: once as the
 workbench does, once with ``peftlab.get_peft_model`` swapped for peft's (AdaLoRA's budget step
-then calls peft's ``update_and_allocate``; peft adds the orthogonality term to the loss itself).
+then calls peft's ``update_and_allocate``; peft adds the orthogonality term to the loss itself;
+peft's ``modules_to_save`` copies get the run's ``head_learning_rate`` as peftlab's do — without
+that the head of a peft model trains at the adapter's rate, 0.1 for prompt tuning, and stays at
+chance).
 It prints both test accuracies per seed and the paired comparison the workbench report uses
 (paired bootstrap over test sentences + sign across seeds): the oracle agrees when the
 difference is not marked.
@@ -56,7 +59,7 @@ def peft_backend() -> Iterator[None]:
     import peft
 
     import peftlab
-    from peftlab.lab import runner
+    from peftlab.lab import runner, trainer
 
     def get_peft_model(model: Any, config: Any) -> Any:
         values = config.to_dict()
@@ -74,8 +77,13 @@ def peft_backend() -> Iterator[None]:
     def callbacks(config: Any, model: Any) -> list[Any]:
         return [_PeftAdaLoraBudget(model)] if config is not None and config.peft_type.value == "ADALORA" else []
 
-    saved = (peftlab.__dict__.get("get_peft_model"), runner.trainer_callbacks)
-    peftlab.get_peft_model, runner.trainer_callbacks = get_peft_model, callbacks
+    def head_parameters(model: Any) -> set[int]:  # the head_learning_rate group: peft's wrapped copies
+        from peft.utils import ModulesToSaveWrapper
+
+        return {id(p) for m in model.modules() if isinstance(m, ModulesToSaveWrapper) for p in m.modules_to_save.parameters()}
+
+    saved = (peftlab.__dict__.get("get_peft_model"), runner.trainer_callbacks, trainer.head_parameters)
+    peftlab.get_peft_model, runner.trainer_callbacks, trainer.head_parameters = get_peft_model, callbacks, head_parameters
     try:
         yield
     finally:
@@ -83,7 +91,7 @@ def peft_backend() -> Iterator[None]:
             del peftlab.get_peft_model
         else:
             peftlab.get_peft_model = saved[0]
-        runner.trainer_callbacks = saved[1]
+        runner.trainer_callbacks, trainer.head_parameters = saved[1], saved[2]
 
 
 def chosen_rates(study_dir: str) -> dict[str, float]:
