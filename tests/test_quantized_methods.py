@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import peftlab
+from peftlab import registry
 from peftlab.errors import AdapterStateError, TargetModuleError
 from peftlab.quantization import QuantConfig, is_quantized_linear, quantize_model
 from conftest import text_inputs, tiny_llama
@@ -52,7 +53,7 @@ def logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 
 
 def test_table_covers_every_registered_method():
-    assert {m.lower() for m in peftlab.registry.registered_methods()} == set(METHODS)
+    assert {m.lower() for m in registry.registered_methods()} == set(METHODS)
 
 
 @pytest.mark.parametrize("quant", list(QUANT))
