@@ -101,6 +101,28 @@ def text_inputs(batch: int = 3, length: int = 7, seed: int = 0) -> dict[str, tor
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+class ToyTask(torch.utils.data.Dataset):
+    """Label = whether token 5 comes first: a sequence task a tiny model learns in a few Trainer steps.
+
+    ``label_key`` names the label column ("labels" as models take it, or "label" as data sets
+    store it, which the Trainer renames); ``extra`` adds constant columns the model does not take.
+    """
+
+    def __init__(self, n: int = 32, length: int = 8, label_key: str = "labels", extra: dict | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(6, 99, (n, length), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.ids[self.labels == 1, 0] = 5
+        self.label_key, self.extra = label_key, dict(extra or {})
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
+                self.label_key: self.labels[i], **self.extra}
+
+
 def seq2seq_inputs(batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     inputs = text_inputs(batch, 7, seed)
     inputs["decoder_input_ids"] = text_inputs(batch, 5, seed + 1)["input_ids"]

@@ -3,26 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
 
 from peftlab import LoraConfig, TaskType, get_peft_model
-from conftest import tiny_bert_cls
-
-
-class ToyTask(Dataset):
-    """Label = whether token 5 appears in the sequence: learnable in a few steps."""
-
-    def __init__(self, n: int = 64, length: int = 8) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(6, 99, (n, length), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-        self.ids[self.labels == 1, 0] = 5
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "label": self.labels[i], "unused": 0}
+from conftest import ToyTask, tiny_bert_cls
 
 
 def test_trainer_trains_only_adapter_and_head(tmp_path):
@@ -31,7 +14,7 @@ def test_trainer_trains_only_adapter_and_head(tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(tiny_bert_cls(), LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    data = ToyTask()
+    data = ToyTask(n=64, label_key="label", extra={"unused": 0})
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=10, learning_rate=2e-2,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,

@@ -10,30 +10,13 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from conftest import tiny_bert_cls, text_inputs
+from conftest import ToyTask, text_inputs, tiny_bert_cls
 from peftlab import LoraConfig, PeftModel, TaskType, get_peft_model
 from peftlab.integrations import disable_trainer_support, enable_trainer_support, trainer_support_enabled
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 FULL_WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
-
-
-class ToyTask(Dataset):
-    """Label = whether token 5 appears first: learnable in a few steps."""
-
-    def __init__(self, n: int = 32, length: int = 8) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(6, 99, (n, length), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-        self.ids[self.labels == 1, 0] = 5
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
 @pytest.fixture
