@@ -3,8 +3,8 @@
 Kernel changes move a training step by a few percent, less than run-to-run noise on a shared
 machine; only an interleaved comparison in one process settles them. This script loads another
 version of ``src/peftlab/kernels.py`` (e.g. the last commit's) beside the current one, and times
-training steps of one LoRA model switching between the two kernels' ``keep_mask`` and
-``LoraLinearFunction``, alternating with full fine-tuning steps; it prints medians, x full FT,
+training steps of one LoRA model switching between the two kernels' ``_fused`` (which ties
+that version's mask and autograd node together), alternating with full fine-tuning steps; it prints medians, x full FT,
 and the median paired ratio current/other.
 
     git show HEAD~1:src/peftlab/kernels.py > /tmp/kernels_before.py
@@ -45,20 +45,19 @@ def main() -> None:
     config = C.peft_lora_config("peftlab", r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=ALL_LINEAR)
     lora_step = C.train_step_fn(C.get_peft_model("peftlab", copy.deepcopy(base), config), inputs)
     full_step = C.train_step_fn(copy.deepcopy(base), inputs)
-    current = (kernels.keep_mask, kernels.LoraLinearFunction)
+    current = kernels._fused
 
-    def with_kernel(keep_mask, function):
+    def with_kernel(fused):
         def step() -> None:
-            kernels.keep_mask, kernels.LoraLinearFunction = keep_mask, function  # looked up per call
+            kernels._fused = fused  # looked up per call by kernels.lora_linear
             lora_step()
         return step
 
-    fns = {"current": with_kernel(*current), "other": with_kernel(other.keep_mask, other.LoraLinearFunction),
-           "full_ft": full_step}
+    fns = {"current": with_kernel(current), "other": with_kernel(other._fused), "full_ft": full_step}
     try:
         times = C.alternate(fns, rounds=args.rounds, warmup=2)
     finally:
-        kernels.keep_mask, kernels.LoraLinearFunction = current
+        kernels._fused = current
     rows, table = [], {}
     for name in fns:
         table[name] = {"median_ms": C.median(times[name]) * 1e3, "x_full_ft": C.paired_ratio(times, name, "full_ft")}

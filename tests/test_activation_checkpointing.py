@@ -88,14 +88,14 @@ def test_recomputed_fused_dropout_masks_are_the_first_ones(monkeypatch):
     _, model = _models("lora-fused-dropout")
     model.gradient_checkpointing_enable()
     masks: list[torch.Tensor] = []
-    real = kernels.keep_mask
+    real = kernels.DropMask.draw
 
-    def recording(shape, p, device="cpu"):
-        mask = real(shape, p, device)
-        masks.append(mask.clone())
-        return mask
+    def recording(shape, p, device):
+        drop = real(shape, p, device)
+        masks.append(drop.keep())
+        return drop
 
-    monkeypatch.setattr(kernels, "keep_mask", recording)
+    monkeypatch.setattr(kernels.DropMask, "draw", recording)
     _step(model, _batch())
     per_pass = 2 * len(ALL)  # 2 decoder layers x 7 adapted linears
     assert len(masks) == 2 * per_pass  # forward, then each layer again during backward

@@ -161,11 +161,12 @@ def test_fused_function_gradcheck(rows, fan_in_fan_out, dropout):
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     lora_a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    keep = kernels.keep_mask((rows, 12), 0.25) if dropout else None
+    drop = kernels.DropMask.draw((rows, 12), 0.25, "cpu") if dropout else None
+    keep = drop.keep() if dropout else None
     keep_scale = 1 / 0.75 if dropout else 1.0
 
     def fused(x, bias, lora_a, lora_b):
-        return kernels.LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, keep, 0.5, keep_scale, fan_in_fan_out)
+        return kernels.LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, drop, 0.5, fan_in_fan_out)
 
     assert torch.autograd.gradcheck(fused, (x, bias, lora_a, lora_b))
     w = weight.t() if fan_in_fan_out else weight
@@ -450,3 +451,39 @@ def test_mixed_batch_under_autocast_takes_the_generic_path():
         model.set_adapter("b")
         alone = main_output(model(**{k: v[1:2] for k, v in inputs.items()}))
     torch.testing.assert_close(mixed[1:2].float(), alone.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_node_keeps_no_input_sized_tensor_but_x(dropout):
+    """With or without dropout, the only input-sized tensor the fused node keeps for backward is
+    x itself (shared with whatever else holds it): no dropped copy of x, no per-element mask."""
+    model = lora_net(dropout=dropout)
+    model.train()
+    x = torch.randn(6, 5, 12, dtype=torch.float64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    assert FUSED_NODE in _graph_names(out)
+    input_sized = [t for t in saved if t.numel() >= x.numel()]
+    assert input_sized and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in input_sized)
+    others = sum(t.numel() for t in saved if t.numel() < x.numel())
+    # the frozen weight (10 x 12), A (4 x 12), B (10 x 4) and h (30 x 4)
+    assert others == 10 * 12 + 4 * 12 + 10 * 4 + 30 * 4
+    out.sum().backward()  # and backward, drawing the mask again, still works
+    assert x.grad is not None
+
+
+def test_drop_mask_draws_the_same_mask_from_its_seed():
+    torch.manual_seed(5)
+    drop = kernels.DropMask.draw((40, 30), 0.25, "cpu")
+    torch.manual_seed(5)
+    direct = kernels.keep_mask((40, 30), 0.25)  # one torch draw seeds the mask either way
+    assert torch.equal(drop.keep(), direct) and torch.equal(drop.keep(), drop.keep())
+    assert drop.scale == pytest.approx(1 / 0.75)
+    other = kernels.DropMask.draw((40, 30), 0.25, "cpu")
+    assert other.seed != drop.seed and not torch.equal(other.keep(), drop.keep())

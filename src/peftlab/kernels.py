@@ -8,10 +8,10 @@ stock modules. It is correct but wasteful on training steps:
 * the adapter output is added to the base output out of place (one more full-size pass).
 
 :class:`LoraLinearFunction` computes the same value in one autograd node that keeps only what
-backward needs: A's input (without dropout that is ``x`` itself, usually shared with sibling
-layers, so no new memory), a 1-byte keep mask, and the rank-r activation ``A dropout(x)``. The
-mask is drawn from 16 random bits per element (a quarter of one 64-bit draw), four to six
-times cheaper than ``nn.Dropout``, and kept as uint8 0/1 (applied by a multiply). Also:
+backward needs: the input ``x`` (usually shared with sibling layers, so no new memory), the
+rank-r activation ``A dropout(x)`` and the dropout mask's seed; backward draws the mask again
+from the seed. The mask is drawn from 16 random bits per element (a quarter of one 64-bit draw),
+four to six times cheaper than ``nn.Dropout``, as uint8 0/1 (applied by a multiply). Also:
 
 * the weight gradient of B, ``s g^T h``, is computed as ``s (h^T g)^T``: the same numbers,
   but BLAS on this CPU takes half the time when the big (N, out) operand is not the
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,22 +67,35 @@ def fast_base(base: nn.Module) -> bool:
     return type(weight) is nn.Parameter and weight.is_floating_point() and not weight.requires_grad
 
 
-def random_words(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``count`` uniformly random int64 words, reproducible under ``torch.manual_seed``.
+def mask_seed() -> int:
+    """One int64 draw from torch's default CPU generator: the seed of one dropout mask.
 
-    On CPU the words come from numpy's SFC64 generator, seeded by one draw from torch's default
-    generator: torch's own CPU generator (a Mersenne Twister, one thread) takes ~4.5 ns per word,
-    SFC64 ~2.3 ns, and the draw is the largest part of a dropout mask's cost (docs/benchmarks.md,
-    "What makes peftlab's LoRA fast"). Elsewhere torch's generator of that device fills them.
+    Drawing it from torch makes masks follow ``torch.manual_seed`` and lets activation
+    checkpointing (which restores torch's RNG state before recomputing) draw the same masks again.
     """
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def random_words(count: int, device: torch.device | str = "cpu", seed: int | None = None) -> torch.Tensor:
+    """``count`` uniformly random int64 words from ``seed`` (default: :func:`mask_seed`).
+
+    On CPU the words come from numpy's SFC64 generator: torch's own CPU generator (a Mersenne
+    Twister, one thread) takes ~4.5 ns per word, SFC64 ~2.3 ns, and the draw is the largest part
+    of a dropout mask's cost (docs/benchmarks.md, "What makes peftlab's LoRA fast"). Elsewhere a
+    torch generator of that device, seeded with ``seed``, fills them.
+    """
+    seed = mask_seed() if seed is None else seed
     if torch.device(device).type != "cpu":
-        return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None)
-    seed = int(torch.empty((), dtype=torch.int64).random_())
-    return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+        generator = torch.Generator(device=device).manual_seed(seed & (2**63 - 1))
+        return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    return torch.from_numpy(np.random.SFC64(seed & (2**64 - 1)).random_raw(count).view(np.int64))
 
 
-def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu", seed: int | None = None) -> torch.Tensor:
     """A uint8 0/1 mask, 1 with probability ``1 - p`` (to 1/65536), from :func:`random_words`.
+
+    The same ``seed`` gives the same mask: the fused LoRA node keeps the seed instead of the mask
+    and draws the mask again in backward.
 
     Four mask elements share one 64-bit word, which is what makes it cheap; ``torch.manual_seed``
     makes it reproducible like any other torch random op. Element ``i`` is 1 exactly when its 16
@@ -99,21 +113,49 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu"
         return torch.ones(tuple(shape), dtype=torch.uint8, device=device)
     if cut >= 2**_MASK_BITS:
         return torch.zeros(tuple(shape), dtype=torch.uint8, device=device)
-    bits = random_words((numel + 3) // 4, device)
+    bits = random_words((numel + 3) // 4, device, seed)
     threshold = -(2 ** (_MASK_BITS - 1)) + cut
     # clamp to {threshold - 1, threshold}, minus (threshold - 1): 0 below the threshold, 1 at or above.
     mask = bits.view(torch.int16)[:numel].clamp_(threshold - 1, threshold).sub_(threshold - 1)
     return mask.to(torch.uint8).view(*shape)
 
 
+@dataclass(frozen=True)
+class DropMask:
+    """A dropout mask by its recipe: ``keep_mask(shape, p, device, seed)`` gives the same mask each time.
+
+    The fused node keeps this (a few bytes) instead of a 1-byte-per-element mask and draws the mask
+    again in backward (~2 ns per element on this CPU).
+    """
+
+    shape: tuple[int, ...]
+    p: float
+    device: torch.device
+    seed: int
+
+    @classmethod
+    def draw(cls, shape: Sequence[int], p: float, device: torch.device | str) -> DropMask:
+        return cls(tuple(shape), p, torch.device(device), mask_seed())
+
+    def keep(self) -> torch.Tensor:
+        return keep_mask(self.shape, self.p, self.device, self.seed)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s * ((x * keep / (1 - p)) A^T) B^T`` with a frozen ``W`` (and maybe ``b``).
 
     Shapes: x (N, in), weight (out, in) or (in, out) when ``fan_in_fan_out``, lora_a (r, in),
-    lora_b (out, r), keep (N, in) uint8 0/1 or None (no dropout). Saved for backward: A's input
-    (x itself without dropout; the dropped x with it), the 1-byte mask, and the (N, r)
-    activation h: 5 bytes per input element with dropout where ``nn.Dropout``
-    + ``nn.Linear`` keep 8.
+    lora_b (out, r); ``drop`` is the dropout mask's recipe (keep has x's shape) or None (no dropout).
+    Saved for backward: x itself, the (N, r) activation h and the mask's seed. x is usually
+    shared with sibling layers (q/k/v, gate/up read the same tensor) or held by the base model
+    anyway, so LoRA adds ~nothing per element; ``nn.Dropout`` + ``nn.Linear`` keep a float copy of
+    the dropped x and a mask per layer (8 bytes per input element), and keeping the dropped x and a
+    1-byte mask here (the earlier version) cost 5. Backward draws the mask again and recomputes
+    the dropped x for A's gradient.
     """
 
     @staticmethod
@@ -124,39 +166,42 @@ class LoraLinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
-        keep: torch.Tensor | None,
+        drop: DropMask | None,
         scaling: float,
-        keep_scale: float,
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
         w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
-        # A's input: x itself (often shared with sibling layers, so saving it is free), or the
-        # dropped x (unscaled; 1/(1-p) is applied to the small rank-r tensors instead).
         # keep.to(dtype).mul_(x), not x * keep: the out-of-place float * uint8 multiply takes a
         # slow mixed-dtype path on CPU (3.7 ms vs 0.48 ms for a (1024, 1536) input; docs/benchmarks.md).
-        x_in = x if keep is None else keep.to(x.dtype).mul_(x)
+        # 1/(1-p) is applied to the small rank-r tensors instead of the dropped x.
+        x_in = x if drop is None else drop.keep().to(x.dtype).mul_(x)
         h = torch.mm(x_in, lora_a.t())  # (N, r)
-        if keep is not None:
-            h.mul_(keep_scale)
+        del x_in
+        if drop is not None:
+            h.mul_(drop.scale)
         out.addmm_(h, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x_in, weight, lora_a, lora_b, h, keep)
-        ctx.scaling, ctx.keep_scale, ctx.fan_in_fan_out = scaling, keep_scale, fan_in_fan_out
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
+        ctx.drop, ctx.scaling, ctx.fan_in_fan_out = drop, scaling, fan_in_fan_out
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x_in, weight, lora_a, lora_b, h, keep = ctx.saved_tensors
+        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        drop: DropMask | None = ctx.drop
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_a = grad_b = None
         grad_out = grad_out.contiguous()
+        keep = drop.keep() if drop is not None and (need_a or need_x) else None
         # (h^T g)^T rather than g^T h: same numbers, half the time (the big operand is not transposed).
         if need_b:
             grad_b = torch.mm(h.t(), grad_out).t().mul_(ctx.scaling)  # (out, r)
         # Gradient reaching A's output, with the dropout scale folded in: (r, N), cheap.
-        grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * (ctx.keep_scale if keep is not None else 1.0))
+        grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * (drop.scale if drop is not None else 1.0))
         if need_a:
+            x_in = x if keep is None else keep.to(x.dtype).mul_(x)
             grad_a = torch.mm(grad_h_t, x_in)  # (r, in)
+            del x_in
         if need_x:
             lora_part = torch.mm(grad_h_t.t(), lora_a)  # (N, in)
             if keep is not None:
@@ -165,7 +210,7 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = lora_part.addmm_(grad_out, w)  # in place: out-of-place addmm would copy lora_part first
         if need_bias:
             grad_bias = grad_out.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
 def lora_linear(base: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -203,12 +248,8 @@ def _fused(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return None  # let the base layer raise its own shape error
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    keep = None
-    keep_scale = 1.0
-    if training and dropout > 0:
-        keep = keep_mask(x2.shape, dropout, x2.device)
-        keep_scale = 1.0 / (1.0 - dropout)
-    out = LoraLinearFunction.apply(x2, weight, bias, lora_a, lora_b, keep, scaling, keep_scale, fan_in_fan_out)
+    drop = DropMask.draw(x2.shape, dropout, x2.device) if training and dropout > 0 else None
+    out = LoraLinearFunction.apply(x2, weight, bias, lora_a, lora_b, drop, scaling, fan_in_fan_out)
     return out.view(*lead, out.shape[-1])
 
 
