@@ -487,3 +487,70 @@ def test_drop_mask_draws_the_same_mask_from_its_seed():
     assert drop.scale == pytest.approx(1 / 0.75)
     other = kernels.DropMask.draw((40, 30), 0.25, "cpu")
     assert other.seed != drop.seed and not torch.equal(other.keep(), drop.keep())
+
+
+DELTA_NODE = "LoraDeltaFunctionBackward"
+
+
+def hooked_lora_net(dropout: float) -> peftlab.PeftModel:
+    """A LoRA net whose base layer has a forward hook: the fused node must not bypass it."""
+    model = lora_net(dropout=dropout)
+    layer(model).base_layer.register_forward_hook(lambda module, args, out: out)
+    return model
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_delta_node_equals_reference_with_same_mask(p):
+    model = hooked_lora_net(p)
+    model.train()
+    wrapped = layer(model)
+    adapter = wrapped.adapters["default"]
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    graph = _graph_names(model(x.clone().requires_grad_(True)))
+    assert DELTA_NODE in graph and FUSED_NODE not in graph  # the base ran itself (hook), the adapter term fused
+    torch.manual_seed(123)
+    out, grads = run(model, x)
+
+    torch.manual_seed(123)
+    keep = kernels.keep_mask((15, 12), p).view(3, 5, 12)
+    xr = x.clone().requires_grad_(True)
+    a, b = adapter.lora_A.weight, adapter.lora_B.weight
+    ref = wrapped.base_layer(xr) + (xr * keep / (1 - p)) @ a.T @ b.T * adapter.scaling
+    (ref * torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum().backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads["x"], xr.grad, rtol=0, atol=1e-12)
+    prefix = "base_model.model.lin."
+    torch.testing.assert_close(grads[prefix + "lora_A.default.weight"], a.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[prefix + "lora_B.default.weight"], b.grad, rtol=0, atol=1e-12)
+    assert not torch.allclose(grads["x"], _no_dropout_grad(model, x))  # the mask really applied
+
+
+def test_delta_node_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    lora_a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    drop = kernels.DropMask.draw((9, 12), 0.25, "cpu")
+    assert not drop.keep().all()  # some elements really drop
+
+    def delta(x, lora_a, lora_b):
+        return kernels.LoraDeltaFunction.apply(x, lora_a, lora_b, drop, 0.5)
+
+    assert torch.autograd.gradcheck(delta, (x, lora_a, lora_b))
+    expected = 0.5 * ((x * drop.keep() / 0.75) @ lora_a.t()) @ lora_b.t()
+    torch.testing.assert_close(delta(x, lora_a, lora_b), expected, rtol=0, atol=1e-12)
+
+
+def test_delta_node_keeps_no_dropped_copy_and_is_skipped_without_dropout():
+    model = hooked_lora_net(0.3)
+    model.train()
+    x = torch.randn(6, 5, 12, dtype=torch.float64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    assert DELTA_NODE in _graph_names(out)
+    input_sized = [t for t in saved if t.numel() >= x.numel()]
+    assert input_sized and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in input_sized)
+    model.eval()  # dropout off: the stock modules compute the term
+    assert DELTA_NODE not in _graph_names(model(x))
+    assert DELTA_NODE not in _graph_names(hooked_lora_net(0.0).train()(x))

@@ -167,6 +167,31 @@ def test_lora_on_quantized_base_trains_only_adapters(name):
     assert is_quantized_linear(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer)
 
 
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_lora_dropout_on_quantized_base_keeps_only_the_input(name):
+    """With dropout on a packed base, the adapter term goes through peftlab's delta node (the mask
+    drawn again from its seed in backward): nothing input-sized is kept for a layer but its input,
+    where ``nn.Dropout`` + ``lora_A`` would keep a dropped copy and a mask per layer."""
+    _, quant = quantized_llama(CONFIGS[name])
+    model = get_peft_model(quant, lora_config(lora_dropout=0.2, init_lora_weights=False)).train()
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 8, q_proj.base_layer.in_features, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = q_proj(x)
+    names, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(fn.name())
+            stack.extend(f for f, _ in fn.next_functions)
+    assert "LoraDeltaFunctionBackward" in names
+    input_sized = [t for t in saved if t.is_floating_point() and t.numel() >= x.numel()]
+    assert all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in input_sized)
+    out.sum().backward()
+    assert x.grad is not None and q_proj.lora_A["default"].weight.grad.abs().sum() > 0
+
+
 def _peft_quantized_pair(init: bool):
     """Our LoRA and peft's LoRA on identical 4-bit copies of one model."""
     import peft

@@ -38,9 +38,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "dora": ("methods/lora/dora.py", ["tests/methods/test_dora.py"]),
     "ia3": ("methods/ia3/ia3.py", ["tests/methods/test_ia3.py", "tests/test_peft_parity.py", "tests/test_targeting.py",
                                "tests/test_checkpoint.py"]),
-    "kernels": ("kernels.py", ["tests/test_kernels.py"]),
-    "checkpoint": ("checkpoint.py", ["tests/test_checkpoint.py", "tests/test_errors.py"]),
-    "mixed_batch": ("mixed_batch.py", ["tests/test_mixed_batch.py"]),
+    "kernels": ("kernels.py", ["tests/test_kernels.py", "tests/test_activation_checkpointing.py", "tests/test_mixed_batch.py"]),
+    "checkpoint": ("checkpoint.py", ["tests/test_checkpoint.py", "tests/test_errors.py", "tests/test_io.py",
+                                     "tests/test_adapter_folder.py", "tests/test_peft_api.py"]),
+    "mixed_batch": ("mixed_batch.py", ["tests/test_mixed_batch.py", "tests/test_peft_api.py"]),
 }
 
 

@@ -253,6 +253,59 @@ def _fused(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return out.view(*lead, out.shape[-1])
 
 
+class LoraDeltaFunction(torch.autograd.Function):
+    """``s * ((x * keep / (1 - p)) A^T) B^T``: the adapter term alone, for bases the fused node
+    cannot bypass (4-bit and 8-bit bitsandbytes layers, layers with hooks), with dropout.
+
+    Keeps what :class:`LoraLinearFunction` keeps (x, h and the mask's seed) where ``nn.Dropout``
+    followed by ``lora_A`` keeps a dropped copy of x and a mask per layer. Without dropout the
+    stock modules keep only x and h already, so this node is used only with dropout.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, drop: DropMask,  # type: ignore[override]
+                scaling: float) -> torch.Tensor:
+        x_in = drop.keep().to(x.dtype).mul_(x)
+        h = torch.mm(x_in, lora_a.t()).mul_(drop.scale)  # (N, r)
+        del x_in
+        ctx.save_for_backward(x, lora_a, lora_b, h)
+        ctx.drop, ctx.scaling = drop, scaling
+        return torch.mm(h, lora_b.t()).mul_(scaling)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, lora_a, lora_b, h = ctx.saved_tensors
+        drop: DropMask = ctx.drop
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_b = None
+        grad_out = grad_out.contiguous()
+        if need_b:
+            grad_b = torch.mm(h.t(), grad_out).t().mul_(ctx.scaling)  # (out, r)
+        grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * drop.scale)  # (r, N)
+        if need_a or need_x:
+            keep = drop.keep()
+            if need_a:
+                grad_a = torch.mm(grad_h_t, keep.to(x.dtype).mul_(x))  # (r, in)
+            if need_x:
+                grad_x = torch.mm(grad_h_t.t(), lora_a).mul_(keep)  # (N, in)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: float,
+               training: bool) -> torch.Tensor | None:
+    """The adapter term with dropout through :class:`LoraDeltaFunction`, or None when the stock
+    modules should compute it (no dropout in effect, autocast, mixed dtypes, ``PEFTLAB_PLAIN=1``)."""
+    if not training or dropout <= 0 or plain_forced() or x.dim() == 0:
+        return None
+    if torch.is_autocast_enabled(x.device.type) or not (x.dtype == lora_a.dtype == lora_b.dtype):
+        return None
+    if x.device != lora_a.device or x.shape[-1] != lora_a.shape[1]:
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    delta = LoraDeltaFunction.apply(x2, lora_a, lora_b, DropMask.draw(x2.shape, dropout, x2.device), scaling)
+    return delta.view(*x.shape[:-1], lora_b.shape[0])
+
+
 # ----- mixed batches -----------------------------------------------------------------------------
 _SELECTOR_CACHE: dict[tuple, torch.Tensor] = {}
 

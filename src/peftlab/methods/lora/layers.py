@@ -53,7 +53,11 @@ class LoraLinear(AdapterView):
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        delta = None
+        if self.plain_low_rank:  # with dropout, on bases the fused node cannot bypass (4-bit, hooks)
+            delta = kernels.lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self._dropout_p(), self.training)
+        if delta is None:
+            delta = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         return out + delta.to(out.dtype)
 
     def _dropout_p(self) -> float:
