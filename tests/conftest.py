@@ -163,3 +163,15 @@ def tiny_word_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##")
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(autouse=True)
+def cold_kernel_caches():
+    """Every test starts with peftlab's memo caches empty, so what it checks is computed in the test
+    (not served from an earlier test's cache; mutation testing forks after a full run)."""
+    from peftlab import kernels, mixed_batch
+
+    kernels._RUNS_CACHE.clear()
+    kernels._SELECTOR_CACHE.clear()
+    mixed_batch._class_takes_cache.cache_clear()
+    yield

@@ -175,6 +175,18 @@ def test_fused_function_gradcheck(rows, fan_in_fan_out, dropout):
     torch.testing.assert_close(fused(x, bias, lora_a, lora_b), expected, rtol=0, atol=1e-12)
 
 
+def _count_nodes(t: torch.Tensor, name: str) -> int:
+    count, stack, seen = 0, [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        count += fn.name() == name
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
 def _graph_names(t: torch.Tensor) -> set[str]:
     names, stack, seen = set(), [t.grad_fn], set()
     while stack:
@@ -266,7 +278,8 @@ def test_conv1d_fan_in_fan_out_matches_plain(monkeypatch):
         return out.detach(), grads
 
     out, grads = step()
-    assert FUSED_NODE in _graph_names(main_output(model(**inputs)))
+    adapted = sum(isinstance(m, LayerWrapper) for m in model.modules())
+    assert adapted == 4 * 2 and _count_nodes(main_output(model(**inputs)), FUSED_NODE) == adapted  # c_attn is 32 -> 96: not square
     monkeypatch.setenv("PEFTLAB_PLAIN", "1")
     ref_out, ref_grads = step()
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
@@ -298,21 +311,54 @@ def test_dora_keeps_readable_path(monkeypatch):
     assert_close_all(grads, ref_grads, rtol=0, atol=0)
 
 
+def _square_lora(base: nn.Linear) -> peftlab.PeftModel:
+    net = Net().double()
+    net.lin = base.double()  # square (12 -> 12): a transposed weight would still fit the shapes
+    return peftlab.get_peft_model(net, peftlab.LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+
+
+def _reference(model: peftlab.PeftModel, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    adapter = layer(model).adapters["default"]
+    return base_out + adapter.scaling * x @ adapter.lora_A.weight.T @ adapter.lora_B.weight.T
+
+
 def test_subclassed_or_hooked_base_keeps_readable_path():
-    class MyLinear(nn.Linear):  # e.g. a quantized linear: its own forward must run
+    """Each reason to keep the base's own forward, alone: a subclass (e.g. a quantized linear), a
+    forward hook, a forward pre-hook, a forward set on the instance (as accelerate's hooks do)."""
+
+    class MyLinear(nn.Linear):
         def forward(self, x):
             return super().forward(x) * 2
 
-    net = Net().double()
-    net.lin = MyLinear(12, 10).double()
-    model = peftlab.get_peft_model(net, peftlab.LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    torch.manual_seed(0)
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
-    assert FUSED_NODE not in _graph_names(model(x))
-    hooked = lora_net()
+    model = _square_lora(MyLinear(12, 12))
+    out = model(x)
+    assert FUSED_NODE not in _graph_names(out)
+    plain = layer(model).base_layer
+    torch.testing.assert_close(out, _reference(model, 2 * nn.functional.linear(x, plain.weight, plain.bias), x))
+
+    hooked = _square_lora(nn.Linear(12, 12))
     calls = []
     layer(hooked).base_layer.register_forward_hook(lambda *a: calls.append(1))
-    assert FUSED_NODE not in _graph_names(hooked(x))
-    assert calls
+    assert FUSED_NODE not in _graph_names(hooked(x)) and calls
+
+    pre_hooked = _square_lora(nn.Linear(12, 12))
+    layer(pre_hooked).base_layer.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    out = pre_hooked(x)
+    assert FUSED_NODE not in _graph_names(out)
+    base = layer(pre_hooked).base_layer
+    torch.testing.assert_close(out, _reference(pre_hooked, nn.functional.linear(3 * x, base.weight, base.bias), x))
+
+    patched = _square_lora(nn.Linear(12, 12))
+    base = layer(patched).base_layer
+    original = base.forward
+    base.forward = lambda inp: original(inp) + 1.0
+    out = patched(x)
+    assert FUSED_NODE not in _graph_names(out)
+    torch.testing.assert_close(out, _reference(patched, nn.functional.linear(x, base.weight, base.bias) + 1.0, x))
+
+    assert FUSED_NODE in _graph_names(_square_lora(nn.Linear(12, 12))(x))  # the same layer, untouched: fused
 
 
 def test_trainable_base_weight_keeps_readable_path():
@@ -385,6 +431,7 @@ def test_row_runs():
     [
         (["a", "a", "b", "b", "b", "__base__"], False),  # grouped: per-run slices
         (["a", "b", "a", "b", "a", "b"], True),  # 6 runs of 2 adapters: stacked with a row selector
+        (["a", "b", "a", "b"], False),  # 4 runs of 2 adapters: at the limit, still per-run slices
     ],
 )
 def test_mixed_lora_forward_matches_per_row_formula(monkeypatch, rows, stacked):
@@ -554,3 +601,91 @@ def test_delta_node_keeps_no_dropped_copy_and_is_skipped_without_dropout():
     model.eval()  # dropout off: the stock modules compute the term
     assert DELTA_NODE not in _graph_names(model(x))
     assert DELTA_NODE not in _graph_names(hooked_lora_net(0.0).train()(x))
+
+
+def test_mask_seeds_span_the_int64_range_and_cpu_words_are_sfc64():
+    """Seeds are full 63-bit draws (a float draw would give only 2^24 distinct masks), and the CPU
+    words are numpy's SFC64 stream of that seed (the cheap generator the speed figures assume)."""
+    import numpy as np
+
+    seeds = [kernels.mask_seed() for _ in range(64)]
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds) and max(seeds) > 2**40
+    assert len(set(seeds)) == 64
+    words = kernels.random_words(1000, "cpu", seed=seeds[0])
+    assert torch.equal(words, torch.from_numpy(np.random.SFC64(seeds[0]).random_raw(1000).view(np.int64)))
+
+
+def test_keep_mask_edge_probabilities():
+    for p in (0.0, 1.0):
+        mask = kernels.keep_mask((3, 7), p)
+        assert mask.dtype == torch.uint8 and mask.shape == (3, 7)
+        assert torch.equal(mask, torch.full((3, 7), int(p == 0.0), dtype=torch.uint8))
+    torch.manual_seed(0)
+    rare = kernels.keep_mask((1024, 1024), 1 / 65536)  # cut = 1: about 16 drops in 2^20
+    assert 0 < int((rare == 0).sum()) < 64
+
+
+def test_fused_takes_one_dimensional_inputs_and_leaves_bad_widths_to_the_base(monkeypatch):
+    model = lora_net()
+    x = torch.randn(12, dtype=torch.float64)
+    out = model(x.clone().requires_grad_(True))
+    assert out.shape == (10,) and FUSED_NODE in _graph_names(out)
+    monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-12)
+    monkeypatch.delenv("PEFTLAB_PLAIN")
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        model(torch.randn(4, 11, dtype=torch.float64))  # the base layer's own error, not a reshape error
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_under_autocast_is_the_formula_in_bf16_with_bias_and_mask(dropout):
+    """Under bf16 autocast the fused node computes ``x W^T + b + s B A drop(x)`` from bf16-rounded
+    operands (bias included, dropout applied in training), within bf16 rounding of that formula."""
+    model = lora_net(dropout=dropout, dtype=torch.float32)
+    model.train()
+    wrapped = layer(model)
+    adapter = wrapped.adapters["default"]
+    base = wrapped.base_layer
+    assert base.bias.abs().min() > 0  # a dropped bias would show
+    x = torch.randn(6, 12)
+    torch.manual_seed(9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.clone().requires_grad_(True))
+    assert out.dtype == torch.bfloat16 and FUSED_NODE in _graph_names(out)
+    torch.manual_seed(9)
+    keep = kernels.keep_mask((6, 12), dropout).double() / (1 - dropout) if dropout else torch.ones(6, 12, dtype=torch.float64)
+    low = lambda t: t.detach().to(torch.bfloat16).double()  # noqa: E731
+    a, b = low(adapter.lora_A.weight), low(adapter.lora_B.weight)
+    ref = low(x) @ low(base.weight).T + low(base.bias) + adapter.scaling * ((low(x) * keep) @ a.T) @ b.T
+    magnitude = low(x).abs() @ low(base.weight).abs().T + low(base.bias).abs() + adapter.scaling * ((low(x) * keep).abs() @ a.abs().T) @ b.abs().T
+    # bf16 products of 12 + 4 terms plus the final rounding: (16 + 2) * eps(bf16) of the magnitudes
+    bound = (16 + 2) * 2.0**-8 * magnitude
+    assert ((out.double() - ref).abs() <= bound).all()
+    if dropout:
+        eval_like = low(x) @ low(base.weight).T + low(base.bias) + adapter.scaling * (low(x) @ a.T) @ b.T
+        assert not ((out.double() - eval_like).abs() <= bound).all()  # the mask really applied
+
+
+@pytest.mark.parametrize("ranks", [(128, 128), (128, 129)])
+def test_mixed_lora_forward_stacks_up_to_256_ranks(ranks):
+    base = nn.Linear(12, 10).double().requires_grad_(False)
+    factors = {n: (torch.randn(r, 12, dtype=torch.float64), torch.randn(10, r, dtype=torch.float64), 1.0) for n, r in zip("ab", ranks)}
+    x = torch.randn(6, 12, dtype=torch.float64)
+    out = kernels.mixed_lora_forward(base, x, ["a", "b"] * 3, factors)  # 6 runs of 2 names: the stacked kernel
+    assert (out is not None) == (sum(ranks) <= 256)
+
+
+def test_mixed_lora_forward_declines_other_dtypes_and_keeps_bf16():
+    base = nn.Linear(12, 10).double().requires_grad_(False)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    rows = ["a", "b", "a", "b"]
+    a64, b64 = torch.randn(2, 12, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    assert kernels.mixed_lora_forward(base, x, rows, {"a": (a64.float(), b64, 1.0), "b": (a64, b64, 1.0)}) is None
+    assert kernels.mixed_lora_forward(base, x, rows, {"a": (a64, b64.float(), 1.0), "b": (a64, b64, 1.0)}) is None
+    assert kernels.mixed_lora_forward(base, x, rows, {"a": (a64.float(), b64.float(), 1.0), "b": (a64.float(), b64.float(), 1.0)}) is None
+    low = nn.Linear(12, 10).to(torch.bfloat16).requires_grad_(False)
+    rows = ["a", "b", "a", "b", "a", "b"]  # stacked
+    factors = {n: (a64.to(torch.bfloat16), b64.to(torch.bfloat16), 0.5) for n in "ab"}
+    xb = torch.randn(6, 12, dtype=torch.bfloat16)
+    out = kernels.mixed_lora_forward(low, xb, rows, factors)
+    assert out is not None and out.dtype == torch.bfloat16
