@@ -249,3 +249,56 @@ def test_a_passed_cache_is_never_reordered():
     assert not mixed_batch.safe_to_reorder(gpt2, {})
     assert mixed_batch.safe_to_reorder(gpt2, {"use_cache": False})
     assert not mixed_batch.safe_to_reorder(gpt2, {"use_cache": False, "past_key_values": object()})
+
+
+def test_takes_cache_reads_the_class_or_the_instance_forward():
+    class NoCache(nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    class WithCache(nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    assert not mixed_batch.takes_cache(NoCache()) and mixed_batch.takes_cache(WithCache())
+    patched = NoCache()
+    patched.forward = lambda input_ids, use_cache=None: input_ids  # set on the instance: it decides
+    assert mixed_batch.takes_cache(patched)
+    unpatched = WithCache()
+    unpatched.forward = lambda input_ids: input_ids
+    assert not mixed_batch.takes_cache(unpatched)
+
+    class Opaque:  # a signature that cannot be read counts as "may take a cache"
+        __signature__ = "not a signature"
+
+        def __call__(self):
+            return None
+
+    assert mixed_batch._signature_takes_cache(Opaque())
+
+
+def test_safe_to_reorder_refuses_any_passed_cache():
+    class NoCache(nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    model = NoCache()
+    assert mixed_batch.safe_to_reorder(model, {})
+    assert not mixed_batch.safe_to_reorder(model, {"cache": object()})  # through **kwargs
+    assert not mixed_batch.safe_to_reorder(model, {"past_key_values": object()})
+
+
+def test_permute_inputs_refuses_extra_positional_batch_tensors_and_keeps_scalars():
+    order, batch = [1, 0, 2], 3
+    ids = torch.arange(3).unsqueeze(1)
+    args, kwargs = mixed_batch.permute_inputs((ids,), {"temperature": torch.tensor(0.5)}, order, batch)
+    assert torch.equal(args[0], ids[order]) and kwargs["temperature"].item() == 0.5  # a 0-dim tensor stays
+    assert mixed_batch.permute_inputs((ids, torch.zeros(3, 4)), {}, order, batch) is None  # second positional: ambiguous
+    assert mixed_batch.permute_inputs((ids, torch.zeros(5)), {}, order, batch) is not None
+
+
+def test_restore_output_keeps_non_string_dict_keys():
+    order = [1, 0]
+    permuted = torch.tensor([[1.0], [0.0]])
+    restored = mixed_batch.restore_output({0: permuted, "x": permuted}, order)
+    assert type(restored) is dict and torch.equal(restored[0], torch.tensor([[0.0], [1.0]]))
