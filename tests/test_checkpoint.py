@@ -80,3 +80,160 @@ def test_save_is_atomic_when_writer_fails(tmp_path, monkeypatch):
     loaded = PeftModel.from_pretrained(tiny_bert_cls(), tmp_path)
     for key, value in get_peft_model_state_dict(loaded).items():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)  # the first save's values
+
+
+# ----- reading and refusing files: what each path reads, and what each error says ---------------
+from safetensors import safe_open  # noqa: E402
+
+import peftlab  # noqa: E402
+from peftlab.checkpoint import load_adapter, load_adapter_weights  # noqa: E402
+from peftlab.errors import CheckpointError  # noqa: E402
+
+
+def _saved_lora(folder):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, init_lora_weights=False, target_modules=["query", "value"]))
+    model.save_pretrained(folder)
+    return model
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_both_readers_take_folders_subfolders_and_pickles_only_when_allowed(tmp_path):
+    sub = tmp_path / "sub"
+    expected = get_peft_model_state_dict(_saved_lora(sub))
+    with safe_open(sub / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers and peft expect of the file
+    _assert_same(load_adapter_weights(sub), expected)
+    _assert_same(load_adapter_weights(tmp_path, subfolder="sub"), expected)
+    config, weights = load_adapter(tmp_path, subfolder="sub")
+    assert config.r == 2
+    _assert_same(weights, expected)
+
+    torch.save(expected, sub / "adapter_model.bin")
+    (sub / "adapter_model.safetensors").unlink()
+    for read in (load_adapter_weights, lambda *a: load_adapter(*a)[1]):
+        with pytest.raises(CheckpointError, match=r"adapter_model\.bin is a pickle file, .* Pass allow_pickle=True only if"):
+            read(tmp_path, "sub")
+        _assert_same(read(tmp_path, "sub", True), expected)
+
+    (sub / "adapter_model.bin").unlink()
+    with pytest.raises(CheckpointError, match=r"no adapter_model\.safetensors found for adapter '.*' \(subfolder 'sub'\)\.$"):
+        load_adapter_weights(tmp_path, "sub")
+    with pytest.raises(CheckpointError, match=r"no adapter_model\.safetensors found for adapter '.*sub'\.$"):
+        load_adapter(tmp_path, "sub")
+    with pytest.raises(CheckpointError, match=r"no adapter_model\.safetensors found for adapter '[^(]*'\.$"):
+        load_adapter_weights(sub)  # no subfolder: none named
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ([torch.zeros(2)], "does not hold a mapping of tensor names to tensors"),
+        ({1: torch.zeros(2)}, "does not hold a mapping of tensor names to tensors"),
+        ({"a": [1, 2]}, "does not hold a mapping of tensor names to tensors"),
+    ],
+)
+def test_pickles_must_be_name_to_tensor_mappings(tmp_path, content, message):
+    _saved_lora(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(content, tmp_path / "adapter_model.bin")
+    for read in (load_adapter_weights, lambda *a: load_adapter(*a)[1]):
+        with pytest.raises(CheckpointError, match=rf"adapter_model\.bin {message}"):
+            read(tmp_path, None, True)
+
+
+def test_hostile_pickle_never_runs_and_the_error_names_the_cause(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    _saved_lora(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    for read in (load_adapter_weights, lambda *a: load_adapter(*a)[1]):
+        with pytest.raises(CheckpointError, match=r"could not be loaded as a weights-only pickle \(UnpicklingError: Weights only load failed"):
+            read(tmp_path, None, True)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_damaged_safetensors_names_the_file(tmp_path):
+    _saved_lora(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    for read in (load_adapter_weights, lambda p: load_adapter(p)[1]):
+        with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors is not a readable safetensors file \(.+\); the file is damaged\."):
+            read(tmp_path)
+
+
+def test_missing_config_names_the_file_and_leaks_no_descriptor(tmp_path):
+    import os
+
+    _saved_lora(tmp_path)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json does not exist; is .* an adapter folder saved by save_pretrained\?"):
+        load_adapter(tmp_path)
+    _saved_lora(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{ damaged")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(peftlab.PeftConfigError):
+            load_adapter(tmp_path)
+    assert len(os.listdir("/proc/self/fd")) == before  # the weights file opened first is closed again
+
+
+def test_config_size_limit_is_exact(tmp_path):
+    from peftlab.config import MAX_CONFIG_BYTES
+
+    _saved_lora(tmp_path)
+    text = (tmp_path / "adapter_config.json").read_text()
+    # leading whitespace: reading a byte too few would cut the closing brace, not the padding
+    (tmp_path / "adapter_config.json").write_text(" " * (MAX_CONFIG_BYTES - len(text)) + text)
+    assert load_adapter(tmp_path)[0].r == 2
+    (tmp_path / "adapter_config.json").write_text(" " * (MAX_CONFIG_BYTES - len(text) + 1) + text)
+    with pytest.raises(peftlab.PeftConfigError, match="larger than 8 MiB"):
+        load_adapter(tmp_path)
+
+
+def test_set_state_dict_reports_every_problem_at_once_with_three_examples():
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query", "value"]))
+    model.peft_config["default"].base_model_name_or_path = "my-base"
+    state = get_peft_model_state_dict(model)
+    keys = sorted(state)
+    for key in keys[:4]:
+        state.pop(key)  # 4 missing
+    state[keys[4]] = torch.zeros(7, 7)  # 1 shape mismatch
+    for i in range(4):
+        state[f"base_model.model.nowhere{i}.lora_A.weight"] = torch.zeros(2)  # 4 unexpected
+    with pytest.raises(CheckpointError) as info:
+        set_peft_model_state_dict(model, state)
+    message = str(info.value)
+    assert message.startswith("adapter 'default' does not fit this model: 4 tensors missing from the checkpoint (e.g. [")
+    assert "; 4 checkpoint tensors the model has no place for (e.g. [" in message and "; 1 shape mismatches (e.g. [" in message
+    assert "(it names base model 'my-base')" in message
+    assert message.count("nowhere") == 3 and sum(message.count(k.removeprefix("base_model.model.")) for k in keys[:4]) == 3
+
+
+def test_set_state_dict_accepts_keys_without_the_prefix_and_refuses_integer_tensors():
+    torch.manual_seed(0)
+    source = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, init_lora_weights=False, target_modules=["query"]))
+    state = get_peft_model_state_dict(source)
+    target = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"]))
+    set_peft_model_state_dict(target, {k.removeprefix("base_model.model."): v for k, v in state.items()})
+    _assert_same(get_peft_model_state_dict(target), state)
+    damaged = dict(state)
+    key = next(iter(damaged))
+    damaged[key] = damaged[key].to(torch.int32)
+    with pytest.raises(CheckpointError, match=r"adapter tensors \[.*\] are not floating point; the file is damaged\."):
+        set_peft_model_state_dict(target, damaged)
+
+
+def test_reading_from_a_state_dict_names_what_it_lacks():
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query", "value"]))
+    with pytest.raises(CheckpointError, match=r"state_dict lacks 8 of this adapter's tensors \(e\.g\. \['base_model\.model\.bert\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.default\.weight', '[^']+', '[^']+'\]\)"):
+        get_peft_model_state_dict(model, state_dict={})

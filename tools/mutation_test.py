@@ -40,7 +40,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                                "tests/test_checkpoint.py"]),
     "kernels": ("kernels.py", ["tests/test_kernels.py", "tests/test_activation_checkpointing.py", "tests/test_mixed_batch.py"]),
     "checkpoint": ("checkpoint.py", ["tests/test_checkpoint.py", "tests/test_errors.py", "tests/test_io.py",
-                                     "tests/test_adapter_folder.py", "tests/test_peft_api.py"]),
+                                     "tests/test_adapter_folder.py", "tests/test_peft_api.py", "tests/methods/test_adalora.py",
+                                     "tests/methods/test_prompt_tuning.py"]),
     "mixed_batch": ("mixed_batch.py", ["tests/test_mixed_batch.py", "tests/test_peft_api.py"]),
 }
 
