@@ -33,3 +33,18 @@ class ModelNotFoundError(PeftlabError, ValueError):
 
 class WorkbenchError(PeftlabError, ValueError):
     """An experiment file, data set or command-line request for the workbench is unusable."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the calling function point at the first
+    frame outside peftlab (the user's line), however deep inside peftlab the warning starts."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)  # the function about to call warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from peftlab import base_layer
-from peftlab.errors import AdapterStateError, PeftConfigError
+from peftlab.errors import AdapterStateError, PeftConfigError, caller_stacklevel
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
 MAX_NAME_LENGTH = 255  # one path segment on common file systems
@@ -86,5 +86,5 @@ def check_rank(method: str, r: int, base: nn.Module, module_name: str) -> None:
     warnings.warn(
         f"{method}: r={r} for {module_name} exceeds min(in, out) = {min(sides)} of its {sides[0]}x{sides[1]} weight; "
         f"the extra rank adds parameters but cannot change the update's rank.",
-        stacklevel=4,
+        stacklevel=caller_stacklevel(),
     )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peftlab import mixed_batch, quantization, surgery, targeting
-from peftlab.errors import AdapterStateError
+from peftlab.errors import AdapterStateError, caller_stacklevel
 from peftlab.layers import BASE_ROW, LayerWrapper, iter_wrappers
 from peftlab.tuners.base import Tuner, check_modules_to_save, follow_active, wrapper_tensors, wrappers_disabled
 
@@ -168,7 +168,7 @@ def _untie_merged_weights(model: nn.Module, layers: list[LayerWrapper]) -> None:
             warnings.warn(
                 f"{type(layer.base_layer).__name__} weight is tied to another module; giving it its own copy "
                 f"before merging so the tied module keeps its weights.",
-                stacklevel=4,
+                stacklevel=caller_stacklevel(),
             )
             layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 

@@ -20,7 +20,7 @@ from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab import limits
 from peftlab.config import LayerConfig, PeftType
-from peftlab.errors import PeftConfigError, TargetModuleError
+from peftlab.errors import PeftConfigError, TargetModuleError, caller_stacklevel
 from peftlab.layers import LayerWrapper, AdapterView, ModulesToSave
 from peftlab.methods.lora.dora import make_dora_adapter
 from peftlab.methods.lora.layers import LoraConv2d, LoraEmbedding, LoraLinear
@@ -188,7 +188,7 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
             warnings.warn(
                 f"LoRA: {type(base).__name__} layers store weights as {'(in, out)' if transposed else '(out, in)'}; "
                 f"using fan_in_fan_out={transposed} for them.",
-                stacklevel=4,
+                stacklevel=caller_stacklevel(),
             )
         in_features, out_features = BL.features(base)
         adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=transposed)

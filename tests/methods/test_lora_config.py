@@ -1,0 +1,135 @@
+"""LoraConfig validation, bias training, and how LoRA builds its layer adapters: the exact messages
+(each names the field, the bad value and the fix), the accepted edge values, and hand-checked
+parameter sets. No peft needed."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from peftlab import LoraConfig, get_peft_model
+from peftlab.errors import PeftConfigError, TargetModuleError
+from peftlab.methods.lora.lora import lora_bias_parameters
+from conftest import tiny_bert_cls, tiny_gpt2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(r=0), "LoraConfig: r must be a positive integer, got 0; try r=8."),
+        (dict(r=True), "LoraConfig: r must be a positive integer, got True; try r=8."),
+        (dict(lora_alpha=True), "LoraConfig: lora_alpha must be a finite number, got True."),
+        (dict(lora_alpha="8"), "LoraConfig: lora_alpha must be a finite number, got '8'."),
+        (dict(lora_alpha=float("inf")), "LoraConfig: lora_alpha must be a finite number, got inf."),
+        (dict(lora_alpha=1e39, r=4), "LoraConfig: lora_alpha / r gives a scale of 2.5e+38"),
+        (dict(lora_alpha=1e39, r=4, use_rslora=True), "LoraConfig: lora_alpha / r gives a scale of 5e+38"),
+        (dict(lora_dropout=1.0), "LoraConfig: lora_dropout must be in [0, 1), got 1.0."),
+        (dict(lora_dropout=True), "LoraConfig: lora_dropout must be in [0, 1), got True."),
+        (dict(lora_dropout="0.1"), "LoraConfig: lora_dropout must be in [0, 1), got '0.1'."),
+        (dict(bias="some"), "LoraConfig: bias must be 'none', 'all' or 'lora_only', got 'some'."),
+        (dict(init_lora_weights="pissa"), "LoraConfig: init_lora_weights must be True, False or 'gaussian', got 'pissa'."),
+        (dict(rank_pattern=[("q", 2)]), "LoraConfig: rank_pattern must be a dict of module-name regex -> value, got [('q', 2)]."),
+        (dict(alpha_pattern=3), "LoraConfig: alpha_pattern must be a dict of module-name regex -> value, got 3."),
+        (dict(rank_pattern={"(": 2}), "LoraConfig: pattern key '(' is not a valid regular expression (missing ), unterminated subpattern at position 0)."),
+        (dict(alpha_pattern={"q": True}), "LoraConfig: alpha_pattern['q'] must be a finite number, got True."),
+        (dict(alpha_pattern={"q": "2"}), "LoraConfig: alpha_pattern['q'] must be a finite number, got '2'."),
+        (dict(alpha_pattern={"q": float("nan")}), "LoraConfig: alpha_pattern['q'] must be a finite number, got nan."),
+        (dict(alpha_pattern={"q": 1e39}), "LoraConfig: alpha_pattern['q'] / r gives a scale of 1e+39"),
+        (dict(rank_pattern={"q": 0}), "LoraConfig: rank_pattern['q'] must be a positive integer, got 0."),
+        (dict(rank_pattern={"q": True}), "LoraConfig: rank_pattern['q'] must be a positive integer, got True."),
+        (dict(rank_pattern={"q": 2.0}), "LoraConfig: rank_pattern['q'] must be a positive integer, got 2.0."),
+    ],
+)
+def test_invalid_config_says_which_field_and_value(kwargs, message):
+    if kwargs.get("lora_alpha") == 1e39 and not kwargs.get("use_rslora"):
+        LoraConfig(**kwargs)  # 1e39 / 4 = 2.5e38 fits float32 (max 3.4e38): accepted without rsLoRA
+        return
+    with pytest.raises(PeftConfigError, match="^" + re.escape(message)):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(bias="all"), dict(bias="lora_only"), dict(init_lora_weights="gaussian"), dict(init_lora_weights=False),
+     dict(lora_dropout=0.0), dict(lora_dropout=0.99), dict(lora_dropout=0), dict(rank_pattern={"q": 1}),
+     dict(alpha_pattern={"q": 0.5}), dict(lora_alpha=16.5)],
+)
+def test_edge_values_are_accepted(kwargs):
+    LoraConfig(**kwargs)
+
+
+def _bias_model(bias: str) -> peftlab.PeftModel:
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"], bias=bias))
+    model.add_adapter("other", LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["key"], bias=bias))
+    return model
+
+
+def test_bias_all_trains_every_bias_but_the_heads_copies():
+    model = _bias_model("all")
+    base = model.get_base_model()
+    expected = {
+        n for n, _ in base.named_parameters()
+        if n.endswith(".bias") and ".lora_" not in n and "classifier" not in n  # the head trains whole (modules_to_save)
+    }
+    got = set(lora_bias_parameters(base, model.peft_config["default"], "default"))
+    assert got == expected and "bert.encoder.layer.0.attention.self.key.base_layer.bias" in got
+    assert "bert.encoder.layer.0.output.dense.bias" in got and "bert.embeddings.LayerNorm.bias" in got
+
+
+def test_bias_lora_only_trains_the_biases_of_that_adapters_layers():
+    model = _bias_model("lora_only")
+    base = model.get_base_model()
+    got = lora_bias_parameters(base, model.peft_config["default"], "default")
+    assert set(got) == {f"bert.encoder.layer.{i}.attention.self.{m}.base_layer.bias" for i in range(2) for m in ("query", "value")}
+    assert all(p is base.get_submodule(n.rsplit(".", 1)[0]).bias for n, p in got.items())
+    other = lora_bias_parameters(base, model.peft_config["other"], "other")
+    assert set(other) == {f"bert.encoder.layer.{i}.attention.self.key.base_layer.bias" for i in range(2)}
+    assert lora_bias_parameters(base, LoraConfig(bias="none"), "default") == {}
+
+
+def test_grouped_conv_and_unsupported_layers_are_refused_by_name():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.grouped = nn.Conv2d(4, 4, 3, groups=2)
+            self.norm = nn.LayerNorm(4)
+
+    with pytest.raises(TargetModuleError, match=re.escape("LoRA: grouped is a grouped Conv2d (groups=2); exclude it.")):
+        get_peft_model(Net(), LoraConfig(r=2, target_modules=["grouped"]))
+    with pytest.raises(TargetModuleError, match=re.escape("LoRA cannot adapt norm (LayerNorm); it adapts nn.Linear, Conv1D, nn.Embedding and nn.Conv2d.")):
+        get_peft_model(Net(), LoraConfig(r=2, target_modules=["norm"]))
+
+
+def test_too_large_rank_names_the_module():
+    with pytest.raises(PeftConfigError, match=re.escape("LoRA: r=100 for bert.encoder.layer.0.attention.self.query exceeds both sides")):
+        get_peft_model(tiny_bert_cls(), LoraConfig(r=100, target_modules=["query"]))
+
+
+def test_conv1d_gets_fan_in_fan_out_with_a_warning_at_the_callers_line():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    ours = [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert ours and all(w.filename == __file__ for w in ours)
+    assert str(ours[0].message) == "LoRA: Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them."
+    c_attn = model.get_base_model().transformer.h[0].attn.c_attn
+    adapter = c_attn.adapters["default"]
+    assert adapter.fan_in_fan_out is True
+    delta = adapter.delta_weight()
+    assert delta.shape == c_attn.base_layer.weight.shape == (32, 96)  # (in, out), as Conv1D stores it
+    torch.testing.assert_close(delta, (adapter.lora_B.weight @ adapter.lora_A.weight).T * adapter.scaling)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"], fan_in_fan_out=True))
+    assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == [
+        "LoRA: Linear layers store weights as (out, in); using fan_in_fan_out=False for them."
+    ] * 2
