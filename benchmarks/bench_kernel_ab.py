@@ -9,6 +9,10 @@ and the median paired ratio current/other.
 
     git show HEAD~1:src/peftlab/kernels.py > /tmp/kernels_before.py
     cd benchmarks && PYTHONPATH=../src python bench_kernel_ab.py /tmp/kernels_before.py --dropout 0.1
+    cd benchmarks && PYTHONPATH=../src python bench_kernel_ab.py /tmp/kernels_before.py --model smollm2 --seq 256 --batch 4 --dropout 0.05
+
+``--model smollm2`` runs bench_causal.py's setting instead (SmolLM2-135M, LoRA r=16, alpha 32 on all
+linear layers, labels = ids).
 """
 
 from __future__ import annotations
@@ -34,15 +38,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = importlib.util.spec_from_file_location("other_kernels", args.other)
     other = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(other)
 
-    base = C.minilm_classifier()
-    inputs = C.batch(args.batch, args.seq)
-    config = C.peft_lora_config("peftlab", r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=ALL_LINEAR)
+    if args.model == "smollm2":
+        import peftlab
+        from bench_causal import LORA, load_base
+
+        base = load_base()
+        ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        config = peftlab.LoraConfig(task_type="CAUSAL_LM", **{**LORA, "lora_dropout": args.dropout})
+    else:
+        base = C.minilm_classifier()
+        inputs = C.batch(args.batch, args.seq)
+        config = C.peft_lora_config("peftlab", r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=ALL_LINEAR)
     lora_step = C.train_step_fn(C.get_peft_model("peftlab", copy.deepcopy(base), config), inputs)
     full_step = C.train_step_fn(copy.deepcopy(base), inputs)
     current = kernels._fused
@@ -65,7 +79,7 @@ def main() -> None:
     ratio = C.paired_ratio(times, "current", "other")
     C.print_table(["kernel", "median ms", "x full FT"], rows)
     print(f"current / other (median of paired ratios): {ratio:.3f}")
-    name = f"kernel_ab_seq{args.seq}_d{args.dropout:g}" + (f"_{args.tag}" if args.tag else "")
+    name = ("kernel_ab_smollm2" if args.model == "smollm2" else "kernel_ab") + f"_seq{args.seq}_d{args.dropout:g}" + (f"_{args.tag}" if args.tag else "")
     C.write_results(name, {"args": vars(args), "results": table, "current_vs_other": ratio})
 
 
