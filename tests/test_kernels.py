@@ -689,3 +689,42 @@ def test_mixed_lora_forward_declines_other_dtypes_and_keeps_bf16():
     xb = torch.randn(6, 12, dtype=torch.bfloat16)
     out = kernels.mixed_lora_forward(low, xb, rows, factors)
     assert out is not None and out.dtype == torch.bfloat16
+
+
+def test_delta_node_gradients_when_only_some_inputs_need_them(monkeypatch):
+    """x without grad (a first layer's input) and a frozen B: A still gets the formula's gradient,
+    and the node returns None, not something else, for what is not needed."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    lora_a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(7, 4, dtype=torch.float64)
+    drop = kernels.DropMask.draw((5, 12), 0.3, "cpu")
+    out = kernels.LoraDeltaFunction.apply(x, lora_a, lora_b, drop, 0.5)
+    out.sum().backward()
+    a_ref = lora_a.detach().clone().requires_grad_(True)
+    (0.5 * ((x * drop.keep() / 0.7) @ a_ref.t()) @ lora_b.t()).sum().backward()
+    torch.testing.assert_close(lora_a.grad, a_ref.grad, rtol=0, atol=1e-12)
+
+
+def test_delta_node_is_off_under_plain_and_takes_one_dimensional_inputs(monkeypatch):
+    model = hooked_lora_net(0.3)
+    model.train()
+    x = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    assert out.shape == (10,) and DELTA_NODE in _graph_names(out)
+    monkeypatch.setenv("PEFTLAB_PLAIN", "1")
+    assert DELTA_NODE not in _graph_names(model(x))
+
+
+def test_fused_under_autocast_without_a_bias():
+    model = lora_net(dtype=torch.float32, bias_layer=False)
+    x = torch.randn(6, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.clone().requires_grad_(True))
+    assert out.dtype == torch.bfloat16 and FUSED_NODE in _graph_names(out)
+    wrapped = layer(model)
+    adapter = wrapped.adapters["default"]
+    low = lambda t: t.detach().to(torch.bfloat16).double()  # noqa: E731
+    ref = low(x) @ low(wrapped.base_layer.weight).T + adapter.scaling * (low(x) @ low(adapter.lora_A.weight).T) @ low(adapter.lora_B.weight).T
+    magnitude = low(x).abs() @ low(wrapped.base_layer.weight).abs().T + adapter.scaling * (low(x).abs() @ low(adapter.lora_A.weight).abs().T) @ low(adapter.lora_B.weight).abs().T
+    assert ((out.double() - ref).abs() <= (16 + 2) * 2.0**-8 * magnitude).all()
