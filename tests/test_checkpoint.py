@@ -83,6 +83,8 @@ def test_save_is_atomic_when_writer_fails(tmp_path, monkeypatch):
 
 
 # ----- reading and refusing files: what each path reads, and what each error says ---------------
+import re  # noqa: E402
+
 from safetensors import safe_open  # noqa: E402
 
 import peftlab  # noqa: E402
@@ -237,3 +239,35 @@ def test_reading_from_a_state_dict_names_what_it_lacks():
     model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query", "value"]))
     with pytest.raises(CheckpointError, match=r"state_dict lacks 8 of this adapter's tensors \(e\.g\. \['base_model\.model\.bert\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.default\.weight', '[^']+', '[^']+'\]\)"):
         get_peft_model_state_dict(model, state_dict={})
+
+
+def test_messages_name_the_full_path_and_cap_examples_at_three(tmp_path):
+    _saved_lora(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(b"damaged")
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights} is not a readable safetensors file")):
+        load_adapter(tmp_path)
+    _saved_lora(tmp_path)
+    config = tmp_path / "adapter_config.json"
+    config.write_text("{ damaged")
+    with pytest.raises(peftlab.PeftConfigError, match=re.escape(str(config))):
+        load_adapter(tmp_path)
+
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query", "value"]))
+    model.peft_config["default"].base_model_name_or_path = None
+    state = get_peft_model_state_dict(model)
+    keys = sorted(state)
+    shape_broken = {**state, **{k: torch.zeros(3, 3) for k in keys[:4]}}
+    with pytest.raises(CheckpointError) as info:
+        set_peft_model_state_dict(model, shape_broken)
+    message = str(info.value)
+    assert "4 shape mismatches (e.g. [" in message and message.count("checkpoint (3, 3) vs model") == 3
+    assert "different model or config; load it into that model" in message  # no base named: nothing in between
+    integer = {**state, **{k: v.to(torch.int32) for k, v in list(state.items())[:4]}}
+    with pytest.raises(CheckpointError) as info:
+        set_peft_model_state_dict(model, integer)
+    assert re.fullmatch(r"adapter tensors \['[^']+', '[^']+', '[^']+'\] are not floating point; the file is damaged\.", str(info.value))
+    nan = {**state, **{k: torch.full_like(v, float("nan")) for k, v in list(state.items())[:4]}}
+    with pytest.raises(CheckpointError) as info:
+        set_peft_model_state_dict(model, nan)
+    assert re.search(r"4 tensors hold NaN/inf values \(e\.g\. \['[^']+', '[^']+', '[^']+'\]\)", str(info.value))
