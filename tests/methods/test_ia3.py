@@ -224,3 +224,8 @@ def test_unsupported_layer_names_the_layer_and_the_supported_kinds():
 
     with pytest.raises(peftlab.TargetModuleError, match=r"IA3 cannot adapt emb \(Embedding\); it adapts nn\.Linear, Conv1D and nn\.Conv2d\."):
         get_peft_model(WithEmbedding(), IA3Config(target_modules=["emb"]))
+
+
+def test_feedforward_modules_given_as_a_set_or_tuple_are_stored_sorted():
+    assert IA3Config(target_modules=["b", "a", "c"], feedforward_modules={"c", "a"}).feedforward_modules == ["a", "c"]
+    assert IA3Config(target_modules=["b", "a"], feedforward_modules=("b", "a")).feedforward_modules == ["a", "b"]

@@ -117,18 +117,18 @@ class IA3Adapter(AdapterView):
         self.transforms_input = is_feedforward
         self.conv = conv
 
-    def _vector(self, like: torch.Tensor) -> torch.Tensor:
+    def _vector(self) -> torch.Tensor:
         return self.ia3_l.view(-1, 1, 1) if self.conv else self.ia3_l.flatten()
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_feedforward:
             return x
-        return x * self._vector(x).to(x.dtype)
+        return x * self._vector().to(x.dtype)
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.is_feedforward:
             return out
-        return out * self._vector(out).to(out.dtype)
+        return out * self._vector().to(out.dtype)
 
     def _weight_factor(self) -> torch.Tensor:
         """The vector shaped to broadcast over the logical (out, in [, kh, kw]) weight: rows or columns."""
