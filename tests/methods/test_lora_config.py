@@ -135,3 +135,9 @@ def test_conv1d_gets_fan_in_fan_out_with_a_warning_at_the_callers_line():
     assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == [
         "LoRA: Linear layers store weights as (out, in); using fan_in_fan_out=False for them."
     ] * 2
+
+
+def test_bias_lora_only_skips_adapted_layers_without_a_bias():
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["word_embeddings", "query"], bias="lora_only"))
+    got = lora_bias_parameters(model.get_base_model(), model.peft_config["default"], "default")
+    assert set(got) == {f"bert.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in range(2)}  # the embedding has none
