@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # where they sit in these files: they are a second witness, not the only one.
 MODULES: dict[str, tuple[str, list[str]]] = {
     "functional": ("functional.py", ["tests/test_functional.py", "tests/test_references.py", "tests/methods/test_lora.py", "tests/methods/test_dora.py",
-                                     "tests/methods/test_loha.py", "tests/methods/test_lokr.py", "tests/methods/test_adalora.py"]),
+                                     "tests/methods/test_loha.py", "tests/methods/test_lokr.py", "tests/methods/test_adalora.py",
+                                     "tests/methods/test_lora_config.py"]),
     "lora": ("methods/lora/lora.py", ["tests/methods/test_lora.py", "tests/methods/test_lora_config.py", "tests/test_references.py",
                                       "tests/test_errors.py", "tests/methods/test_dora.py", "tests/test_quantization.py"]),
     "lora_layers": ("methods/lora/layers.py", ["tests/methods/test_lora.py", "tests/test_references.py", "tests/test_kernels.py"]),

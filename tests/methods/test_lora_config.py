@@ -141,3 +141,13 @@ def test_bias_lora_only_skips_adapted_layers_without_a_bias():
     model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["word_embeddings", "query"], bias="lora_only"))
     got = lora_bias_parameters(model.get_base_model(), model.peft_config["default"], "default")
     assert set(got) == {f"bert.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in range(2)}  # the embedding has none
+
+
+def test_delta_weight_has_the_base_weights_layout():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["intermediate.dense"], init_lora_weights=False))
+    dense = model.get_base_model().bert.encoder.layer[0].intermediate.dense
+    adapter = dense.adapters["default"]
+    delta = adapter.delta_weight()
+    assert delta.shape == dense.base_layer.weight.shape == (37, 32)  # (out, in) for nn.Linear: not transposed
+    torch.testing.assert_close(delta, adapter.lora_B.weight @ adapter.lora_A.weight * adapter.scaling)
