@@ -171,3 +171,21 @@ def test_dropout_reaches_both_terms_in_training():
     k = magnitude / (weight + 3.0 * lora_b @ lora_a).norm(dim=1)
     expected = x @ weight.T + bias + (k - 1) * (dropped @ weight.T) + k * 3.0 * (dropped @ lora_a.T @ lora_b.T)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dora_refuses_an_additive_delta_and_unmerging_what_it_did_not_merge():
+    model, w, _ = _dora_model(init_lora_weights=False)
+    layer = model.get_base_model().lin
+    adapter = layer.adapters["default"]
+    with pytest.raises(peftlab.AdapterStateError, match=r"^DoRA's update is not additive; merge it with merge_adapter\(\)\.$"):
+        adapter.delta_weight()
+    message = r"^this DoRA adapter was not merged by this process; nothing to unmerge\.$"
+    with pytest.raises(peftlab.AdapterStateError, match=message):
+        adapter.unmerge_from(layer.base_layer)  # never merged
+    assert torch.equal(layer.base_layer.weight, w)
+    model.merge_adapter()
+    assert not torch.equal(layer.base_layer.weight, w)
+    model.unmerge_adapter()
+    torch.testing.assert_close(layer.base_layer.weight, w)
+    with pytest.raises(peftlab.AdapterStateError, match=message):
+        adapter.unmerge_from(layer.base_layer)  # already unmerged: the factor is gone
