@@ -151,3 +151,80 @@ def test_delta_weight_has_the_base_weights_layout():
     delta = adapter.delta_weight()
     assert delta.shape == dense.base_layer.weight.shape == (37, 32)  # (out, in) for nn.Linear: not transposed
     torch.testing.assert_close(delta, adapter.lora_B.weight @ adapter.lora_A.weight * adapter.scaling)
+
+
+# ----- layer adapters: initialisation and the Conv2d / Embedding arguments -------------------------
+from peftlab.methods.lora.layers import LoraConv2d, LoraEmbedding, LoraLinear  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_init_modes(kind):
+    torch.manual_seed(0)
+    make = (lambda: LoraLinear(256, 64, r=32, scaling=1.0, dropout=0.0, fan_in_fan_out=False)) if kind == "linear" else (
+        lambda: LoraConv2d(nn.Conv2d(16, 64, 4), r=32, scaling=1.0, dropout=0.0))
+    fan_in = 256 if kind == "linear" else 16 * 4 * 4
+
+    default = make()
+    default.reset(True)  # A kaiming-uniform with a = sqrt(5): bound 1 / sqrt(fan_in); B zero
+    a = default.lora_A.weight
+    assert a.abs().max() <= fan_in**-0.5 and a.abs().max() > 0.95 * fan_in**-0.5
+    assert not default.lora_B.weight.any()
+
+    gaussian = make()
+    gaussian.reset("gaussian")  # A ~ N(0, (1/r)^2)
+    assert abs(gaussian.lora_A.weight.std().item() - 1 / 32) < 0.1 / 32 and gaussian.lora_A.weight.abs().max() > fan_in**-0.5
+    assert not gaussian.lora_B.weight.any()
+
+    untouched = make()
+    before = [p.detach().clone() for p in untouched.parameters()]
+    untouched.reset(False)
+    assert all(torch.equal(p, q) for p, q in zip(untouched.parameters(), before)) and untouched.lora_B.weight.any()
+
+
+def test_conv2d_adapter_follows_the_base_geometry():
+    torch.manual_seed(0)
+    base = nn.Conv2d(3, 6, 3, stride=2, padding=2, dilation=2).double()
+    adapter = LoraConv2d(base, r=2, scaling=0.5, dropout=0.0).double()
+    adapter.reset(False)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    expected = base(x) + 0.5 * nn.functional.conv2d(
+        nn.functional.conv2d(x, adapter.lora_A.weight, stride=2, padding=2, dilation=2), adapter.lora_B.weight)
+    torch.testing.assert_close(adapter.adapt_output(x, base(x)), expected, rtol=0, atol=1e-12)
+    assert adapter.lora_B.kernel_size == (1, 1) and adapter.lora_B.stride == (1, 1) and adapter.lora_B.bias is None
+
+
+def test_embedding_adapter_keeps_the_lookup_options():
+    torch.manual_seed(0)
+    base = nn.Embedding(10, 4, padding_idx=0, max_norm=None, scale_grad_by_freq=True)
+    adapter = LoraEmbedding(base, r=3, scaling=2.0)
+    adapter.reset(False)
+    ids = torch.tensor([[0, 1, 1, 2]])
+    out = adapter.adapt_output(ids, base(ids))
+    expected = base(ids) + 2.0 * adapter.lora_embedding_A.T[ids] @ adapter.lora_embedding_B.T
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    grad = adapter.lora_embedding_A.grad  # (r, num): column i belongs to token i
+    assert not grad[:, 0].any()  # padding_idx: no gradient
+    ref = torch.zeros_like(adapter.lora_embedding_A)
+    rows = adapter.lora_embedding_B.sum(0) * 2.0  # d out.sum() / d A[:, i] per occurrence
+    ref[:, 1] = rows  # token 1 twice, scaled by 1 / frequency 2
+    ref[:, 2] = rows
+    torch.testing.assert_close(grad, ref)
+    assert adapter.lora_embedding_A.shape == (3, 10) and adapter.lora_embedding_B.shape == (4, 3)
+    adapter.reset(True)
+    assert not adapter.lora_embedding_A.any() and adapter.lora_embedding_B.any()
+
+
+def test_linear_adapter_parts_and_mixed_batch_factors():
+    plain = LoraLinear(12, 10, r=4, scaling=0.5, dropout=0.0, fan_in_fan_out=False)
+    assert [n for n, _ in plain.named_parameters()] == ["lora_A.weight", "lora_B.weight"]  # no biases
+    assert plain.lora_A.weight.shape == (4, 12) and plain.lora_B.weight.shape == (10, 4)
+    assert isinstance(plain.lora_dropout, nn.Identity) and plain.scaling == 0.5 and plain.fan_in_fan_out is False
+    dropped = LoraLinear(12, 10, r=4, scaling=0.5, dropout=0.25, fan_in_fan_out=True)
+    assert isinstance(dropped.lora_dropout, nn.Dropout) and dropped.lora_dropout.p == 0.25 and dropped.fan_in_fan_out is True
+    a, b, s = plain.low_rank_factors()
+    assert a is plain.lora_A.weight and b is plain.lora_B.weight and s == 0.5
+    dropped.train()
+    assert dropped.low_rank_factors() is None  # dropout in effect: rows cannot share one stacked product
+    dropped.eval()
+    assert dropped.low_rank_factors() is not None
