@@ -228,3 +228,10 @@ def test_linear_adapter_parts_and_mixed_batch_factors():
     assert dropped.low_rank_factors() is None  # dropout in effect: rows cannot share one stacked product
     dropped.eval()
     assert dropped.low_rank_factors() is not None
+
+
+def test_conv2d_adapter_dropout_module():
+    base = nn.Conv2d(3, 6, 3)
+    assert isinstance(LoraConv2d(base, r=2, scaling=1.0, dropout=0.0).lora_dropout, nn.Identity)
+    dropped = LoraConv2d(base, r=2, scaling=1.0, dropout=0.5).lora_dropout
+    assert isinstance(dropped, nn.Dropout) and dropped.p == 0.5
