@@ -199,9 +199,8 @@ def _graph_names(t: torch.Tensor) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_fused_dropout_equals_reference_with_same_mask(p):
-    model = lora_net(dropout=p)
+def assert_equals_formula_with_same_mask(model: peftlab.PeftModel, p: float) -> None:
+    """Output and gradients equal the textbook formula with the mask the fast path drew from the same seed."""
     model.train()
     wrapped = layer(model)
     adapter = wrapped.adapters["default"]
@@ -209,21 +208,23 @@ def test_fused_dropout_equals_reference_with_same_mask(p):
     torch.manual_seed(123)
     out, grads = run(model, x)
 
-    # Reference: the textbook formula with the mask the fast path drew from the same seed.
     torch.manual_seed(123)
     keep = kernels.keep_mask((15, 12), p).view(3, 5, 12)
     xr = x.clone().requires_grad_(True)
     a, b = adapter.lora_A.weight, adapter.lora_B.weight
-    base = wrapped.base_layer
-    ref = base(xr) + (xr * keep / (1 - p)) @ a.T @ b.T * adapter.scaling
-    weights = torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)
-    (ref * weights).sum().backward()
+    ref = wrapped.base_layer(xr) + (xr * keep / (1 - p)) @ a.T @ b.T * adapter.scaling
+    (ref * torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum().backward()
     torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(grads["x"], xr.grad, rtol=0, atol=1e-12)
     prefix = "base_model.model.lin."
     torch.testing.assert_close(grads[prefix + "lora_A.default.weight"], a.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(grads[prefix + "lora_B.default.weight"], b.grad, rtol=0, atol=1e-12)
     assert not torch.allclose(grads["x"], _no_dropout_grad(model, x))  # the mask really applied
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_dropout_equals_reference_with_same_mask(p):
+    assert_equals_formula_with_same_mask(lora_net(dropout=p), p)
 
 
 def _no_dropout_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -550,26 +551,9 @@ def hooked_lora_net(dropout: float) -> peftlab.PeftModel:
 def test_delta_node_equals_reference_with_same_mask(p):
     model = hooked_lora_net(p)
     model.train()
-    wrapped = layer(model)
-    adapter = wrapped.adapters["default"]
-    x = torch.randn(3, 5, 12, dtype=torch.float64)
-    graph = _graph_names(model(x.clone().requires_grad_(True)))
+    graph = _graph_names(model(torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)))
     assert DELTA_NODE in graph and FUSED_NODE not in graph  # the base ran itself (hook), the adapter term fused
-    torch.manual_seed(123)
-    out, grads = run(model, x)
-
-    torch.manual_seed(123)
-    keep = kernels.keep_mask((15, 12), p).view(3, 5, 12)
-    xr = x.clone().requires_grad_(True)
-    a, b = adapter.lora_A.weight, adapter.lora_B.weight
-    ref = wrapped.base_layer(xr) + (xr * keep / (1 - p)) @ a.T @ b.T * adapter.scaling
-    (ref * torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum().backward()
-    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-12)
-    torch.testing.assert_close(grads["x"], xr.grad, rtol=0, atol=1e-12)
-    prefix = "base_model.model.lin."
-    torch.testing.assert_close(grads[prefix + "lora_A.default.weight"], a.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(grads[prefix + "lora_B.default.weight"], b.grad, rtol=0, atol=1e-12)
-    assert not torch.allclose(grads["x"], _no_dropout_grad(model, x))  # the mask really applied
+    assert_equals_formula_with_same_mask(model, p)
 
 
 def test_delta_node_gradcheck():
