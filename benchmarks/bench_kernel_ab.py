@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import sys
 
 import _common as C
 import torch
@@ -43,6 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     spec = importlib.util.spec_from_file_location("other_kernels", args.other)
     other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # dataclasses look their module up while the file runs
     spec.loader.exec_module(other)
 
     if args.model == "smollm2":

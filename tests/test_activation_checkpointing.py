@@ -28,6 +28,8 @@ from peftlab import kernels
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = {
     "lora-fused-dropout": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.2, target_modules=ALL, init_lora_weights=False),
+    # p <= 0.05: the kernel draws drop positions instead of a keep mask
+    "lora-fused-sparse-dropout": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.05, target_modules=ALL, init_lora_weights=False),
     "lora-no-dropout": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=ALL, init_lora_weights=False),
     "dora": lambda: LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.2, target_modules=ALL, use_dora=True, init_lora_weights=False),
     "ia3": lambda: IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False),
@@ -84,14 +86,16 @@ def test_same_gradients_with_and_without_checkpointing(method, reentrant):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-12, msg=name)
 
 
-def test_recomputed_fused_dropout_masks_are_the_first_ones(monkeypatch):
-    _, model = _models("lora-fused-dropout")
+@pytest.mark.parametrize("method", ["lora-fused-dropout", "lora-fused-sparse-dropout"])
+def test_recomputed_fused_dropout_masks_are_the_first_ones(monkeypatch, method):
+    _, model = _models(method)
     model.gradient_checkpointing_enable()
     masks: list[torch.Tensor] = []
     real = kernels.DropMask.draw
 
     def recording(shape, p, device):
         drop = real(shape, p, device)
+        assert drop.sparse == (p <= 0.05)
         masks.append(drop.keep())
         return drop
 

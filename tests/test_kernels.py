@@ -152,7 +152,7 @@ def test_fused_float32_matches_plain_within_fp32_rounding(monkeypatch):
 
 @pytest.mark.parametrize("rows", [3, 20])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.05, 0.25])  # none, drop positions, a keep mask
 def test_fused_function_gradcheck(rows, fan_in_fan_out, dropout):
     """Every gradient of the fused node equals the finite-difference gradient of its formula."""
     torch.manual_seed(0)
@@ -161,9 +161,9 @@ def test_fused_function_gradcheck(rows, fan_in_fan_out, dropout):
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     lora_a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    drop = kernels.DropMask.draw((rows, 12), 0.25, "cpu") if dropout else None
+    drop = kernels.DropMask.draw((rows, 12), dropout, "cpu") if dropout else None
     keep = drop.keep() if dropout else None
-    keep_scale = 1 / 0.75 if dropout else 1.0
+    keep_scale = 1 / (1 - dropout)
 
     def fused(x, bias, lora_a, lora_b):
         return kernels.LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, drop, 0.5, fan_in_fan_out)
@@ -209,7 +209,7 @@ def assert_equals_formula_with_same_mask(model: peftlab.PeftModel, p: float) -> 
     out, grads = run(model, x)
 
     torch.manual_seed(123)
-    keep = kernels.keep_mask((15, 12), p).view(3, 5, 12)
+    keep = kernels.DropMask.draw((15, 12), p, "cpu").keep().view(3, 5, 12)  # the mask the node drew
     xr = x.clone().requires_grad_(True)
     a, b = adapter.lora_A.weight, adapter.lora_B.weight
     ref = wrapped.base_layer(xr) + (xr * keep / (1 - p)) @ a.T @ b.T * adapter.scaling
@@ -222,7 +222,7 @@ def assert_equals_formula_with_same_mask(model: peftlab.PeftModel, p: float) -> 
     assert not torch.allclose(grads["x"], _no_dropout_grad(model, x))  # the mask really applied
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])  # drop positions (p <= 0.05) and a keep mask
 def test_fused_dropout_equals_reference_with_same_mask(p):
     assert_equals_formula_with_same_mask(lora_net(dropout=p), p)
 
@@ -547,7 +547,7 @@ def hooked_lora_net(dropout: float) -> peftlab.PeftModel:
     return model
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("p", [0.05, 0.5])
 def test_delta_node_equals_reference_with_same_mask(p):
     model = hooked_lora_net(p)
     model.train()
@@ -556,19 +556,20 @@ def test_delta_node_equals_reference_with_same_mask(p):
     assert_equals_formula_with_same_mask(model, p)
 
 
-def test_delta_node_gradcheck():
+@pytest.mark.parametrize("p", [0.05, 0.25])
+def test_delta_node_gradcheck(p):
     torch.manual_seed(0)
     x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
     lora_a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    drop = kernels.DropMask.draw((9, 12), 0.25, "cpu")
+    drop = kernels.DropMask.draw((9, 12), p, "cpu")
     assert not drop.keep().all()  # some elements really drop
 
     def delta(x, lora_a, lora_b):
         return kernels.LoraDeltaFunction.apply(x, lora_a, lora_b, drop, 0.5)
 
     assert torch.autograd.gradcheck(delta, (x, lora_a, lora_b))
-    expected = 0.5 * ((x * drop.keep() / 0.75) @ lora_a.t()) @ lora_b.t()
+    expected = 0.5 * ((x * drop.keep() / (1 - p)) @ lora_a.t()) @ lora_b.t()
     torch.testing.assert_close(delta(x, lora_a, lora_b), expected, rtol=0, atol=1e-12)
 
 
@@ -609,6 +610,84 @@ def test_keep_mask_edge_probabilities():
     assert 0 < int((rare == 0).sum()) < 64
 
 
+def test_drop_positions_are_sorted_distinct_in_range_and_follow_the_seed():
+    positions = kernels.drop_positions(200_000, 0.05, seed=11)
+    assert positions.dtype == torch.int64
+    assert (positions[1:] > positions[:-1]).all() and positions[0] >= 0 and positions[-1] < 200_000
+    # 200k Bernoulli(0.05) trials: the count has std ~97; 5 std either way
+    assert abs(positions.numel() - 10_000) < 500
+    assert torch.equal(positions, kernels.drop_positions(200_000, 0.05, seed=11))
+    assert not torch.equal(positions[:100], kernels.drop_positions(200_000, 0.05, seed=12)[:100])
+    # The first and the last quarter drop at the same rate (no drift along the tensor).
+    first, last = int((positions < 50_000).sum()), int((positions >= 150_000).sum())
+    assert abs(first - 2500) < 250 and abs(last - 2500) < 250
+
+
+def test_drop_positions_gaps_are_geometric():
+    """Independent Bernoulli(p) trials: the number of kept elements before each drop is geometric,
+    P(gap >= k) = (1 - p)^k, so neighbours drop together at rate p, not more, not less."""
+    p = 0.1
+    positions = kernels.drop_positions(1_000_000, p, seed=3)
+    gaps = (positions[1:] - positions[:-1] - 1).double()
+    for k in (0, 1, 5, 20):
+        tail = (gaps >= k).double().mean().item()
+        expected = (1 - p) ** k
+        std = (expected * (1 - expected) / gaps.numel()) ** 0.5
+        assert abs(tail - expected) < 5 * std + 1e-12, (k, tail, expected)
+    assert abs(gaps.mean().item() - (1 - p) / p) < 5 * ((1 - p) ** 0.5 / p) / gaps.numel() ** 0.5
+
+
+def test_drop_positions_do_not_depend_on_the_chunk_size():
+    """Later chunks continue the same stream of gaps: a tiny chunk (many rounds) gives the same positions."""
+    default = kernels.drop_positions(5_000, 0.05, seed=8)
+    assert torch.equal(kernels.drop_positions(5_000, 0.05, seed=8, chunk=7), default)
+    assert torch.equal(kernels.drop_positions(5_000, 0.05, seed=8, chunk=1), default)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
+def test_drop_positions_refuses_probabilities_without_a_geometric_gap(p):
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        kernels.drop_positions(10, p, seed=0)
+
+
+def test_drop_mask_draws_positions_up_to_p_one_twentieth_on_cpu():
+    assert kernels.DropMask((4, 5), 0.05, torch.device("cpu"), 0).sparse
+    assert kernels.DropMask((4, 5), 0.01, torch.device("cpu"), 0).sparse
+    assert not kernels.DropMask((4, 5), 0.05 + 1e-9, torch.device("cpu"), 0).sparse
+    assert not kernels.DropMask((4, 5), 0.1, torch.device("cpu"), 0).sparse
+    assert not kernels.DropMask((4, 5), 0.0, torch.device("cpu"), 0).sparse
+    assert not kernels.DropMask((4, 5), 0.05, torch.device("meta"), 0).sparse  # other devices: a keep mask
+    drop = kernels.DropMask((300, 40), 0.05, torch.device("cpu"), 21)
+    keep = drop.keep()
+    assert keep.dtype == torch.uint8 and keep.shape == (300, 40)
+    assert torch.equal(torch.nonzero(keep.view(-1) == 0).view(-1), drop.pattern())
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_drop_mask_operations_equal_the_keep_mask(p, dtype):
+    """``dropped_into``, ``zero_dropped_`` and ``project`` (the sparse share subtracted, or the dropped
+    copy for dtypes the sparse product lacks) equal the same arithmetic with the dense 0/1 mask."""
+    torch.manual_seed(0)
+    drop = kernels.DropMask.draw((64, 24), p, "cpu")
+    keep = drop.keep().to(dtype)
+    wide = torch.randn(64, 40).to(dtype)
+    x = wide[:, 3:27]  # not contiguous: rows of 40 viewed as 24
+    lora_a = torch.randn(5, 24).to(dtype)
+    pattern = drop.pattern()
+    out = torch.empty(64, 24, dtype=dtype)
+    assert drop.dropped_into(x, pattern, out) is out and torch.equal(out, x * keep)
+    t = torch.randn(64, 24).to(dtype)
+    expected = t * keep
+    assert torch.equal(drop.zero_dropped_(t, pattern), expected) and torch.equal(t, expected)
+    reference = (x.double() * keep.double()) @ lora_a.double().t()
+    magnitude = x.double().abs() @ lora_a.double().abs().t()
+    # 24 products summed, and for the sparse share one subtraction of a sum of <= 24 more: 2 * (24 + 1) eps
+    eps = torch.finfo(dtype).eps
+    bound = 2 * (24 + 1) * eps * magnitude
+    assert ((drop.project(x, lora_a, pattern).double() - reference).abs() <= bound).all()
+
+
 def test_fused_takes_one_dimensional_inputs_and_leaves_bad_widths_to_the_base(monkeypatch):
     model = lora_net()
     x = torch.randn(12, dtype=torch.float64)
@@ -621,7 +700,7 @@ def test_fused_takes_one_dimensional_inputs_and_leaves_bad_widths_to_the_base(mo
         model(torch.randn(4, 11, dtype=torch.float64))  # the base layer's own error, not a reshape error
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.05, 0.3])
 def test_fused_under_autocast_is_the_formula_in_bf16_with_bias_and_mask(dropout):
     """Under bf16 autocast the fused node computes ``x W^T + b + s B A drop(x)`` from bf16-rounded
     operands (bias included, dropout applied in training), within bf16 rounding of that formula."""
@@ -637,7 +716,7 @@ def test_fused_under_autocast_is_the_formula_in_bf16_with_bias_and_mask(dropout)
         out = model(x.clone().requires_grad_(True))
     assert out.dtype == torch.bfloat16 and FUSED_NODE in _graph_names(out)
     torch.manual_seed(9)
-    keep = kernels.keep_mask((6, 12), dropout).double() / (1 - dropout) if dropout else torch.ones(6, 12, dtype=torch.float64)
+    keep = kernels.DropMask.draw((6, 12), dropout, "cpu").keep().double() / (1 - dropout) if dropout else torch.ones(6, 12, dtype=torch.float64)
     low = lambda t: t.detach().to(torch.bfloat16).double()  # noqa: E731
     a, b = low(adapter.lora_A.weight), low(adapter.lora_B.weight)
     ref = low(x) @ low(base.weight).T + low(base.bias) + adapter.scaling * ((low(x) * keep) @ a.T) @ b.T
@@ -675,18 +754,20 @@ def test_mixed_lora_forward_declines_other_dtypes_and_keeps_bf16():
     assert out is not None and out.dtype == torch.bfloat16
 
 
-def test_delta_node_gradients_when_only_some_inputs_need_them(monkeypatch):
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_delta_node_gradients_when_only_some_inputs_need_them(p):
     """x without grad (a first layer's input) and a frozen B: A still gets the formula's gradient,
     and the node returns None, not something else, for what is not needed."""
     torch.manual_seed(0)
-    x = torch.randn(5, 12, dtype=torch.float64)
+    x = torch.randn(20, 12, dtype=torch.float64)
     lora_a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(7, 4, dtype=torch.float64)
-    drop = kernels.DropMask.draw((5, 12), 0.3, "cpu")
+    drop = kernels.DropMask.draw((20, 12), p, "cpu")
+    assert not drop.keep().all()
     out = kernels.LoraDeltaFunction.apply(x, lora_a, lora_b, drop, 0.5)
     out.sum().backward()
     a_ref = lora_a.detach().clone().requires_grad_(True)
-    (0.5 * ((x * drop.keep() / 0.7) @ a_ref.t()) @ lora_b.t()).sum().backward()
+    (0.5 * ((x * drop.keep() / (1 - p)) @ a_ref.t()) @ lora_b.t()).sum().backward()
     torch.testing.assert_close(lora_a.grad, a_ref.grad, rtol=0, atol=1e-12)
 
 

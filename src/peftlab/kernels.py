@@ -10,8 +10,12 @@ stock modules. It is correct but wasteful on training steps:
 :class:`LoraLinearFunction` computes the same value in one autograd node that keeps only what
 backward needs: the input ``x`` (usually shared with sibling layers, so no new memory), the
 rank-r activation ``A dropout(x)`` and the dropout mask's seed; backward draws the mask again
-from the seed. The mask is drawn from 16 random bits per element (a quarter of one 64-bit draw),
-four to six times cheaper than ``nn.Dropout``, as uint8 0/1 (applied by a multiply). Also:
+from the seed. For small drop probabilities (``p <= 0.05``, on CPU) the mask is drawn as the
+positions of the dropped elements (geometric gaps, one random word per drop) and never becomes
+an input-sized tensor: the forward subtracts the dropped elements' share from ``x A^T`` (a sparse
+product), the backward zeroes those positions in place. Otherwise it is drawn from 16 random bits
+per element (a quarter of one 64-bit draw), four to six times cheaper than ``nn.Dropout``, as
+uint8 0/1 (applied by a multiply). Also:
 
 * the weight gradient of B, ``s g^T h``, is computed as ``s (h^T g)^T``: the same numbers,
   but BLAS on this CPU takes half the time when the big (N, out) operand is not the
@@ -36,6 +40,7 @@ Set ``PEFTLAB_PLAIN=1`` to force the readable path everywhere (for debugging and
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -121,12 +126,70 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu"
     return mask.to(torch.uint8).view(*shape)
 
 
+def drop_positions(numel: int, p: float, seed: int, chunk: int | None = None) -> torch.Tensor:
+    """Sorted int64 flat indices of the dropped elements of ``numel``, each dropped with probability ``p``.
+
+    For small ``p`` it is cheaper to draw only the dropped positions than a bit pattern for every
+    element: the gaps between drops of independent Bernoulli(p) trials are geometric, and one
+    SFC64 word per drop gives one gap by inversion, ``floor(log(u) / log(1 - p))`` kept elements
+    before the next drop (``u`` uniform in (0, 1] from the word's low 53 bits). So ~``p * numel``
+    words and logs instead of ``numel / 4`` words and five passes over a full-size mask. The words
+    come in chunks of ``chunk`` (default: enough for the expected count plus six standard
+    deviations, so a second chunk is rare); the chunk size does not change the result.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"drop_positions needs 0 < p < 1, got p={p}")
+    generator = np.random.SFC64(seed)
+    per_gap = 1.0 / np.log1p(-p)  # negative: log(u) <= 0 becomes a gap >= 0
+    if chunk is None:
+        mean = numel * p
+        chunk = int(mean + 6.0 * (mean * (1.0 - p)) ** 0.5) + 16
+    parts, start = [], 0  # start: the position the next gap counts from
+    while start < numel:
+        words = torch.from_numpy(generator.random_raw(chunk).view(np.int64))
+        uniform = words.bitwise_and_(2**53 - 1).to(torch.float64).add_(0.5).mul_(2.0**-53)  # in (0, 1]
+        # gap + 1 steps from one drop to the next; cumulative sums give the positions
+        positions = uniform.log_().mul_(per_gap).floor_().to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
+        start = int(positions[-1]) + 1
+        parts.append(positions)
+    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return positions[: int(torch.searchsorted(positions, numel))]
+
+
+_CSR_PRIMED = False
+
+
+def _csr_rows(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The (rows, width) sparse CSR matrix with ``values`` at the sorted flat ``positions``.
+
+    torch warns once per process that CSR support is in beta; the first matrix is built with that
+    warning silenced, so the warning does not reach users of the kernel (invariants: sorted, distinct
+    in-range positions by construction, so the checks are off on purpose).
+    """
+    global _CSR_PRIMED
+    rows, width = shape
+    crow = torch.searchsorted(positions, torch.arange(rows + 1, device=positions.device) * width)
+    args = (crow, positions % width, values)
+    if not _CSR_PRIMED:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            matrix = torch.sparse_csr_tensor(*args, size=shape, check_invariants=False)
+        _CSR_PRIMED = True
+        return matrix
+    return torch.sparse_csr_tensor(*args, size=shape, check_invariants=False)
+
+
+_SPARSE_MAX_P = 0.05  # up to this drop probability CPU masks are drawn as drop positions (measured: docs/benchmarks.md)
+
+
 @dataclass(frozen=True)
 class DropMask:
-    """A dropout mask by its recipe: ``keep_mask(shape, p, device, seed)`` gives the same mask each time.
+    """A dropout mask by its recipe: the same ``seed`` gives the same mask each time.
 
     The fused node keeps this (a few bytes) instead of a 1-byte-per-element mask and draws the mask
-    again in backward (~2 ns per element on this CPU).
+    again in backward. On CPU with ``p <= 0.05`` the mask is drawn as the sorted positions of the
+    dropped elements (:func:`drop_positions`), otherwise as a uint8 keep mask (:func:`keep_mask`);
+    :meth:`pattern` draws whichever applies, :meth:`dropped` and :meth:`zero_dropped_` use it.
     """
 
     shape: tuple[int, ...]
@@ -138,8 +201,59 @@ class DropMask:
     def draw(cls, shape: Sequence[int], p: float, device: torch.device | str) -> DropMask:
         return cls(tuple(shape), p, torch.device(device), mask_seed())
 
-    def keep(self) -> torch.Tensor:
+    @property
+    def sparse(self) -> bool:
+        """Whether :meth:`pattern` gives drop positions (CPU, ``0 < p <= 0.05``) rather than a keep mask."""
+        return self.device.type == "cpu" and 0.0 < self.p <= _SPARSE_MAX_P
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for n in self.shape:
+            count *= n
+        return count
+
+    def pattern(self) -> torch.Tensor:
+        """Flat int64 positions of the dropped elements if :attr:`sparse`, else the uint8 keep mask."""
+        if self.sparse:
+            return drop_positions(self.numel, self.p, self.seed)
         return keep_mask(self.shape, self.p, self.device, self.seed)
+
+    def dropped_into(self, x: torch.Tensor, pattern: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (contiguous, x's shape) set to ``x`` with the dropped elements zeroed (not rescaled)."""
+        if self.sparse:
+            out.copy_(x)
+            out.view(-1).index_fill_(0, pattern, 0)
+            return out
+        # the keep mask converted into out, then multiplied in place: an out-of-place float * uint8
+        # multiply takes a slow mixed-dtype path on CPU (3.7 ms vs 0.48 ms for (1024, 1536); docs/benchmarks.md)
+        return out.copy_(pattern).mul_(x)
+
+    def project(self, x: torch.Tensor, lora_a: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        """``(x * keep) A^T`` (unscaled), (N, r), for a 2-D ``x`` of the mask's shape.
+
+        With drop positions in fp32/fp64 it never builds the dropped copy of x: ``x A^T`` minus the
+        dropped elements' share, a sparse (N, in) matrix of ~``p N in`` entries times ``A^T``. A
+        fresh input-sized tensor per layer costs more here than the mask (page faults on this CPU).
+        """
+        if self.sparse and x.dtype in (torch.float32, torch.float64):
+            share = _csr_rows(pattern, x.reshape(-1)[pattern], self.shape)  # the dropped elements of x
+            return torch.mm(x, lora_a.t()).sub_(torch.mm(share, lora_a.t()))
+        return torch.mm(self.dropped_into(x, pattern, torch.empty(self.shape, dtype=x.dtype, device=x.device)), lora_a.t())
+
+    def zero_dropped_(self, t: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        """Zero the dropped elements of the contiguous ``t`` (of the mask's shape) in place."""
+        if self.sparse:
+            t.view(-1).index_fill_(0, pattern, 0)
+            return t
+        return t.mul_(pattern)
+
+    def keep(self) -> torch.Tensor:
+        """The mask as a uint8 0/1 tensor of its shape, whichever way it is drawn."""
+        if not self.sparse:
+            return self.pattern()
+        keep = torch.ones(self.numel, dtype=torch.uint8, device=self.device)
+        return keep.index_fill_(0, self.pattern(), 0).view(self.shape)
 
     @property
     def scale(self) -> float:
@@ -173,14 +287,8 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
-        # keep.to(dtype).mul_(x), not x * keep: the out-of-place float * uint8 multiply takes a
-        # slow mixed-dtype path on CPU (3.7 ms vs 0.48 ms for a (1024, 1536) input; docs/benchmarks.md).
         # 1/(1-p) is applied to the small rank-r tensors instead of the dropped x.
-        x_in = x if drop is None else drop.keep().to(x.dtype).mul_(x)
-        h = torch.mm(x_in, lora_a.t())  # (N, r)
-        del x_in
-        if drop is not None:
-            h.mul_(drop.scale)
+        h = torch.mm(x, lora_a.t()) if drop is None else drop.project(x, lora_a, drop.pattern()).mul_(drop.scale)  # (N, r)
         out.addmm_(h, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
         ctx.drop, ctx.scaling, ctx.fan_in_fan_out = drop, scaling, fan_in_fan_out
@@ -193,20 +301,22 @@ class LoraLinearFunction(torch.autograd.Function):
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_bias = grad_a = grad_b = None
         grad_out = grad_out.contiguous()
-        keep = drop.keep() if drop is not None and (need_a or need_x) else None
+        pattern = drop.pattern() if drop is not None and (need_a or need_x) else None
         # (h^T g)^T rather than g^T h: same numbers, half the time (the big operand is not transposed).
         if need_b:
             grad_b = torch.mm(h.t(), grad_out).t().mul_(ctx.scaling)  # (out, r)
         # Gradient reaching A's output, with the dropout scale folded in: (r, N), cheap.
         grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * (drop.scale if drop is not None else 1.0))
+        # With dropout, one input-sized buffer holds the dropped x for A's gradient and then the
+        # adapter's share of x's gradient (which becomes grad_x): one fresh allocation, as without dropout.
+        buffer = torch.empty(x.shape, dtype=x.dtype, device=x.device) if pattern is not None else None
         if need_a:
-            x_in = x if keep is None else keep.to(x.dtype).mul_(x)
+            x_in = x if pattern is None else drop.dropped_into(x, pattern, buffer)
             grad_a = torch.mm(grad_h_t, x_in)  # (r, in)
-            del x_in
         if need_x:
-            lora_part = torch.mm(grad_h_t.t(), lora_a)  # (N, in)
-            if keep is not None:
-                lora_part.mul_(keep)
+            lora_part = torch.mm(grad_h_t.t(), lora_a, out=buffer) if buffer is not None else torch.mm(grad_h_t.t(), lora_a)
+            if pattern is not None:
+                drop.zero_dropped_(lora_part, pattern)  # (N, in)
             w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
             grad_x = lora_part.addmm_(grad_out, w)  # in place: out-of-place addmm would copy lora_part first
         if need_bias:
@@ -266,9 +376,7 @@ class LoraDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, drop: DropMask,  # type: ignore[override]
                 scaling: float) -> torch.Tensor:
-        x_in = drop.keep().to(x.dtype).mul_(x)
-        h = torch.mm(x_in, lora_a.t()).mul_(drop.scale)  # (N, r)
-        del x_in
+        h = drop.project(x, lora_a, drop.pattern()).mul_(drop.scale)  # (N, r)
         ctx.save_for_backward(x, lora_a, lora_b, h)
         ctx.drop, ctx.scaling = drop, scaling
         return torch.mm(h, lora_b.t()).mul_(scaling)
@@ -284,11 +392,12 @@ class LoraDeltaFunction(torch.autograd.Function):
             grad_b = torch.mm(h.t(), grad_out).t().mul_(ctx.scaling)  # (out, r)
         grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * drop.scale)  # (r, N)
         if need_a or need_x:
-            keep = drop.keep()
+            pattern = drop.pattern()
+            buffer = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # the dropped x, then grad_x
             if need_a:
-                grad_a = torch.mm(grad_h_t, keep.to(x.dtype).mul_(x))  # (r, in)
+                grad_a = torch.mm(grad_h_t, drop.dropped_into(x, pattern, buffer))  # (r, in)
             if need_x:
-                grad_x = torch.mm(grad_h_t.t(), lora_a).mul_(keep)  # (N, in)
+                grad_x = drop.zero_dropped_(torch.mm(grad_h_t.t(), lora_a, out=buffer), pattern)  # (N, in)
         return grad_x, grad_a, grad_b, None, None
 
 
