@@ -644,6 +644,18 @@ def test_drop_positions_do_not_depend_on_the_chunk_size():
     assert torch.equal(kernels.drop_positions(5_000, 0.05, seed=8, chunk=1), default)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_fused_dropout_takes_an_empty_batch(p):
+    model = lora_net(dropout=p)
+    model.train()
+    x = torch.randn(0, 5, 12, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    assert out.shape == (0, 5, 10) and FUSED_NODE in _graph_names(out)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert kernels.drop_positions(0, p, seed=1).shape == (0,)
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
 def test_drop_positions_refuses_probabilities_without_a_geometric_gap(p):
     with pytest.raises(ValueError, match="0 < p < 1"):

@@ -152,6 +152,8 @@ def drop_positions(numel: int, p: float, seed: int, chunk: int | None = None) ->
         positions = uniform.log_().mul_(per_gap).floor_().to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
         start = int(positions[-1]) + 1
         parts.append(positions)
+    if not parts:
+        return torch.empty(0, dtype=torch.int64)
     positions = parts[0] if len(parts) == 1 else torch.cat(parts)
     return positions[: int(torch.searchsorted(positions, numel))]
 
