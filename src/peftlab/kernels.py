@@ -115,7 +115,7 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu"
     for n in shape:
         numel *= n
     cut = round(p * 2**_MASK_BITS)  # how many of the 65536 values drop
-    if cut <= 0:
+    if cut <= 0 or numel == 0:
         return torch.ones(tuple(shape), dtype=torch.uint8, device=device)
     if cut >= 2**_MASK_BITS:
         return torch.zeros(tuple(shape), dtype=torch.uint8, device=device)
