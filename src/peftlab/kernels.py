@@ -262,6 +262,45 @@ class DropMask:
         return 1.0 / (1.0 - self.p)
 
 
+def _adapter_activation(x: torch.Tensor, lora_a: torch.Tensor, drop: DropMask | None) -> torch.Tensor:
+    """``h = (x * keep / (1 - p)) A^T``, (N, r): the rank-r activation both LoRA nodes keep for backward.
+
+    1/(1-p) is applied to the small h instead of the dropped x.
+    """
+    if drop is None:
+        return torch.mm(x, lora_a.t())
+    return drop.project(x, lora_a, drop.pattern()).mul_(drop.scale)
+
+
+def _adapter_backward(grad_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                      h: torch.Tensor, drop: DropMask | None, scaling: float, need_x: bool, need_a: bool,
+                      need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``s h B^T`` (h from :func:`_adapter_activation`): x's share (N, in), A's and B's.
+
+    With dropout, one input-sized buffer holds the dropped x for A's gradient and then x's share
+    (which the fused node turns into grad_x): one fresh allocation, as without dropout.
+    """
+    grad_a = grad_b = x_share = None
+    # (h^T g)^T rather than g^T h: same numbers, half the time (the big operand is not transposed).
+    if need_b:
+        grad_b = torch.mm(h.t(), grad_out).t().mul_(scaling)  # (out, r)
+    # Gradient reaching A's output, with the dropout scale folded in: (r, N), cheap.
+    grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(scaling * (drop.scale if drop is not None else 1.0))
+    if drop is None:
+        if need_a:
+            grad_a = torch.mm(grad_h_t, x)  # (r, in)
+        if need_x:
+            x_share = torch.mm(grad_h_t.t(), lora_a)  # (N, in)
+    elif need_a or need_x:
+        pattern = drop.pattern()
+        buffer = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if need_a:
+            grad_a = torch.mm(grad_h_t, drop.dropped_into(x, pattern, buffer))
+        if need_x:
+            x_share = drop.zero_dropped_(torch.mm(grad_h_t.t(), lora_a, out=buffer), pattern)
+    return x_share, grad_a, grad_b
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s * ((x * keep / (1 - p)) A^T) B^T`` with a frozen ``W`` (and maybe ``b``).
 
@@ -289,8 +328,7 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
-        # 1/(1-p) is applied to the small rank-r tensors instead of the dropped x.
-        h = torch.mm(x, lora_a.t()) if drop is None else drop.project(x, lora_a, drop.pattern()).mul_(drop.scale)  # (N, r)
+        h = _adapter_activation(x, lora_a, drop)  # (N, r)
         out.addmm_(h, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
         ctx.drop, ctx.scaling, ctx.fan_in_fan_out = drop, scaling, fan_in_fan_out
@@ -299,28 +337,13 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x, weight, lora_a, lora_b, h = ctx.saved_tensors
-        drop: DropMask | None = ctx.drop
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_x = grad_bias = grad_a = grad_b = None
         grad_out = grad_out.contiguous()
-        pattern = drop.pattern() if drop is not None and (need_a or need_x) else None
-        # (h^T g)^T rather than g^T h: same numbers, half the time (the big operand is not transposed).
-        if need_b:
-            grad_b = torch.mm(h.t(), grad_out).t().mul_(ctx.scaling)  # (out, r)
-        # Gradient reaching A's output, with the dropout scale folded in: (r, N), cheap.
-        grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * (drop.scale if drop is not None else 1.0))
-        # With dropout, one input-sized buffer holds the dropped x for A's gradient and then the
-        # adapter's share of x's gradient (which becomes grad_x): one fresh allocation, as without dropout.
-        buffer = torch.empty(x.shape, dtype=x.dtype, device=x.device) if pattern is not None else None
-        if need_a:
-            x_in = x if pattern is None else drop.dropped_into(x, pattern, buffer)
-            grad_a = torch.mm(grad_h_t, x_in)  # (r, in)
+        x_share, grad_a, grad_b = _adapter_backward(grad_out, x, lora_a, lora_b, h, ctx.drop, ctx.scaling, need_x, need_a, need_b)
+        grad_x = grad_bias = None
         if need_x:
-            lora_part = torch.mm(grad_h_t.t(), lora_a, out=buffer) if buffer is not None else torch.mm(grad_h_t.t(), lora_a)
-            if pattern is not None:
-                drop.zero_dropped_(lora_part, pattern)  # (N, in)
             w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
-            grad_x = lora_part.addmm_(grad_out, w)  # in place: out-of-place addmm would copy lora_part first
+            grad_x = x_share.addmm_(grad_out, w)  # in place: out-of-place addmm would copy x_share first
         if need_bias:
             grad_bias = grad_out.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
@@ -378,7 +401,7 @@ class LoraDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, drop: DropMask,  # type: ignore[override]
                 scaling: float) -> torch.Tensor:
-        h = drop.project(x, lora_a, drop.pattern()).mul_(drop.scale)  # (N, r)
+        h = _adapter_activation(x, lora_a, drop)  # (N, r)
         ctx.save_for_backward(x, lora_a, lora_b, h)
         ctx.drop, ctx.scaling = drop, scaling
         return torch.mm(h, lora_b.t()).mul_(scaling)
@@ -386,20 +409,9 @@ class LoraDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x, lora_a, lora_b, h = ctx.saved_tensors
-        drop: DropMask = ctx.drop
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_a = grad_b = None
-        grad_out = grad_out.contiguous()
-        if need_b:
-            grad_b = torch.mm(h.t(), grad_out).t().mul_(ctx.scaling)  # (out, r)
-        grad_h_t = torch.mm(lora_b.t(), grad_out.t()).mul_(ctx.scaling * drop.scale)  # (r, N)
-        if need_a or need_x:
-            pattern = drop.pattern()
-            buffer = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # the dropped x, then grad_x
-            if need_a:
-                grad_a = torch.mm(grad_h_t, drop.dropped_into(x, pattern, buffer))  # (r, in)
-            if need_x:
-                grad_x = drop.zero_dropped_(torch.mm(grad_h_t.t(), lora_a, out=buffer), pattern)  # (N, in)
+        grad_x, grad_a, grad_b = _adapter_backward(grad_out.contiguous(), x, lora_a, lora_b, h, ctx.drop, ctx.scaling,
+                                                   need_x, need_a, need_b)
         return grad_x, grad_a, grad_b, None, None
 
 
