@@ -191,7 +191,7 @@ class DropMask:
     The fused node keeps this (a few bytes) instead of a 1-byte-per-element mask and draws the mask
     again in backward. On CPU with ``p <= 0.05`` the mask is drawn as the sorted positions of the
     dropped elements (:func:`drop_positions`), otherwise as a uint8 keep mask (:func:`keep_mask`);
-    :meth:`pattern` draws whichever applies, :meth:`dropped` and :meth:`zero_dropped_` use it.
+    :meth:`pattern` draws whichever applies; :meth:`project`, :meth:`dropped_into` and :meth:`zero_dropped_` use it.
     """
 
     shape: tuple[int, ...]
