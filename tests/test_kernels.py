@@ -656,6 +656,41 @@ def test_fused_dropout_takes_an_empty_batch(p):
     assert kernels.drop_positions(0, p, seed=1).shape == (0,)
 
 
+def test_positions_kernel_warns_nothing_in_a_fresh_process():
+    """torch warns once per process that CSR tensors are beta, and that invariant checks are off when
+    not asked explicitly; neither may reach a user of the kernel (any warning is an error here)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "from peftlab import kernels\n"
+        "warnings.simplefilter('error')\n"
+        "x = torch.randn(64, 24, requires_grad=True)\n"
+        "w, a, b = torch.randn(8, 24), torch.randn(4, 24, requires_grad=True), torch.randn(8, 4, requires_grad=True)\n"
+        "for _ in range(3):\n"
+        "    drop = kernels.DropMask.draw((64, 24), 0.05, 'cpu')\n"
+        "    assert drop.sparse\n"
+        "    kernels.LoraLinearFunction.apply(x, w, None, a, b, drop, 2.0, False).sum().backward()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_first_sparse_share_is_built_like_the_others(monkeypatch):
+    """The first CSR matrix of a process (built with torch's warning silenced) is the same matrix,
+    of the full shape even when the last columns hold no entry, and later builds skip the silencing."""
+    monkeypatch.setattr(kernels, "_CSR_PRIMED", False)
+    positions = torch.tensor([1, 5, 6, 13])  # (3, 5): rows 0, 1, 1, 2; column 4 stays empty
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    expected = torch.zeros(15, dtype=torch.float64).index_put_((positions,), values).view(3, 5)
+    first = kernels._csr_rows(positions, values, (3, 5))
+    assert kernels._CSR_PRIMED is True
+    assert first.shape == (3, 5) and torch.equal(first.to_dense(), expected)
+    assert torch.equal(kernels._csr_rows(positions, values, (3, 5)).to_dense(), expected)
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
 def test_drop_positions_refuses_probabilities_without_a_geometric_gap(p):
     with pytest.raises(ValueError, match="0 < p < 1"):
