@@ -691,6 +691,30 @@ def test_first_sparse_share_is_built_like_the_others(monkeypatch):
     assert torch.equal(kernels._csr_rows(positions, values, (3, 5)).to_dense(), expected)
 
 
+def test_drop_positions_draws_once_and_a_bounded_number_of_words(monkeypatch):
+    """The default chunk is the expected count plus six standard deviations (+16): one draw of the
+    generator covers the tensor, and the words drawn stay within that bound (no more than needed)."""
+    import numpy as np
+
+    real, draws = np.random.SFC64, []
+
+    class Counting:
+        def __init__(self, seed):
+            self.inner = real(seed)
+
+        def random_raw(self, count):
+            draws.append(count)
+            return self.inner.random_raw(count)
+
+    monkeypatch.setattr(kernels.np.random, "SFC64", Counting)
+    numel, p = 200_000, 0.05
+    mean, std = numel * p, (numel * p * (1 - p)) ** 0.5
+    for seed in range(10):
+        draws.clear()
+        kernels.drop_positions(numel, p, seed)
+        assert len(draws) == 1 and mean + 5 * std <= draws[0] <= mean + 6 * std + 16
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
 def test_drop_positions_refuses_probabilities_without_a_geometric_gap(p):
     with pytest.raises(ValueError, match="0 < p < 1"):
