@@ -39,6 +39,8 @@ Set ``PEFTLAB_PLAIN=1`` to force the readable path everywhere (for debugging and
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -111,9 +113,7 @@ def keep_mask(shape: Sequence[int], p: float, device: torch.device | str = "cpu"
     uint8 one (with the in-place input-gradient ``addmm_`` that made MiniLM all-linear training
     steps 10% faster with dropout 0.1 and 2% without; docs/benchmarks.md).
     """
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     cut = round(p * 2**_MASK_BITS)  # how many of the 65536 values drop
     if cut <= 0 or numel == 0:
         return torch.ones(tuple(shape), dtype=torch.uint8, device=device)
@@ -161,6 +161,13 @@ def drop_positions(numel: int, p: float, seed: int, chunk: int | None = None) ->
 _CSR_PRIMED = False
 
 
+@contextlib.contextmanager
+def _warnings_silenced():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _csr_rows(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The (rows, width) sparse CSR matrix with ``values`` at the sorted flat ``positions``.
 
@@ -171,14 +178,10 @@ def _csr_rows(positions: torch.Tensor, values: torch.Tensor, shape: tuple[int, .
     global _CSR_PRIMED
     rows, width = shape
     crow = torch.searchsorted(positions, torch.arange(rows + 1, device=positions.device) * width)
-    args = (crow, positions % width, values)
-    if not _CSR_PRIMED:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            matrix = torch.sparse_csr_tensor(*args, size=shape, check_invariants=False)
-        _CSR_PRIMED = True
-        return matrix
-    return torch.sparse_csr_tensor(*args, size=shape, check_invariants=False)
+    with contextlib.nullcontext() if _CSR_PRIMED else _warnings_silenced():
+        matrix = torch.sparse_csr_tensor(crow, positions % width, values, size=shape, check_invariants=False)
+    _CSR_PRIMED = True
+    return matrix
 
 
 _SPARSE_MAX_P = 0.05  # up to this drop probability CPU masks are drawn as drop positions (measured: docs/benchmarks.md)
@@ -210,10 +213,7 @@ class DropMask:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for n in self.shape:
-            count *= n
-        return count
+        return math.prod(self.shape)
 
     def pattern(self) -> torch.Tensor:
         """Flat int64 positions of the dropped elements if :attr:`sparse`, else the uint8 keep mask."""
