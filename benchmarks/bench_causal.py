@@ -47,6 +47,12 @@ def load_base() -> torch.nn.Module:
     return model
 
 
+def causal_inputs(base: torch.nn.Module, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """Random token ids (seed 0) with ``labels = input_ids``: every position but the last counts."""
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
 def lora(lib: str, base: torch.nn.Module, gc: bool = False) -> torch.nn.Module:
     if lib == "peft":
         import peft
@@ -156,9 +162,7 @@ def main() -> None:
     bf16 = args.autocast == "bf16"
 
     base = load_base()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=g)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    inputs = causal_inputs(base, args.batch, args.seq)
 
     builders = {
         "full_ft": lambda: full_copy(base),

@@ -49,11 +49,10 @@ def main() -> None:
 
     if args.model == "smollm2":
         import peftlab
-        from bench_causal import LORA, load_base
+        from bench_causal import LORA, causal_inputs, load_base
 
         base = load_base()
-        ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        inputs = causal_inputs(base, args.batch, args.seq)
         config = peftlab.LoraConfig(task_type="CAUSAL_LM", **{**LORA, "lora_dropout": args.dropout})
     else:
         base = C.minilm_classifier()
