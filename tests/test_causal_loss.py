@@ -20,6 +20,7 @@ from torch import nn
 
 from conftest import tiny_gpt2, tiny_llama
 from peftlab import LoraConfig, get_peft_model
+from peftlab import causal_loss
 from peftlab.causal_loss import LinearCrossEntropy, applies, linear_cross_entropy
 
 U32 = 2.0**-24
@@ -48,10 +49,19 @@ def _problem(dtype=torch.float64, bias=True, vocab=37, width=8, seed=0):
     return hidden, head, labels
 
 
+@pytest.fixture(params=["one product", "vocabulary blocks"])
+def vocab_block(request, monkeypatch):
+    """Logits in one product (37 tokens < 2 blocks), or in blocks of 8 head rows (the last one partial),
+    the CPU path a large vocabulary takes."""
+    if request.param == "vocabulary blocks":
+        monkeypatch.setattr(causal_loss, "VOCAB_BLOCK", 8)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
 @pytest.mark.parametrize("num_items", [None, 40])
 @pytest.mark.parametrize("bias", [True, False])
-def test_value_and_all_gradients_match_reference_float64(chunk_rows, num_items, bias):
+def test_value_and_all_gradients_match_reference_float64(chunk_rows, num_items, bias, vocab_block):
     hidden, head, labels = _problem(bias=bias)
     ours = linear_cross_entropy(hidden, head, labels, num_items, chunk_rows=chunk_rows)
     ours_grads = torch.autograd.grad(ours * 3.0, [hidden, *head.parameters()])  # grad_output != 1 too
@@ -74,7 +84,7 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(fn, (h, head.weight, head.bias))
 
 
-def test_fp32_matches_stock_loss_within_rounding():
+def test_fp32_matches_stock_loss_within_rounding(vocab_block):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     hidden, head, labels = _problem(dtype=torch.float32, vocab=97)
@@ -87,7 +97,7 @@ def test_fp32_matches_stock_loss_within_rounding():
     assert abs(float(ours - stock)) <= 2 * U32 * (97 + n + 4) * max_term
 
 
-def test_bf16_autocast_matches_stock_loss_within_one_rounding():
+def test_bf16_autocast_matches_stock_loss_within_one_rounding(vocab_block):
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     hidden, head, labels = _problem(dtype=torch.float32, vocab=97)
@@ -294,3 +304,14 @@ def test_bf16_autocast_model_loss_within_one_rounding_of_the_stock_loss():
     assert ours.loss.dtype == torch.float32 and g_ours.keys() == g_stock.keys()
     # same bf16 forward up to the head; the head's logits may differ by one bf16 rounding each
     assert abs(float(ours.loss - stock.loss)) <= 2 * 2.0**-8 * float(stock.logits.float().abs().max())
+
+
+def test_vocabulary_blocks_write_every_logit_once():
+    """The blocked product covers the whole vocabulary (a partial last block included) and equals h W^T + b."""
+    g = torch.Generator().manual_seed(3)
+    h, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(5, 6), (2 * 512 + 77, 6), (2 * 512 + 77,)])
+    for bias in (None, b):
+        z = causal_loss._logits(h, w, bias)
+        expected = h @ w.t() + (0 if bias is None else bias)
+        assert z.shape == expected.shape
+        torch.testing.assert_close(z, expected, rtol=0, atol=1e-12)  # 6 fp64 terms of size <~ 20

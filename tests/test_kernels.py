@@ -526,6 +526,53 @@ def test_fused_node_keeps_no_input_sized_tensor_but_x(dropout):
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("hooked", [False, True])  # the fused node, and the delta node beside a hooked base
+def test_drop_positions_are_drawn_once_and_kept_for_backward(monkeypatch, hooked):
+    """With drop positions the node keeps them (int32, ~p * numel of them) instead of drawing them again
+    in backward; a keep mask (1 byte per element) is still drawn again from its seed."""
+    for p, draws_per_step in [(0.05, 1), (0.3, 2)]:
+        model = hooked_lora_net(p) if hooked else lora_net(dropout=p)
+        model.train()
+        calls = {"positions": 0, "keep": 0}
+        real_positions, real_keep = kernels.drop_positions, kernels.keep_mask
+
+        def count_positions(*args, **kwargs):
+            calls["positions"] += 1
+            return real_positions(*args, **kwargs)
+
+        def count_keep(*args, **kwargs):
+            calls["keep"] += 1
+            return real_keep(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "drop_positions", count_positions)
+        monkeypatch.setattr(kernels, "keep_mask", count_keep)
+        x = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = model(x)
+        out.sum().backward()
+        assert calls == ({"positions": 1, "keep": 0} if p <= 0.05 else {"positions": 0, "keep": draws_per_step})
+        kept = [t for t in saved if t.dtype in (torch.int32, torch.int64)]
+        if p <= 0.05:
+            assert len(kept) == 1 and kept[0].dtype == torch.int32 and kept[0].numel() < 0.2 * x.numel()
+        else:
+            assert not kept
+        monkeypatch.undo()
+
+
+def test_drop_mask_reads_kept_positions_back_as_drawn():
+    drop = kernels.DropMask((300, 40), 0.05, torch.device("cpu"), 8)
+    pattern = drop.pattern()
+    kept = drop.to_keep(pattern)
+    assert kept.dtype == torch.int32 and torch.equal(kept.long(), pattern)
+    assert drop.pattern(kept).dtype == torch.int64 and torch.equal(drop.pattern(kept), pattern)
+    dense = kernels.DropMask((300, 40), 0.3, torch.device("cpu"), 8)
+    assert dense.to_keep(dense.pattern()) is None
+    huge = kernels.DropMask((2**16, 2**15), 0.05, torch.device("cpu"), 8)  # 2**31 elements: int32 cannot index them
+    positions = torch.tensor([0, 2**31 - 1])
+    assert huge.to_keep(positions) is positions
+
+
 def test_drop_mask_draws_the_same_mask_from_its_seed():
     torch.manual_seed(5)
     drop = kernels.DropMask.draw((40, 30), 0.25, "cpu")

@@ -215,11 +215,28 @@ class DropMask:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def pattern(self) -> torch.Tensor:
-        """Flat int64 positions of the dropped elements if :attr:`sparse`, else the uint8 keep mask."""
+    def pattern(self, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat int64 positions of the dropped elements if :attr:`sparse`, else the uint8 keep mask.
+
+        ``kept`` is what :meth:`to_keep` returned for this mask: the positions are read back from it
+        instead of being drawn again.
+        """
+        if kept is not None:
+            return kept.to(torch.int64)
         if self.sparse:
             return drop_positions(self.numel, self.p, self.seed)
         return keep_mask(self.shape, self.p, self.device, self.seed)
+
+    def to_keep(self, pattern: torch.Tensor) -> torch.Tensor | None:
+        """What a node saves for backward so it need not draw the mask again, or None.
+
+        Drop positions are kept (int32 where they fit: 0.2 bytes per input element at p = 0.05);
+        drawing them again in backward was ~1.5 % of a SmolLM2 step (docs/benchmarks.md). A keep
+        mask is not kept (1 byte per element): backward draws it again from the seed.
+        """
+        if not self.sparse:
+            return None
+        return pattern.to(torch.int32) if self.numel < 2**31 else pattern
 
     def dropped_into(self, x: torch.Tensor, pattern: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` (contiguous, x's shape) set to ``x`` with the dropped elements zeroed (not rescaled)."""
@@ -262,20 +279,23 @@ class DropMask:
         return 1.0 / (1.0 - self.p)
 
 
-def _adapter_activation(x: torch.Tensor, lora_a: torch.Tensor, drop: DropMask | None) -> torch.Tensor:
-    """``h = (x * keep / (1 - p)) A^T``, (N, r): the rank-r activation both LoRA nodes keep for backward.
+def _adapter_activation(x: torch.Tensor, lora_a: torch.Tensor,
+                        drop: DropMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``h = (x * keep / (1 - p)) A^T``, (N, r), the rank-r activation both LoRA nodes keep for
+    backward, and what they keep of the mask (:meth:`DropMask.to_keep`).
 
     1/(1-p) is applied to the small h instead of the dropped x.
     """
     if drop is None:
-        return torch.mm(x, lora_a.t())
-    return drop.project(x, lora_a, drop.pattern()).mul_(drop.scale)
+        return torch.mm(x, lora_a.t()), None
+    pattern = drop.pattern()
+    return drop.project(x, lora_a, pattern).mul_(drop.scale), drop.to_keep(pattern)
 
 
 def _adapter_backward(grad_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                      h: torch.Tensor, drop: DropMask | None, scaling: float, need_x: bool, need_a: bool,
-                      need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``s h B^T`` (h from :func:`_adapter_activation`): x's share (N, in), A's and B's.
+                      h: torch.Tensor, drop: DropMask | None, kept: torch.Tensor | None, scaling: float, need_x: bool,
+                      need_a: bool, need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``s h B^T`` (h and ``kept`` from :func:`_adapter_activation`): x's share (N, in), A's and B's.
 
     With dropout, one input-sized buffer holds the dropped x for A's gradient and then x's share
     (which the fused node turns into grad_x): one fresh allocation, as without dropout.
@@ -292,7 +312,7 @@ def _adapter_backward(grad_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Ten
         if need_x:
             x_share = torch.mm(grad_h_t.t(), lora_a)  # (N, in)
     elif need_a or need_x:
-        pattern = drop.pattern()
+        pattern = drop.pattern(kept)
         buffer = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if need_a:
             grad_a = torch.mm(grad_h_t, drop.dropped_into(x, pattern, buffer))
@@ -306,12 +326,13 @@ class LoraLinearFunction(torch.autograd.Function):
 
     Shapes: x (N, in), weight (out, in) or (in, out) when ``fan_in_fan_out``, lora_a (r, in),
     lora_b (out, r); ``drop`` is the dropout mask's recipe (keep has x's shape) or None (no dropout).
-    Saved for backward: x itself, the (N, r) activation h and the mask's seed. x is usually
+    Saved for backward: x itself, the (N, r) activation h, the mask's seed and, for drop positions,
+    the positions (0.2 bytes per input element at p = 0.05). x is usually
     shared with sibling layers (q/k/v, gate/up read the same tensor) or held by the base model
     anyway, so LoRA adds ~nothing per element; ``nn.Dropout`` + ``nn.Linear`` keep a float copy of
     the dropped x and a mask per layer (8 bytes per input element), and keeping the dropped x and a
-    1-byte mask here (the earlier version) cost 5. Backward draws the mask again and recomputes
-    the dropped x for A's gradient.
+    1-byte mask here (the earlier version) cost 5. Backward reads the positions back (or draws a
+    keep mask again) and recomputes the dropped x for A's gradient.
     """
 
     @staticmethod
@@ -328,18 +349,19 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
         out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
-        h = _adapter_activation(x, lora_a, drop)  # (N, r)
+        h, kept = _adapter_activation(x, lora_a, drop)  # (N, r)
         out.addmm_(h, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, kept)
         ctx.drop, ctx.scaling, ctx.fan_in_fan_out = drop, scaling, fan_in_fan_out
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        x, weight, lora_a, lora_b, h, kept = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_out = grad_out.contiguous()
-        x_share, grad_a, grad_b = _adapter_backward(grad_out, x, lora_a, lora_b, h, ctx.drop, ctx.scaling, need_x, need_a, need_b)
+        x_share, grad_a, grad_b = _adapter_backward(grad_out, x, lora_a, lora_b, h, ctx.drop, kept, ctx.scaling, need_x,
+                                                    need_a, need_b)
         grad_x = grad_bias = None
         if need_x:
             w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
@@ -393,7 +415,7 @@ class LoraDeltaFunction(torch.autograd.Function):
     """``s * ((x * keep / (1 - p)) A^T) B^T``: the adapter term alone, for bases the fused node
     cannot bypass (4-bit and 8-bit bitsandbytes layers, layers with hooks), with dropout.
 
-    Keeps what :class:`LoraLinearFunction` keeps (x, h and the mask's seed) where ``nn.Dropout``
+    Keeps what :class:`LoraLinearFunction` keeps (x, h, the mask's seed and drop positions) where ``nn.Dropout``
     followed by ``lora_A`` keeps a dropped copy of x and a mask per layer. Without dropout the
     stock modules keep only x and h already, so this node is used only with dropout.
     """
@@ -401,17 +423,17 @@ class LoraDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, drop: DropMask,  # type: ignore[override]
                 scaling: float) -> torch.Tensor:
-        h = _adapter_activation(x, lora_a, drop)  # (N, r)
-        ctx.save_for_backward(x, lora_a, lora_b, h)
+        h, kept = _adapter_activation(x, lora_a, drop)  # (N, r)
+        ctx.save_for_backward(x, lora_a, lora_b, h, kept)
         ctx.drop, ctx.scaling = drop, scaling
         return torch.mm(h, lora_b.t()).mul_(scaling)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x, lora_a, lora_b, h = ctx.saved_tensors
+        x, lora_a, lora_b, h, kept = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_a, grad_b = _adapter_backward(grad_out.contiguous(), x, lora_a, lora_b, h, ctx.drop, ctx.scaling,
-                                                   need_x, need_a, need_b)
+        grad_x, grad_a, grad_b = _adapter_backward(grad_out.contiguous(), x, lora_a, lora_b, h, ctx.drop, kept,
+                                                   ctx.scaling, need_x, need_a, need_b)
         return grad_x, grad_a, grad_b, None, None
 
 
