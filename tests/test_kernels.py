@@ -527,37 +527,37 @@ def test_fused_node_keeps_no_input_sized_tensor_but_x(dropout):
 
 
 @pytest.mark.parametrize("hooked", [False, True])  # the fused node, and the delta node beside a hooked base
-def test_drop_positions_are_drawn_once_and_kept_for_backward(monkeypatch, hooked):
+@pytest.mark.parametrize(("p", "keep_draws"), [(0.05, 0), (0.3, 2)])  # drop positions; a keep mask
+def test_drop_positions_are_drawn_once_and_kept_for_backward(monkeypatch, hooked, p, keep_draws):
     """With drop positions the node keeps them (int32, ~p * numel of them) instead of drawing them again
     in backward; a keep mask (1 byte per element) is still drawn again from its seed."""
-    for p, draws_per_step in [(0.05, 1), (0.3, 2)]:
-        model = hooked_lora_net(p) if hooked else lora_net(dropout=p)
-        model.train()
-        calls = {"positions": 0, "keep": 0}
-        real_positions, real_keep = kernels.drop_positions, kernels.keep_mask
+    model = hooked_lora_net(p) if hooked else lora_net(dropout=p)
+    model.train()
+    calls = {"positions": 0, "keep": 0}
+    real_positions, real_keep = kernels.drop_positions, kernels.keep_mask
 
-        def count_positions(*args, **kwargs):
-            calls["positions"] += 1
-            return real_positions(*args, **kwargs)
+    def count_positions(*args, **kwargs):
+        calls["positions"] += 1
+        return real_positions(*args, **kwargs)
 
-        def count_keep(*args, **kwargs):
-            calls["keep"] += 1
-            return real_keep(*args, **kwargs)
+    def count_keep(*args, **kwargs):
+        calls["keep"] += 1
+        return real_keep(*args, **kwargs)
 
-        monkeypatch.setattr(kernels, "drop_positions", count_positions)
-        monkeypatch.setattr(kernels, "keep_mask", count_keep)
-        x = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
-        saved: list[torch.Tensor] = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = model(x)
-        out.sum().backward()
-        assert calls == ({"positions": 1, "keep": 0} if p <= 0.05 else {"positions": 0, "keep": draws_per_step})
-        kept = [t for t in saved if t.dtype in (torch.int32, torch.int64)]
-        if p <= 0.05:
-            assert len(kept) == 1 and kept[0].dtype == torch.int32 and kept[0].numel() < 0.2 * x.numel()
-        else:
-            assert not kept
-        monkeypatch.undo()
+    monkeypatch.setattr(kernels, "drop_positions", count_positions)
+    monkeypatch.setattr(kernels, "keep_mask", count_keep)
+    x = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    out.sum().backward()
+    kept = [t for t in saved if t.dtype in (torch.int32, torch.int64)]
+    if keep_draws == 0:
+        assert calls == {"positions": 1, "keep": 0}
+        assert len(kept) == 1 and kept[0].dtype == torch.int32 and kept[0].numel() < 0.2 * x.numel()
+    else:
+        assert calls == {"positions": 0, "keep": keep_draws}
+        assert not kept
 
 
 def test_drop_mask_reads_kept_positions_back_as_drawn():
