@@ -8,8 +8,10 @@ Every variant gets its own copy of the same weights; one round times one optimiz
 each variant in turn (order reversed every other round), after warm-up. Reported per variant:
 median step time, tokens/s, the median of per-round ratios to full fine-tuning and to peft's
 same configuration, and memory: the peak resident-memory rise during one step (sampled every
-millisecond, heap trimmed first) and the tensors a step holds (saved for backward + gradients;
-this misses checkpointing's per-layer inputs and transient logits, hence the RSS column).
+millisecond, heap trimmed first), the resident memory held at the end of forward (the
+activations kept for backward, whatever holds them: saved tensors, checkpointing's block inputs
+and kept outputs, full logits) and the tensors a step holds (saved for backward + gradients;
+this misses checkpointing's per-layer inputs and transient logits, hence the RSS columns).
 
     PYTHONPATH=src python benchmarks/bench_causal.py --seq 512 --batch 4 --rounds 5
     PYTHONPATH=src python benchmarks/bench_causal.py --seq 256 --autocast bf16 --nf4 off
@@ -17,7 +19,9 @@ this misses checkpointing's per-layer inputs and transient logits, hence the RSS
 
 Variants: ``full_ft``, ``frozen_floor`` (every weight frozen, gradients still flow to the
 embeddings' output: the cost of forward + backward through the base), ``lora/<lib>``,
-``lora_gc/<lib>`` (gradient checkpointing), ``lora_nf4/<lib>`` (4-bit base), and
+``lora_gc/<lib>`` (gradient checkpointing; peftlab keeps its narrow layers' outputs),
+``lora_gc_inputs/peftlab`` (checkpointing that keeps only the block inputs,
+``keep_narrow_outputs=False``), ``lora_nf4/<lib>`` (4-bit base), and
 ``lora_stockloss/peftlab`` (peftlab with ``chunked_causal_loss = False``: what the chunked loss buys).
 """
 
@@ -53,7 +57,7 @@ def causal_inputs(base: torch.nn.Module, batch: int, seq: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def lora(lib: str, base: torch.nn.Module, gc: bool = False) -> torch.nn.Module:
+def lora(lib: str, base: torch.nn.Module, gc: bool = False, keep_narrow_outputs: bool = True) -> torch.nn.Module:
     if lib == "peft":
         import peft
 
@@ -62,7 +66,9 @@ def lora(lib: str, base: torch.nn.Module, gc: bool = False) -> torch.nn.Module:
         import peftlab
 
         model = peftlab.get_peft_model(base, peftlab.LoraConfig(task_type="CAUSAL_LM", **LORA))
-    if gc:
+    if gc and not keep_narrow_outputs:
+        model.activation_checkpointing_enable({"use_reentrant": False}, keep_narrow_outputs=False)
+    elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -145,6 +151,27 @@ def peak_rss_rise(fn) -> float:
     return (max(peak[0], rss_bytes()) - start) / 2**20
 
 
+def held_after_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], bf16: bool) -> float:
+    """MB the resident set holds at the end of forward above its level before it (heap trimmed at both
+    points): the activations kept for backward, checkpointing's block inputs and kept outputs included."""
+    import gc as gc_module
+
+    from peftlab.release_memory import trim_heap
+
+    model.train()
+    gc_module.collect()
+    trim_heap()
+    start = rss_bytes()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**inputs).loss
+    gc_module.collect()
+    trim_heap()
+    held = rss_bytes() - start
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return held / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=512)
@@ -174,6 +201,7 @@ def main() -> None:
     if args.gc == "on":
         builders["lora_gc/peftlab"] = lambda: lora("peftlab", shared(base), gc=True)
         builders["lora_gc/peft"] = lambda: lora("peft", shared(base), gc=True)
+        builders["lora_gc_inputs/peftlab"] = lambda: lora("peftlab", shared(base), gc=True, keep_narrow_outputs=False)
     if args.nf4 == "on":
         quantized = nf4(base)
         builders["lora_nf4/peftlab"] = lambda: lora("peftlab", shared(quantized))
@@ -189,9 +217,10 @@ def main() -> None:
     if not args.no_memory:
         for n in names:
             rise = peak_rss_rise(steps[n])
+            forward_held = held_after_forward(models[n], inputs, bf16)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 held = C.step_memory(models[n], inputs)
-            memory[n] = {"peak_rss_rise_mb": rise, **held}
+            memory[n] = {"peak_rss_rise_mb": rise, "forward_held_mb": forward_held, **held}
 
     tokens = args.batch * args.seq
     table, rows = {}, []
@@ -204,10 +233,13 @@ def main() -> None:
         peer = n.replace("/peftlab", "/peft")
         if n == "lora_stockloss/peftlab":
             peer = "lora/peft"
+        elif n == "lora_gc_inputs/peftlab":
+            peer = "lora_gc/peft"
         if n.endswith("/peftlab") and peer in times and timed:
             entry["vs_peft"] = C.paired_ratio(times, n, peer)
-        if n.startswith("lora_gc/") and n.replace("lora_gc/", "lora/") in times and timed:
-            entry["vs_no_gc"] = C.paired_ratio(times, n, n.replace("lora_gc/", "lora/"))
+        plain = "lora/" + n.split("/")[1]
+        if n.startswith("lora_gc") and plain in times and timed:
+            entry["vs_no_gc"] = C.paired_ratio(times, n, plain)
         table[n] = entry
         mem = memory.get(n, {})
         peer_mem = memory.get(peer if peer != n else "", {})
@@ -215,10 +247,13 @@ def main() -> None:
             n, f"{entry['median_s'] * 1000:.0f}" if timed else "", f"{entry['tokens_per_s']:.0f}" if timed else "",
             f"{entry['vs_full_ft']:.2f}" if "vs_full_ft" in entry else "",
             f"{entry['vs_peft']:.2f}" if "vs_peft" in entry else "",
-            f"{mem['peak_rss_rise_mb']:.0f}" if mem else "", f"{mem['total_mb']:.0f}" if mem else "",
+            f"{entry['vs_no_gc']:.2f}" if "vs_no_gc" in entry else "",
+            f"{mem['peak_rss_rise_mb']:.0f}" if mem else "", f"{mem['forward_held_mb']:.0f}" if mem else "",
+            f"{mem['total_mb']:.0f}" if mem else "",
             f"{mem['peak_rss_rise_mb'] / peer_mem['peak_rss_rise_mb']:.2f}" if mem and peer_mem else "",
         ])
-    C.print_table(["variant", "ms", "tokens/s", "x full FT", "x peft", "RSS rise MB", "saved+grads MB", "RSS x peft"], rows)
+    C.print_table(["variant", "ms", "tokens/s", "x full FT", "x peft", "x no GC", "RSS rise MB", "held after fwd MB",
+                   "saved+grads MB", "RSS x peft"], rows)
     name = f"causal_seq{args.seq}_b{args.batch}" + ("_bf16" if bf16 else "") + ("_memory" if args.memory_only else "") + (f"_{args.tag}" if args.tag else "")
     C.write_results(name, {"model": "smollm2-135m", "seq": args.seq, "batch": args.batch, "rounds": args.rounds,
                            "warmup": args.warmup, "autocast": args.autocast, "lora": LORA, "results": table})

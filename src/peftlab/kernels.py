@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftlab import output_stash
 from peftlab.base_layer import conv1d_type
 
 _MASK_BITS = 16  # random bits per element; the drop probability is p rounded to 1 / 65536
@@ -346,11 +347,15 @@ class LoraLinearFunction(torch.autograd.Function):
         drop: DropMask | None,
         scaling: float,
         fan_in_fan_out: bool,
+        known_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
-        out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
         h, kept = _adapter_activation(x, lora_a, drop)  # (N, r)
-        out.addmm_(h, lora_b.t(), alpha=scaling)
+        if known_out is not None:  # recomputation under checkpointing: the output was kept (output_stash)
+            out = known_out
+        else:
+            w_t = weight if fan_in_fan_out else weight.t()  # (in, out)
+            out = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
+            out.addmm_(h, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h, kept)
         ctx.drop, ctx.scaling, ctx.fan_in_fan_out = drop, scaling, fan_in_fan_out
         return out
@@ -368,7 +373,7 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = x_share.addmm_(grad_out, w)  # in place: out-of-place addmm would copy x_share first
         if need_bias:
             grad_bias = grad_out.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 def lora_linear(base: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -407,7 +412,13 @@ def _fused(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     drop = DropMask.draw(x2.shape, dropout, x2.device) if training and dropout > 0 else None
-    out = LoraLinearFunction.apply(x2, weight, bias, lora_a, lora_b, drop, scaling, fan_in_fan_out)
+    stash = output_stash.active() if torch.is_grad_enabled() else None
+    if stash is not None and not stash.wanted(in_features, lora_b.shape[0]):
+        stash = None
+    known_out = stash.take(base, (x2.shape[0], lora_b.shape[0]), x2.dtype) if stash is not None and stash.replaying else None
+    out = LoraLinearFunction.apply(x2, weight, bias, lora_a, lora_b, drop, scaling, fan_in_fan_out, known_out)
+    if stash is not None and not stash.replaying:
+        stash.keep(base, out)
     return out.view(*lead, out.shape[-1])
 
 

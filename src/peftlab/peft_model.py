@@ -182,9 +182,11 @@ class PeftModel(nn.Module):
         return self.tuner(*args, adapter_names=adapter_names, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
-                                        every_n_layers: int = 1, offload: bool = False) -> None:
+                                        every_n_layers: int = 1, offload: bool = False,
+                                        keep_narrow_outputs: bool = True) -> None:
         """Recompute the base model's blocks (and their adapters) in backward; see :mod:`peftlab.activation_checkpointing`."""
-        activation_checkpointing.enable(self.get_base_model(), activation_checkpointing_kwargs, every_n_layers, offload)
+        activation_checkpointing.enable(self.get_base_model(), activation_checkpointing_kwargs, every_n_layers, offload,
+                                        keep_narrow_outputs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """The older name of :meth:`activation_checkpointing_enable` (transformers and peft still call it)."""
