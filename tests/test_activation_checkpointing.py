@@ -23,7 +23,7 @@ from peftlab import (
     LoraConfig,
     get_peft_model,
 )
-from peftlab import kernels
+from peftlab import kernels, output_stash
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = {
@@ -69,10 +69,10 @@ def _step(model, batch, seed=5):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_same_gradients_with_and_without_checkpointing(method, reentrant):
+@pytest.mark.parametrize(("reentrant", "keep_narrow_outputs"), [(False, True), (False, False), (True, False)])
+def test_same_gradients_with_and_without_checkpointing(method, reentrant, keep_narrow_outputs):
     plain, checkpointed = _models(method)
-    checkpointed.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    checkpointed.activation_checkpointing_enable({"use_reentrant": reentrant}, keep_narrow_outputs=keep_narrow_outputs)
     assert all(layer.gradient_checkpointing for layer in checkpointed.get_base_model().model.layers)
     batch = _batch()
     loss_a, grads_a = _step(plain, batch)
@@ -132,3 +132,145 @@ def test_trainer_gradient_checkpointing_trains_the_same_weights(tmp_path):
     # weight by <= 3e-2, and equal-to-rounding gradients give updates equal to ~1e-6 of that.
     for name in trained[0]:
         torch.testing.assert_close(trained[1][name], trained[0][name], rtol=0, atol=1e-6, msg=name)
+
+
+NARROW = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]  # out_features <= in_features in tiny_llama
+
+
+def _count_stash(monkeypatch) -> dict[str, int]:
+    counts = {"kept": 0, "taken": 0, "replayed": 0}
+    real_keep, real_take = output_stash.OutputStash.keep, output_stash.OutputStash.take
+
+    def keep(self, layer, out):
+        counts["kept"] += 1
+        return real_keep(self, layer, out)
+
+    def take(self, layer, shape, dtype):
+        out = real_take(self, layer, shape, dtype)
+        counts["taken"] += 1
+        counts["replayed"] += out is not None
+        return out
+
+    monkeypatch.setattr(output_stash.OutputStash, "keep", keep)
+    monkeypatch.setattr(output_stash.OutputStash, "take", take)
+    return counts
+
+
+@pytest.mark.parametrize("keep_narrow_outputs", [True, False])
+def test_recomputation_replays_the_narrow_layers_outputs(monkeypatch, keep_narrow_outputs):
+    """Each narrow LoRA layer's output is kept in forward and handed back in recomputation (its base
+    matmul skipped); the widening gate/up layers and keep_narrow_outputs=False compute everything again."""
+    base = tiny_llama()
+    config = base.config
+    for name in ALL:
+        narrow = name in NARROW
+        assert narrow == output_stash.OutputStash.wanted(*_in_out(config, name))
+    _, model = _models("lora-fused-sparse-dropout")
+    model.activation_checkpointing_enable(keep_narrow_outputs=keep_narrow_outputs)
+    counts = _count_stash(monkeypatch)
+    _step(model, _batch())
+    per_step = 2 * len(NARROW) if keep_narrow_outputs else 0  # 2 decoder layers
+    assert counts == {"kept": per_step, "taken": per_step, "replayed": per_step}
+
+
+def _in_out(config, name: str) -> tuple[int, int]:
+    d, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
+            "gate_proj": (d, config.intermediate_size), "up_proj": (d, config.intermediate_size),
+            "down_proj": (config.intermediate_size, d)}[name]
+
+
+class _ChangesOutputInPlace(torch.nn.Module):
+    """A block that changes its projection's output in place after the layer returned it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 6)
+        self.head = torch.nn.Linear(6, 9)  # widening: never kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        y.mul_(2.0)  # the kept output no longer equals what the layer returned
+        return self.head(torch.tanh(y))
+
+
+def test_an_output_changed_in_place_is_computed_again(monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = get_peft_model(_ChangesOutputInPlace(), LoraConfig(r=2, target_modules=["proj", "head"], lora_dropout=0.05,
+                                                               init_lora_weights=False)).double()
+    block.train()
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    counts = _count_stash(monkeypatch)
+    for context_fn in (None, output_stash.checkpoint_contexts):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(3)
+        if context_fn is None:
+            out = block(x)
+        else:
+            out = checkpoint(block, x, use_reentrant=False, context_fn=context_fn)
+        out.square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters() if p.requires_grad])
+    assert counts == {"kept": 1, "taken": 1, "replayed": 0}  # proj (8 -> 6) kept, changed, computed again
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+def test_stash_hands_back_only_the_next_layers_unchanged_output():
+    stash = output_stash.OutputStash()
+    first, second = object(), object()
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    stash.keep(first, a)
+    stash.keep(second, b)
+    assert stash.nbytes == 2 * a.untyped_storage().nbytes()
+    assert stash.take(second, (4, 3), torch.float32) is None  # not next: nothing is popped
+    assert torch.equal(stash.take(first, (4, 3), torch.float32), a)
+    b.add_(1.0)  # changed after it was kept
+    assert stash.take(second, (4, 3), torch.float32) is None
+    assert stash.take(second, (4, 3), torch.float32) is None and stash.nbytes == 0
+
+
+def test_a_callers_context_fn_runs_beside_the_stash(monkeypatch):
+    entered: list[str] = []
+
+    class Marker:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __enter__(self):
+            entered.append(self.name)
+
+        def __exit__(self, *exc):
+            return False
+
+    plain, checkpointed = _models("lora-fused-dropout")
+    checkpointed.gradient_checkpointing_enable(
+        {"use_reentrant": False, "context_fn": lambda: (Marker("forward"), Marker("recompute"))})
+    counts = _count_stash(monkeypatch)
+    batch = _batch()
+    _, grads_a = _step(plain, batch)
+    _, grads_b = _step(checkpointed, batch)
+    assert entered == ["forward", "forward", "recompute", "recompute"]  # 2 blocks, recomputed in reverse
+    assert counts["replayed"] == 2 * len(NARROW)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_kept_outputs_give_the_gradients_of_a_full_recomputation(autocast):
+    """fp32, and bf16 autocast (the kept outputs are bf16 there): the replayed outputs are the very
+    tensors the forward computed, and recomputing them runs the same CPU kernels on the same inputs,
+    so both checkpointing modes give bit-identical gradients."""
+    grads = []
+    for keep in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), METHODS["lora-fused-sparse-dropout"]())
+        model.activation_checkpointing_enable(keep_narrow_outputs=keep)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            grads.append(_step(model, _batch())[1])
+    assert grads[0] and set(grads[0]) == set(grads[1])
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from peftlab import activation_checkpointing
 from peftlab.errors import QuantizationError
 from peftlab.release_memory import trim_heap
 
@@ -331,7 +332,7 @@ def prepare_model_for_kbit_training(
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise QuantizationError(f"{type(model).__name__} has no gradient_checkpointing_enable(); pass use_gradient_checkpointing=False.")
         kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        activation_checkpointing.enable(model, kwargs)  # non-reentrant: LoRA layers' narrow outputs are kept too
         if getattr(getattr(model, "config", None), "use_cache", None):
             model.config.use_cache = False  # caches are useless while training and clash with checkpointing
     return model
