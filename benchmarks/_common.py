@@ -153,6 +153,7 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        **_cpu(),
         "loadavg_start": LOAD_AT_START,
         "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "git_commit": _git_commit(),
@@ -164,6 +165,24 @@ def environment() -> dict:
     except ImportError:
         pass
     return env
+
+
+def _cpu() -> dict:
+    """The CPU's model name and the features that decide fp32/bf16 speed (ATen's kernel level, bf16 units)."""
+    info: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            info["cpu_model"] = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["cpu_bf16"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"})
+            break
+    return info
 
 
 def _git_commit() -> str | None:

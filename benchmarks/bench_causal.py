@@ -237,9 +237,11 @@ def main() -> None:
             peer = "lora_gc/peft"
         if n.endswith("/peftlab") and peer in times and timed:
             entry["vs_peft"] = C.paired_ratio(times, n, peer)
-        plain = "lora/" + n.split("/")[1]
+        plain = "lora/" + n.rpartition("/")[2]  # lora_gc*/<lib> against lora/<lib>
         if n.startswith("lora_gc") and plain in times and timed:
             entry["vs_no_gc"] = C.paired_ratio(times, n, plain)
+        if n == "frozen_floor" and "lora/peft" in times and timed:
+            entry["vs_peft"] = C.paired_ratio(times, n, "lora/peft")
         table[n] = entry
         mem = memory.get(n, {})
         peer_mem = memory.get(peer if peer != n else "", {})
