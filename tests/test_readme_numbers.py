@@ -31,7 +31,7 @@ def test_readme_matches_its_results_files(capsys):
 def test_the_marked_section_is_rendered_from_the_results_file(tmp_path, monkeypatch):
     results = tmp_path / "acceptance.json"
     results.write_text(json.dumps(_results(0.8016)), encoding="utf-8")
-    monkeypatch.setitem(readme_numbers.SECTIONS, "acceptance", (results, readme_numbers.acceptance))
+    monkeypatch.setattr(readme_numbers, "SECTIONS", {"acceptance": ((results,), readme_numbers.acceptance)})
     readme = "intro (<!-- numbers:acceptance -->old numbers<!-- /numbers:acceptance -->) rest"
     rendered = readme_numbers.render(readme)
     assert rendered.startswith("intro (<!-- numbers:acceptance -->IA3 80.6%, LoRA 80.2%, full fine-tuning 79.9% on the 872")
@@ -45,3 +45,18 @@ def test_the_marked_section_is_rendered_from_the_results_file(tmp_path, monkeypa
         readme_numbers.render(rendered)
     with pytest.raises(SystemExit, match="no <!-- numbers:acceptance -->"):
         readme_numbers.render("a README without the markers")
+
+
+def test_causal_rows_show_each_ratio_from_its_results_file():
+    rows = {"lora/peftlab": {"median_s": 2.0, "tokens_per_s": 512.0, "vs_peft": 0.5, "vs_no_gc": 1.2,
+                             "memory_mb": {"peak_rss_rise_mb": 1500.0, "forward_held_mb": 2400.0}},
+            "lora/peft": {"median_s": 4.0, "tokens_per_s": 256.0, "vs_no_gc": 1.3,
+                          "memory_mb": {"peak_rss_rise_mb": 3000.0, "forward_held_mb": 4800.0}},
+            "lora_gc/peftlab": {"memory_mb": {"peak_rss_rise_mb": 700.0, "forward_held_mb": 600.0}}}
+    results = {"results": rows}
+    cell = readme_numbers._causal_cell
+    assert cell(results, "lora/peftlab", "lora/peft", "step") == ("2.00 s, 512 tokens/s (**0.50x**)", "4.00 s, 256 tokens/s")
+    assert cell(results, "lora/peftlab", "lora/peft", "no_gc") == ("**1.20x**", "1.30x")
+    assert cell(results, "lora/peftlab", "lora/peft", "rss") == ("1,500 MB (**0.50x**)", "3,000 MB")
+    assert cell(results, "lora/peftlab", "lora_gc/peftlab", "forward_held_mb") == ("2,400 / 600 MB (**4.0x less**)", "")
+    assert cell(results, "lora/peftlab", "lora_gc/peftlab", "peak_rss_rise_mb") == ("1,500 / 700 MB (**2.1x less**)", "")

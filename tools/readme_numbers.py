@@ -1,8 +1,8 @@
 """Write README.md's measured numbers from results files, so that the README cannot drift from them.
 
-Each marked README section ``<!-- numbers:NAME -->...<!-- /numbers:NAME -->`` is rendered from one
-results file kept in benchmarks/results/. After re-running a study, copy its results in and
-regenerate:
+Each marked README section ``<!-- numbers:NAME -->...<!-- /numbers:NAME -->`` is rendered from
+results files kept in benchmarks/results/ (the acceptance study's; the causal-LM benchmark runs
+named in ``CAUSAL_ROWS``). After re-running a study, copy its results in and regenerate:
 
     python -m peftlab compare examples/minilm_sst2_compare.yaml --cpu
     python tools/readme_numbers.py --from results/minilm-sst2-compare/results.json
@@ -47,24 +47,83 @@ def acceptance(results: dict) -> str:
             f"[results]({ACCEPTANCE.relative_to(ROOT).as_posix()})")
 
 
-SECTIONS: dict[str, tuple[Path, Callable[[dict], str]]] = {"acceptance": (ACCEPTANCE, acceptance)}
+RESULTS = ROOT / "benchmarks" / "results"
+# The causal-LM table: (question, results file, variant, peer variant or None, what to show).
+CAUSAL_ROWS = [
+    ("step time, seq 256, fp32, x peft", "causal_seq256_b4_stash-gc10.json", "lora/peftlab", "lora/peft", "step"),
+    ("step time, seq 512, fp32, x peft", "causal_seq512_b4_avx512-timed.json", "lora/peftlab", "lora/peft", "step"),
+    ("step time, seq 256, bf16 autocast, x peft", "causal_seq256_b4_bf16_bf16-avx512.json", "lora/peftlab", "lora/peft", "step"),
+    ("step time, seq 512, bf16 autocast, x peft", "causal_seq512_b4_bf16_bf16-gc-avx512.json", "lora/peftlab", "lora/peft",
+     "step"),
+    ("step time on a 4-bit NF4 base, seq 256, fp32, x peft + bitsandbytes", "causal_seq256_b4_avx512-nf4.json",
+     "lora_nf4/peftlab", "lora_nf4/peft", "step"),
+    ("gradient checkpointing: step time x the same library without it, seq 256, fp32", "causal_seq256_b4_stash-gc10.json",
+     "lora_gc/peftlab", "lora_gc/peft", "no_gc"),
+    ("the same, seq 512, bf16 autocast", "causal_seq512_b4_bf16_bf16-gc-avx512.json", "lora_gc/peftlab", "lora_gc/peft",
+     "no_gc"),
+    ("the same, again (10 rounds, peftlab only)", "causal_seq512_b4_bf16_bf16-gc10-avx512.json", "lora_gc/peftlab", None,
+     "no_gc"),
+    ("peak RSS rise of a step, seq 512, x peft", "causal_seq512_b4_memory_stash.json", "lora/peftlab", "lora/peft", "rss"),
+    ("the same on a 4-bit NF4 base", "causal_seq512_b4_memory_kept-positions.json", "lora_nf4/peftlab", "lora_nf4/peft",
+     "rss"),
+    ("activations held after forward, seq 512: no checkpointing / checkpointing", "causal_seq512_b4_memory_stash.json",
+     "lora/peftlab", "lora_gc/peftlab", "forward_held_mb"),
+    ("peak RSS rise of a step, seq 512: no checkpointing / checkpointing", "causal_seq512_b4_memory_stash.json",
+     "lora/peftlab", "lora_gc/peftlab", "peak_rss_rise_mb"),
+]
+
+
+def _causal_cell(results: dict, variant: str, peer: str | None, kind: str) -> tuple[str, str]:
+    rows = results["results"]
+    mine = rows[variant]
+    if kind == "step":
+        return (f"{mine['median_s']:.2f} s, {mine['tokens_per_s']:.0f} tokens/s (**{mine['vs_peft']:.2f}x**)",
+                f"{rows[peer]['median_s']:.2f} s, {rows[peer]['tokens_per_s']:.0f} tokens/s")
+    if kind == "no_gc":
+        return f"**{mine['vs_no_gc']:.2f}x**", f"{rows[peer]['vs_no_gc']:.2f}x" if peer else ""
+    if kind == "rss":
+        ours, theirs = mine["memory_mb"]["peak_rss_rise_mb"], rows[peer]["memory_mb"]["peak_rss_rise_mb"]
+        return f"{ours:,.0f} MB (**{ours / theirs:.2f}x**)", f"{theirs:,.0f} MB"
+    plain, checkpointed = mine["memory_mb"][kind], rows[peer]["memory_mb"][kind]  # one library, two settings
+    return f"{plain:,.0f} / {checkpointed:,.0f} MB (**{plain / checkpointed:.1f}x less**)", ""
+
+
+def causal(*files: dict) -> str:
+    """The causal-LM performance table: one row per question, each from its results file."""
+    by_name = dict(zip(sorted({row[1] for row in CAUSAL_ROWS}), files))
+    lines = ["| question | peftlab | peft | results file (machine, commit) |", "|---|---:|---:|---|"]
+    for question, name, variant, peer, kind in CAUSAL_ROWS:
+        results = by_name[name]
+        env = results["environment"]
+        ours, theirs = _causal_cell(results, variant, peer, kind)
+        cpu = f"{env['cpu_model']} {env.get('cpu_capability', '')}, " if env.get("cpu_model") else ""
+        lines.append(f"| {question} | {ours} | {theirs} | [{name}](benchmarks/results/{name}) ({cpu}"
+                     f"{env['finished_utc'][:10]}, {env.get('git_commit') or 'unknown'}) |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+SECTIONS: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
+    "acceptance": ((ACCEPTANCE,), acceptance),
+    "causal": (tuple(RESULTS / name for name in sorted({row[1] for row in CAUSAL_ROWS})), causal),
+}
 
 
 def missing_results() -> list[Path]:
     """Results files the README's sections need that are not in the repository yet."""
-    return [path for path, _ in SECTIONS.values() if not path.is_file()]
+    return [path for paths, _ in SECTIONS.values() for path in paths if not path.is_file()]
 
 
 def render(readme: str) -> str:
     """``readme`` with every marked section rewritten from its results file."""
-    for name, (path, renderer) in SECTIONS.items():
+    for name, (paths, renderer) in SECTIONS.items():
         pattern = re.compile(rf"(<!-- numbers:{name} -->)(.*?)(<!-- /numbers:{name} -->)", re.S)
         if not pattern.search(readme):
             raise SystemExit(f"error: README.md has no <!-- numbers:{name} --> ... <!-- /numbers:{name} --> section.")
-        if not path.is_file():
-            raise SystemExit(f"error: {path.relative_to(ROOT)} does not exist; run the study, then "
-                             f"python tools/readme_numbers.py --from RESULTS_JSON.")
-        text = renderer(json.loads(path.read_text(encoding="utf-8")))
+        for path in paths:
+            if not path.is_file():
+                raise SystemExit(f"error: {path.relative_to(ROOT)} does not exist; run the study or benchmark "
+                                 f"that writes it (see README), then python tools/readme_numbers.py.")
+        text = renderer(*(json.loads(path.read_text(encoding="utf-8")) for path in paths))
         readme = pattern.sub(lambda m, text=text: m.group(1) + text + m.group(3), readme)
     return readme
 
