@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
 
     import peft
@@ -88,7 +89,7 @@ def main() -> None:
                          f"{entry['throughput_vs_peft']:.2f}" if "throughput_vs_peft" in entry else ""])
     C.print_table(["variant", "ms", "rows/s", "time x base", "throughput x peft"], out_rows)
     print(f"max |peftlab - peft| logits: {diff:.2e}")
-    C.write_results(f"mixed_batch_seq{args.seq}", {"row_orders": {"interleaved": rows, "grouped": grouped},"seq": args.seq, "batch": args.batch, "adapters": ADAPTERS,
+    C.write_results(f"mixed_batch_seq{args.seq}" + (f"_{args.tag}" if args.tag else ""), {"row_orders": {"interleaved": rows, "grouped": grouped},"seq": args.seq, "batch": args.batch, "adapters": ADAPTERS,
                                                     "rounds": args.rounds, "max_abs_diff": diff, "results": table})
 
 

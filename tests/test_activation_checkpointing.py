@@ -111,9 +111,10 @@ def test_recomputed_fused_dropout_masks_are_the_first_ones(monkeypatch, method):
     assert any(not torch.equal(first[0], m) for m in first[1:])  # masks differ across layers
 
 
-def test_trainer_gradient_checkpointing_trains_the_same_weights(tmp_path):
+def test_trainer_gradient_checkpointing_trains_the_same_weights(tmp_path, monkeypatch):
     from transformers import Trainer, TrainingArguments
 
+    counts = _count_stash(monkeypatch)
     batch = _batch()
     data = [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in range(2)] * 4
     trained = []
@@ -125,6 +126,8 @@ def test_trainer_gradient_checkpointing_trains_the_same_weights(tmp_path):
             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, gradient_checkpointing=checkpointing,
         )
         Trainer(model=model, args=args, train_dataset=data).train()
+        # the Trainer's checkpointing keeps the narrow layers' outputs: 3 steps x 2 blocks x 5 layers replayed
+        assert counts["replayed"] == (3 * 2 * len(NARROW) if checkpointing else 0)
         layers = model.get_base_model().model.layers
         assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
         trained.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -274,3 +277,23 @@ def test_kept_outputs_give_the_gradients_of_a_full_recomputation(autocast):
     assert grads[0] and set(grads[0]) == set(grads[1])
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_prepare_model_for_kbit_training_checkpointing_keeps_narrow_outputs(monkeypatch):
+    """The QLoRA recipe's preparation turns checkpointing on for the base model before the adapters
+    exist; the fused LoRA nodes added afterwards still replay their kept outputs."""
+    from peftlab import prepare_model_for_kbit_training
+
+    plain, _ = _models("lora-fused-sparse-dropout")
+    torch.manual_seed(0)
+    base = prepare_model_for_kbit_training(tiny_llama().double(), use_gradient_checkpointing=True)
+    model = get_peft_model(base, METHODS["lora-fused-sparse-dropout"]()).double()
+    model.load_state_dict(plain.state_dict())
+    counts = _count_stash(monkeypatch)
+    batch = _batch()
+    _, grads_a = _step(plain, batch)
+    _, grads_b = _step(model, batch)
+    assert counts["replayed"] == 2 * len(NARROW)
+    assert grads_a and set(grads_a) == set(grads_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-12, msg=name)
