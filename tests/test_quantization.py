@@ -382,3 +382,26 @@ def test_4bit_error_is_nf4_level_for_widths_that_are_not_multiples_of_64(in_feat
     with torch.no_grad():
         rel_out = float((layer(x) - linear(x)).norm() / linear(x).norm())
     assert rel_out < 0.15
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_weight_bitsandbytes_repacked_for_its_cpu_kernel_is_read_in_its_own_layout(double_quant):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a transformers-loaded Linear4bit on its first no-grad
+    eval forward. The repacking is pure tensor code, so it is applied here directly (on any CPU):
+    dequantize_weight and spec_of read the layer back, and it equals the weight before repacking up
+    to the bf16 rounding of its block scales (bf16's unit roundoff 2**-8 relative to a block's absmax;
+    with double quantization the scales are quantized to 8 bits again on the way back, ~1/127)."""
+    from peftlab.quantization import quantize_linear, spec_of
+
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    layer = quantize_linear(linear, QuantConfig(bits=4, quant_type="nf4", double_quant=double_quant))
+    before, spec = dequantize_weight(layer).clone(), spec_of(layer)
+    weight = layer.weight
+    weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    assert weight.quant_state.packing_format_for_cpu
+    after = dequantize_weight(layer)
+    assert not weight.quant_state.packing_format_for_cpu and spec_of(layer) == spec
+    scale = before.abs().amax(dim=1, keepdim=True)  # a row's largest block absmax (NF4's codes reach +-1)
+    bound = scale * (2.0 / 127 if double_quant else 2.0**-8)
+    assert ((after - before).abs() <= bound).all()

@@ -117,6 +117,7 @@ class PeftModel(nn.Module):
             if weights is not None:
                 set_peft_model_state_dict(self, weights, adapter_name)
             self._mark_trainable()
+            quantization.keep_portable_layout(self.get_base_model())  # 4-bit bases stay trainable after an eval
         except BaseException:
             self._rollback(adapter_name, flags)
             raise

@@ -97,6 +97,7 @@ def is_quantized_linear(module: nn.Module) -> bool:
 def spec_of(layer: nn.Module) -> QuantSpec:
     bnb = require_bitsandbytes()
     if isinstance(layer, bnb.nn.Linear4bit):
+        _unpack_cpu_layout(layer)
         state = layer.weight.quant_state
         compute = layer.compute_dtype or torch.float32
         return QuantSpec(4, state.quant_type, bool(state.nested), compute)
@@ -149,10 +150,49 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     return layer.to(device)
 
 
+def _unpack_cpu_layout(layer: nn.Module) -> None:
+    """Put a 4-bit weight that bitsandbytes repacked for its AVX512-BF16 CPU kernel back in the
+    layout every other bitsandbytes function reads.
+
+    bitsandbytes repacks a Linear4bit's weight in place on its first no-grad eval forward on such
+    CPUs (layers peftlab quantizes opt out; layers loaded through transformers do not), and undoes
+    it itself only before moving the weight to a GPU. Unpacked, the layer computes as before (the
+    block scales keep the bf16 rounding the packed form gave them).
+    """
+    bnb = require_bitsandbytes()
+    weight = layer.weight
+    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return
+    data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    if state.absmax.dim() == 2:  # bitsandbytes 0.50 restores only double-quantized scales: (blocks per row, rows) bf16
+        state.absmax = state.absmax.t().reshape(-1).to(torch.float32)
+    weight.data, weight.quant_state = data, state
+
+
+def keep_portable_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer of ``model`` in bitsandbytes' portable layout, on every CPU.
+
+    bitsandbytes (0.50) repacks a Linear4bit on the first no-grad eval forward on AVX512-BF16
+    CPUs, and its kernel for the packed layout has no backward: after one evaluation, training
+    gets no gradient through any 4-bit layer (the Trainer evaluates between epochs). It also
+    rounds the block scales to bf16, so evaluation and training would see different weights.
+    Adapted models opt out, as layers :func:`quantize_linear` makes do; layers already repacked
+    are put back.
+    """
+    bnb = _bnb_or_none()
+    if bnb is None:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            _unpack_cpu_layout(module)
+
+
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The fp32 ``(out, in)`` weight a quantized layer actually multiplies with."""
     bnb = require_bitsandbytes()
     if isinstance(layer, bnb.nn.Linear4bit):
+        _unpack_cpu_layout(layer)
         weight = layer.weight
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
     if isinstance(layer, bnb.nn.Linear8bitLt):

@@ -29,6 +29,17 @@ def _adapter(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def _llama_for_4bit():
+    """tiny_llama's shape with every linear layer bitsandbytes' AVX512-BF16 CPU kernel can take:
+    on such CPUs it repacks a 4-bit weight on the first no-grad eval forward, which needs
+    in_features >= the 64-wide block and out_features a multiple of 32 (tiny_llama's 32-wide
+    layers fail there inside bitsandbytes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
 def _load_4bit(path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -42,7 +53,7 @@ def test_qlora_recipe_trains_and_saves_an_adapter(tmp_path, trainer_support):
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    tiny_llama().save_pretrained(tmp_path / "base")
+    _llama_for_4bit().save_pretrained(tmp_path / "base")
     base = _load_4bit(tmp_path / "base")
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     packed_before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -68,6 +79,35 @@ def test_qlora_recipe_trains_and_saves_an_adapter(tmp_path, trainer_support):
     inputs = text_inputs()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_an_evaluation_does_not_cut_the_gradients_of_a_4bit_base(tmp_path):
+    """bitsandbytes repacks a 4-bit layer on a no-grad eval forward on AVX512-BF16 CPUs, and its
+    kernel for that layout has no backward: one evaluation would leave every later training step
+    without gradients. A weight repacked before wrapping (done here directly, the conversion is
+    plain tensor code) is put back, and adapted models opt out of repacking; on an AVX512-BF16
+    CPU the evaluation below is the real thing."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    _llama_for_4bit().save_pretrained(tmp_path / "base")
+    base = _load_4bit(tmp_path / "base")
+    down = base.model.layers[1].mlp.down_proj  # not adapted: gradients must still pass through it
+    weight = down.weight
+    weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    model = get_peft_model(base, _lora())
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(not m.support_avx512bf16_for_cpu for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    ids = torch.randint(3, 99, (2, 8), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    assert all(float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)  # A: B starts at 0
 
 
 def test_sft_trainer_trains_and_saves_an_adapter(tmp_path, trainer_support):
