@@ -36,7 +36,7 @@ def _with_stash(context_fn: Callable[[], tuple[Any, Any]] | None) -> Callable[[]
     if context_fn is None:
         return output_stash.checkpoint_contexts
 
-    def both() -> tuple[contextlib.ExitStack, contextlib.ExitStack]:
+    def both() -> tuple[Any, Any]:
         (theirs_fwd, theirs_re), (ours_fwd, ours_re) = context_fn(), output_stash.checkpoint_contexts()
         return _entered(theirs_fwd, ours_fwd), _entered(theirs_re, ours_re)
 

@@ -333,7 +333,9 @@ class LoraLinearFunction(torch.autograd.Function):
     anyway, so LoRA adds ~nothing per element; ``nn.Dropout`` + ``nn.Linear`` keep a float copy of
     the dropped x and a mask per layer (8 bytes per input element), and keeping the dropped x and a
     1-byte mask here (the earlier version) cost 5. Backward reads the positions back (or draws a
-    keep mask again) and recomputes the dropped x for A's gradient.
+    keep mask again) and recomputes the dropped x for A's gradient. ``known_out``: the output this
+    node returned in forward, handed back during checkpointing's recomputation
+    (:mod:`peftlab.output_stash`); only h is computed again then.
     """
 
     @staticmethod
