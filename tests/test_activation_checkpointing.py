@@ -297,3 +297,25 @@ def test_prepare_model_for_kbit_training_checkpointing_keeps_narrow_outputs(monk
     assert grads_a and set(grads_a) == set(grads_b)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_gpt2_conv1d_layers_replay_their_outputs_with_equal_gradients(monkeypatch):
+    """GPT-2's Conv1D layers (weights stored (in, out)) through the same path: attn.c_proj and
+    mlp.c_proj are narrow (kept), c_attn and c_fc widen (computed again); model dropout on."""
+    from conftest import tiny_gpt2
+
+    torch.manual_seed(0)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.05, target_modules=["c_attn", "c_proj", "c_fc"],
+                        fan_in_fan_out=True, init_lora_weights=False)
+    plain = get_peft_model(tiny_gpt2(), config).double()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    counts = _count_stash(monkeypatch)
+    batch = _batch()
+    loss_a, grads_a = _step(plain, batch)
+    loss_b, grads_b = _step(checkpointed, batch)
+    assert counts == {"kept": 4, "taken": 4, "replayed": 4}  # 2 blocks x (attn.c_proj, mlp.c_proj)
+    assert abs(float(loss_a - loss_b)) < 1e-12
+    assert grads_a and set(grads_a) == set(grads_b) == {n for n, p in plain.named_parameters() if p.requires_grad}
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-12, msg=name)
