@@ -319,3 +319,28 @@ def test_gpt2_conv1d_layers_replay_their_outputs_with_equal_gradients(monkeypatc
     assert grads_a and set(grads_a) == set(grads_b) == {n for n, p in plain.named_parameters() if p.requires_grad}
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_offloaded_checkpointing_keeps_no_outputs_on_the_device(monkeypatch):
+    """offload=True asks for the least device memory: block inputs go to the host and no layer
+    output is kept beside them. transformers offloads through pinned memory, which needs an
+    accelerator, so here the offload request is recorded and the checkpointing itself runs without it."""
+    plain, checkpointed = _models("lora-fused-dropout")
+    base = checkpointed.get_base_model()
+    real_enable, requested = base.activation_checkpointing_enable, {}
+
+    def enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        requested.update(kwargs=activation_checkpointing_kwargs, offload=offload)
+        real_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, every_n_layers=every_n_layers)
+
+    monkeypatch.setattr(base, "activation_checkpointing_enable", enable)
+    checkpointed.activation_checkpointing_enable(offload=True)
+    assert requested["offload"] and "context_fn" not in (requested["kwargs"] or {})
+    counts = _count_stash(monkeypatch)
+    batch = _batch()
+    _, grads_a = _step(plain, batch)
+    _, grads_b = _step(checkpointed, batch)
+    assert counts == {"kept": 0, "taken": 0, "replayed": 0}
+    assert grads_a and set(grads_a) == set(grads_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-12, msg=name)

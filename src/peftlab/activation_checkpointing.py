@@ -56,10 +56,11 @@ def enable(model: nn.Module, checkpoint_kwargs: dict[str, Any] | None = None, ev
     """Turn on activation checkpointing in ``model`` (a transformers model), fit for adapter training.
 
     ``keep_narrow_outputs`` (non-reentrant only) keeps the outputs of LoRA layers no wider than
-    their input through each block, so that recomputation skips their base matmul.
+    their input through each block, so that recomputation skips their base matmul. Not with
+    ``offload``: that asks for the least device memory, and the kept outputs stay on the device.
     """
     kwargs = dict(checkpoint_kwargs) if checkpoint_kwargs else None
-    if keep_narrow_outputs and not (kwargs or {}).get("use_reentrant", False):
+    if keep_narrow_outputs and not offload and not (kwargs or {}).get("use_reentrant", False):
         kwargs = {"use_reentrant": False, **(kwargs or {})}
         kwargs["context_fn"] = _with_stash(kwargs.get("context_fn"))
     if hasattr(model, "activation_checkpointing_enable"):
