@@ -125,15 +125,20 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * 4096
 
 
-def peak_rss_rise(fn) -> float:
-    """MB the resident set grows above its level at the start of ``fn`` (heap trimmed first)."""
+def settled_rss_bytes() -> int:
+    """Resident bytes after collecting garbage and returning freed heap pages to the system."""
     import gc as gc_module
 
     from peftlab.release_memory import trim_heap
 
     gc_module.collect()
     trim_heap()
-    start = rss_bytes()
+    return rss_bytes()
+
+
+def peak_rss_rise(fn) -> float:
+    """MB the resident set grows above its level at the start of ``fn`` (heap trimmed first)."""
+    start = settled_rss_bytes()
     peak, stop = [start], threading.Event()
 
     def sample() -> None:
@@ -154,19 +159,11 @@ def peak_rss_rise(fn) -> float:
 def held_after_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], bf16: bool) -> float:
     """MB the resident set holds at the end of forward above its level before it (heap trimmed at both
     points): the activations kept for backward, checkpointing's block inputs and kept outputs included."""
-    import gc as gc_module
-
-    from peftlab.release_memory import trim_heap
-
     model.train()
-    gc_module.collect()
-    trim_heap()
-    start = rss_bytes()
+    start = settled_rss_bytes()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(**inputs).loss
-    gc_module.collect()
-    trim_heap()
-    held = rss_bytes() - start
+    held = settled_rss_bytes() - start
     loss.backward()
     model.zero_grad(set_to_none=True)
     return held / 2**20

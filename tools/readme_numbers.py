@@ -73,6 +73,9 @@ CAUSAL_ROWS = [
 ]
 
 
+CAUSAL_FILES = sorted({row[1] for row in CAUSAL_ROWS})  # each read once, in this order
+
+
 def _causal_cell(results: dict, variant: str, peer: str | None, kind: str) -> tuple[str, str]:
     rows = results["results"]
     mine = rows[variant]
@@ -89,8 +92,9 @@ def _causal_cell(results: dict, variant: str, peer: str | None, kind: str) -> tu
 
 
 def causal(*files: dict) -> str:
-    """The causal-LM performance table: one row per question, each from its results file."""
-    by_name = dict(zip(sorted({row[1] for row in CAUSAL_ROWS}), files))
+    """The causal-LM performance table: one row per question, each from its results file (``files``
+    are the contents of ``CAUSAL_FILES``, in that order)."""
+    by_name = dict(zip(CAUSAL_FILES, files))
     lines = ["| question | peftlab | peft | results file (machine, commit) |", "|---|---:|---:|---|"]
     for question, name, variant, peer, kind in CAUSAL_ROWS:
         results = by_name[name]
@@ -104,7 +108,7 @@ def causal(*files: dict) -> str:
 
 SECTIONS: dict[str, tuple[tuple[Path, ...], Callable[..., str]]] = {
     "acceptance": ((ACCEPTANCE,), acceptance),
-    "causal": (tuple(RESULTS / name for name in sorted({row[1] for row in CAUSAL_ROWS})), causal),
+    "causal": (tuple(RESULTS / name for name in CAUSAL_FILES), causal),
 }
 
 

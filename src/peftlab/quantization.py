@@ -136,11 +136,8 @@ def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
             weight.to(config.compute_dtype), requires_grad=False, compress_statistics=config.double_quant,
             quant_type=config.quant_type, blocksize=block_size_for(linear.in_features), module=layer,
         )
-        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on the first no-grad
-        # eval forward (bf16 block scales, a CPU-only layout). That fails for in_features below the
-        # block size, changes the numbers between eval and training, and leaves a layout our
-        # dequantize/merge/save path does not read; keep the one layout on every CPU.
-        layer.support_avx512bf16_for_cpu = False
+        # bitsandbytes' AVX512-BF16 repacking also fails for in_features below the block size.
+        _keep_layer_portable(layer)
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
@@ -184,8 +181,13 @@ def keep_portable_layout(model: nn.Module) -> None:
         return
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            _unpack_cpu_layout(module)
+            _keep_layer_portable(module)
+
+
+def _keep_layer_portable(layer: nn.Module) -> None:
+    """One Linear4bit of :func:`keep_portable_layout`: opt out of the repacking, undo it if done."""
+    layer.support_avx512bf16_for_cpu = False
+    _unpack_cpu_layout(layer)
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
