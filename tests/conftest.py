@@ -175,3 +175,15 @@ def cold_kernel_caches():
     kernels._SELECTOR_CACHE.clear()
     mixed_batch._class_takes_cache.cache_clear()
     yield
+
+
+def peft_at_least(version: str):
+    """The installed peft module when it is at least ``version`` (the oracle's behaviour changed there), else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return None
+    import peft
+    from packaging.version import Version
+
+    return peft if Version(peft.__version__) >= Version(version) else None

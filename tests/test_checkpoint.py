@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peftlab import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from conftest import main_output, text_inputs, tiny_bert_cls, tiny_llama
+from conftest import main_output, text_inputs, tiny_bert_cls, tiny_distilbert, tiny_llama
 
 
 def test_round_trip_multiple_adapters(tmp_path):
@@ -271,3 +271,35 @@ def test_messages_name_the_full_path_and_cap_examples_at_three(tmp_path):
     with pytest.raises(CheckpointError) as info:
         set_peft_model_state_dict(model, nan)
     assert re.search(r"4 tensors hold NaN/inf values \(e\.g\. \['[^']+', '[^']+', '[^']+'\]\)", str(info.value))
+
+
+def test_classifier_adapter_saved_before_pre_classifier_was_a_head_loads(tmp_path):
+    """peft < 0.22 saved DistilBERT classifiers without pre_classifier: it keeps the base weights, as in peft."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    base = tiny_distilbert()
+    model = peftlab.get_peft_model(copy.deepcopy(base), peftlab.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_lin"]))
+    assert model.peft_config["default"].modules_to_save == ["classifier", "pre_classifier"]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["classifier", "score"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "pre_classifier" not in k}, tmp_path / "adapter_model.safetensors")
+
+    loaded = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    head = loaded.get_base_model().pre_classifier
+    assert torch.equal(head.modules_to_save["default"].weight, base.pre_classifier.weight)
+    assert torch.equal(loaded.get_base_model().classifier.modules_to_save["default"].weight, base.classifier.weight + 0.5)
+    # a head the config names must be in the file
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["classifier", "pre_classifier"]}))
+    with pytest.raises(peftlab.CheckpointError, match="missing"):
+        peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    inputs = text_inputs()
+    loaded.eval()
+    assert torch.isfinite(loaded(**inputs).logits).all()

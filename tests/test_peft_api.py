@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import text_inputs, tiny_bert_cls, tiny_llama
+from conftest import peft_at_least, text_inputs, tiny_bert_cls, tiny_llama
 import peftlab
 from peftlab import (
     AdapterStateError,
@@ -136,12 +136,16 @@ def test_set_adapter_makes_a_frozen_loaded_adapter_trainable_as_peft(tmp_path):
         loaded.set_adapter(["default", "other"])
 
 
-def test_unload_and_merge_and_unload_keep_the_active_trained_head_as_peft():
-    peft = pytest.importorskip("peft")
+def test_unload_gives_back_the_original_head_and_merge_keeps_the_chosen_copy():
+    """As peft 0.22: unload() returns the original head, merge_and_unload the chosen adapter's copy."""
     torch.manual_seed(0)
     base = tiny_bert_cls()
+    libs = [peftlab]
+    peft = peft_at_least("0.22")
+    if peft is not None:
+        libs.append(peft)
     heads = {}
-    for lib in (peft, peftlab):
+    for lib in libs:
         model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
         model.add_adapter("b", lib.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
         head = model.get_base_model().classifier
@@ -150,10 +154,15 @@ def test_unload_and_merge_and_unload_keep_the_active_trained_head_as_peft():
             copies["default"].weight.add_(2.0)
             copies["b"].weight.add_(1.0)
         heads[lib.__name__] = (copy.deepcopy(model).unload().classifier.weight,
-                               copy.deepcopy(model).merge_and_unload(adapter_names=["b"]).classifier.weight)
-    for ours, theirs in zip(heads["peftlab"], heads["peft"]):
-        assert torch.equal(ours, theirs)
-    assert torch.equal(heads["peftlab"][0], base.classifier.weight + 2.0)
+                               copy.deepcopy(model).merge_and_unload(adapter_names=["b"]).classifier.weight,
+                               copy.deepcopy(model).merge_and_unload().classifier.weight)
+    unloaded, merged_b, merged_active = heads["peftlab"]
+    assert torch.equal(unloaded, base.classifier.weight)
+    assert torch.equal(merged_b, base.classifier.weight + 1.0)
+    assert torch.equal(merged_active, base.classifier.weight + 2.0)
+    if "peft" in heads:
+        for ours, theirs in zip(heads["peftlab"], heads["peft"]):
+            assert torch.equal(ours, theirs)
 
 
 def test_save_pretrained_arguments(tmp_path):

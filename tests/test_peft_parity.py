@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import peftlab
-from conftest import ConvNet, main_output, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import ConvNet, main_output, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_distilbert, tiny_gpt2, tiny_llama, tiny_t5
 
 peft = pytest.importorskip("peft")
 
@@ -41,6 +41,9 @@ CASES = {
         tiny_bert_cls, text_inputs, dict(task_type="SEQ_CLS", r=3, target_modules=r".*\.(query|key)"), "lora"
     ),
     "bert-ia3-default": (tiny_bert_cls, text_inputs, dict(task_type="SEQ_CLS"), "ia3"),
+    # DistilBERT's randomly initialised pre_classifier is a trained head too (peft >= 0.22 saves it)
+    "distilbert-lora-seqcls": (tiny_distilbert, text_inputs, dict(task_type="SEQ_CLS", r=4, target_modules=["q_lin", "v_lin"]), "lora"),
+    "distilbert-ia3-ffn": (tiny_distilbert, text_inputs, dict(task_type="SEQ_CLS", target_modules=["k_lin", "v_lin", "lin2"], feedforward_modules=["lin2"]), "ia3"),
     "gpt2-lora-conv1d-embedding": (
         tiny_gpt2, text_inputs, dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True), "lora"
     ),

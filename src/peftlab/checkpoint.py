@@ -98,7 +98,8 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     given = {
         _normalize_key(k, prefix): v for k, v in state_dict.items() if not any(m in k for m in _PEFT_DUPLICATE_MARKERS)
     }
-    missing = sorted(set(shapes) - set(given))
+    optional = getattr(model, "optional_heads", {}).get(adapter_name, [])
+    missing = sorted(k for k in set(shapes) - set(given) if not any(f".{h}." in f".{k}" for h in optional))
     unexpected = sorted(set(given) - set(shapes))
     wrong_shape = [
         f"{k}: checkpoint {tuple(given[k].shape)} vs model {shapes[k]}"
@@ -131,7 +132,8 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
         )
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(given[key].to(device=target.device, dtype=target.dtype))
+            if key in given:  # (an optional head missing from the file keeps the base weights)
+                target.copy_(given[key].to(device=target.device, dtype=target.dtype))
     if extra:
         tuner.load_extra_saved(adapter_name, {k: given[k] for k in shapes if k not in expected})
 

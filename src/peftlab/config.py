@@ -49,10 +49,12 @@ class PeftType(str, enum.Enum):
     SELECTIVE = "SELECTIVE"
 
 
-# Heads that task types train and save alongside the adapter, as Trainer users expect.
+# Heads that task types train and save alongside the adapter, as Trainer users expect. As in peft
+# 0.22, classification also trains DistilBERT-style ``pre_classifier`` layers (randomly initialised
+# with the head); a name the model lacks is skipped.
 CLASSIFIER_HEAD_NAMES: dict[TaskType, tuple[str, ...]] = {
-    TaskType.SEQ_CLS: ("classifier", "score"),
-    TaskType.TOKEN_CLS: ("classifier", "score"),
+    TaskType.SEQ_CLS: ("classifier", "score", "pre_classifier"),
+    TaskType.TOKEN_CLS: ("classifier", "score", "pre_classifier"),
     TaskType.QUESTION_ANS: ("qa_outputs",),
 }
 

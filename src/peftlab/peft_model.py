@@ -45,6 +45,9 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.peft_config: dict[str, PeftConfig] = {}
+        #: Per adapter, task heads trained and saved although its config did not name them (checkpoint
+        #: loading lets their tensors be absent: such a head then keeps the base model's weights).
+        self.optional_heads: dict[str, list[str]] = {}
         self.active_adapter: str = adapter_name
         if not isinstance(peft_config, PeftConfig):
             raise PeftConfigError(f"expected a peftlab config (e.g. LoraConfig), got {type(peft_config).__name__}.")
@@ -85,6 +88,9 @@ class PeftModel(nn.Module):
             config = spec.resolve_config(config, model)
         heads = [h for h in CLASSIFIER_HEAD_NAMES.get(config.task_type, ()) if has_module(model, h)]
         if heads:
+            # Heads the config did not name (e.g. pre_classifier in an adapter saved before peft 0.22
+            # trained it) may be missing from a saved file: they then keep the base weights, as in peft.
+            self.__dict__["_heads_just_added"] = [h for h in heads if h not in (config.modules_to_save or [])]
             config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -111,9 +117,11 @@ class PeftModel(nn.Module):
         self._check_new(adapter_name, config)
         flags = {p: p.requires_grad for p in self.get_base_model().parameters()}
         try:
+            self.__dict__["_heads_just_added"] = []
             resolved = self._resolved(config)
             self.tuner.add(adapter_name, resolved, self.active_adapter)
             self.peft_config[adapter_name] = resolved
+            self.optional_heads[adapter_name] = self.__dict__.pop("_heads_just_added")
             if weights is not None:
                 set_peft_model_state_dict(self, weights, adapter_name)
             self._mark_trainable()
@@ -126,6 +134,7 @@ class PeftModel(nn.Module):
         """Remove every part of ``adapter_name`` that exists and restore ``requires_grad`` flags."""
         self.tuner.remove(adapter_name)
         self.peft_config.pop(adapter_name, None)
+        self.optional_heads.pop(adapter_name, None)
         if self.peft_config and self.active_adapter not in self.peft_config:
             self.active_adapter = next(iter(self.peft_config))
         for param, flag in flags.items():
@@ -267,6 +276,7 @@ class PeftModel(nn.Module):
             raise AdapterStateError("cannot delete the only adapter; use unload() to get the base model back.")
         self.tuner.remove(adapter_name)
         del self.peft_config[adapter_name]
+        self.optional_heads.pop(adapter_name, None)
         if self.active_adapter == adapter_name:
             self.set_adapter(next(iter(self.peft_config)))
 

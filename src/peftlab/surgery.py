@@ -105,8 +105,9 @@ def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = 
                 wrapper.merge(adapter_names if adapter_names is not None else wrapper.active_adapters)
             replace_submodule(model, name, wrapper.base_layer)
         else:
-            # As peft: with or without merging, and whatever adapter_names says, a fully trained
-            # module comes back as the active adapter's copy (the original if it has none).
-            keep = next((wrapper.modules_to_save[n] for n in wrapper.active_adapters if n in wrapper.modules_to_save), None)
+            # As peft (0.22): unloading gives back the original module; merging keeps the trained copy
+            # of the chosen adapter (adapter_names, else the active one), the original if it has none.
+            chosen = (adapter_names if adapter_names is not None else wrapper.active_adapters) if merge else []
+            keep = next((wrapper.modules_to_save[n] for n in chosen if n in wrapper.modules_to_save), None)
             replace_submodule(model, name, keep if keep is not None else wrapper.original_module)
     return model

@@ -152,11 +152,15 @@ def follow_active(model: nn.Module, adapter_name: str) -> None:
 
 
 def check_modules_to_save(model: nn.Module, config: "PeftConfig") -> None:
-    """Refuse user-named modules_to_save that match nothing (task heads may be absent)."""
+    """Refuse user-named modules_to_save that match nothing.
+
+    Task-head names (any task's: peft writes them into saved configs) may be absent and are skipped,
+    as peft skips them.
+    """
     from peftlab.config import CLASSIFIER_HEAD_NAMES
     from peftlab.errors import TargetModuleError
 
-    task_heads = CLASSIFIER_HEAD_NAMES.get(config.task_type, ())
+    task_heads = {h for heads in CLASSIFIER_HEAD_NAMES.values() for h in heads}
     missing = [h for h in (config.modules_to_save or []) if h not in task_heads and not has_module(model, h)]
     if missing:
         raise TargetModuleError(

@@ -94,6 +94,7 @@ class LoraConfig(LayerConfig):
         "monteclora_config": None,
         "velora_config": None,
         "ensure_weight_tying": False,
+        "astra_config": None,  # peft 0.22
     }
 
     r: int = 8
