@@ -66,6 +66,7 @@ def lora(lib: str, base: torch.nn.Module, gc: bool = False, keep_narrow_outputs:
         import peftlab
 
         model = peftlab.get_peft_model(base, peftlab.LoraConfig(task_type="CAUSAL_LM", **LORA))
+        model.chunked_causal_loss = True  # measured with the chunked loss (lora_stockloss turns it off again)
     if gc and not keep_narrow_outputs:
         model.activation_checkpointing_enable({"use_reentrant": False}, keep_narrow_outputs=False)
     elif gc:

@@ -136,7 +136,9 @@ def _lora_model(name, dtype=torch.float64, dropout=0.1):
     targets = ["c_attn", "c_proj", "c_fc"] if name == "gpt2" else "all-linear"
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
                         init_lora_weights=False)
-    return get_peft_model(base, config).to(dtype)
+    model = get_peft_model(base, config).to(dtype)
+    model.chunked_causal_loss = True  # asked for, as the workbench asks
+    return model
 
 
 def _batch():
@@ -203,6 +205,15 @@ def test_num_items_in_batch_divides_the_sum():
     n = int((labels[:, 1:] != -100).sum())
     summed = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(2 * n)).loss
     assert abs(float(summed * 2 - mean)) < 1e-12
+
+
+def test_off_unless_asked_for_so_a_training_forward_returns_logits_as_peft():
+    torch.manual_seed(0)
+    model = get_peft_model(_tiny("llama"), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+    ids, labels = _batch()
+    model.train()
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is not None and out.logits.shape == (3, 12, 99) and out.loss is not None
 
 
 def test_when_it_applies():

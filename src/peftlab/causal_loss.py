@@ -16,7 +16,7 @@ autocast the head runs in autocast's dtype and the logits are upcast, as the sto
 
 :func:`chunked_forward` runs a supported causal LM this way (see :func:`applies` for when);
 the output's ``logits`` is ``None`` (that is the memory saved) and everything else is the
-model's own output. ``PeftModel.chunked_causal_loss = False`` or ``PEFTLAB_PLAIN=1`` turns it off.
+model's own output. It runs when asked for (``PeftModel.chunked_causal_loss = True``; the workbench asks) and ``PEFTLAB_PLAIN=1`` is not set.
 """
 
 from __future__ import annotations

@@ -37,10 +37,11 @@ class PeftModel(nn.Module):
     Attribute access falls through to the wrapped model (``config``, ``generate``, ...).
     """
 
-    #: In training mode with ``labels``, supported causal LMs compute the loss in chunks without
-    #: full-vocabulary logits (``outputs.logits`` is then None); False gives the stock output.
-    #: See :mod:`peftlab.causal_loss`.
-    chunked_causal_loss: bool = True
+    #: True asks for the chunked causal-LM loss: in training mode with ``labels``, supported causal
+    #: LMs then compute the loss in chunks without full-vocabulary logits (``outputs.logits`` is
+    #: None, far less memory). Off by default, so a forward returns what peft's returns (trl and
+    #: user code read ``outputs.logits``); the workbench turns it on. See :mod:`peftlab.causal_loss`.
+    chunked_causal_loss: bool = False
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()

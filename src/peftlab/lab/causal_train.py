@@ -90,6 +90,7 @@ def train_causal(
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     lora_config = lora_config or LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16)
     peft_model = get_peft_model(model, lora_config)
+    peft_model.chunked_causal_loss = True  # training reads only the loss: no full-vocabulary logits
     # Gradient checkpointing, if asked, is already on (above); the Trainer must not enable it twice.
     train = TrainConfig(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
                         eval_batch_size=eval_batch_size, seed=seed, progress=False)

@@ -135,6 +135,7 @@ class Prepared:
             if self.peft_config.base_model_name_or_path is None:  # the name given (alias, hub id), not this machine's folder
                 self.peft_config.base_model_name_or_path = run.model
             model = get_peft_model(model, self.peft_config)
+            model.chunked_causal_loss = True  # training reads only the loss: no full-vocabulary logits
         self.model = model
         self._build_data(run)
 
