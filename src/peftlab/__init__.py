@@ -171,7 +171,13 @@ __all__ = [
 ]
 
 
+# Subpackages reachable as attributes without their own import (``peftlab.integrations.enable_trainer_support()``).
+_SUBPACKAGES = frozenset({"integrations"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"peftlab.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

@@ -23,6 +23,7 @@ from torch import nn
 from peftlab import activation_checkpointing, adapter_folder, causal_loss, checkpoint, limits, quantization, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig, TaskType
 from peftlab.errors import AdapterStateError, PeftConfigError, QuantizationError
+from peftlab.integrations.trainers import enable_when_used
 from peftlab.layers import BASE_ROW, read_through
 from peftlab.registry import method_for
 from peftlab.tuners import PromptTuner, Tuner, tuner_for
@@ -64,6 +65,7 @@ class PeftModel(nn.Module):
             # peft registers the input embeddings here too (state_dict key ``word_embeddings.weight``).
             self.word_embeddings = model.get_input_embeddings()
         self._expose_base_signature()
+        enable_when_used()  # transformers' Trainer and trl treat this model as a peft model (integrations/trainers.py)
 
     @property
     def tuner(self) -> Tuner:

@@ -116,9 +116,7 @@ def test_sft_trainer_trains_and_saves_an_adapter(tmp_path, trainer_support):
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
-    model = get_peft_model(tiny_llama(), _lora())
-    # trl reads outputs.logits next to the loss (token accuracy); the chunked loss returns no logits.
-    model.chunked_causal_loss = False
+    model = get_peft_model(tiny_llama(), _lora())  # no flag: a training forward returns logits, as trl expects
     start = _adapter(model)
     texts = ["Review : good movie Sentiment : positive", "Review : awful film Sentiment : negative"] * 8
     args = SFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3, save_steps=3,
@@ -149,3 +147,29 @@ def test_sft_trainer_refuses_an_adapter_on_lm_head(tmp_path, trainer_support):
     with pytest.raises(ValueError, match="lm_head"):
         SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": ["good movie"] * 4}),
                    processing_class=tiny_word_tokenizer())
+
+
+def test_reward_trainer_takes_a_peftlab_config(tmp_path, trainer_support):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(0)
+    tok = tiny_word_tokenizer()
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_labels=1, pad_token_id=tok.pad_token_id))
+    data = Dataset.from_dict({"chosen": ["good movie positive", "awful film negative"] * 4,
+                              "rejected": ["good movie negative", "awful film positive"] * 4})
+    args = RewardConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, save_steps=2,
+                        learning_rate=1e-2, max_length=16, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                            peft_config=LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(trainer.model, PeftModel) and trainer.model.peft_config["default"].modules_to_save == ["score"]
+    start = _adapter(trainer.model)
+    trainer.train()
+    trained = _adapter(trainer.model)
+    assert all(not torch.equal(trained[k], start[k]) for k in start)  # LoRA A and B and the score head moved
+    files = set(os.listdir(tmp_path / "run" / "checkpoint-2"))
+    assert "adapter_model.safetensors" in files and not files & FULL_WEIGHT_FILES

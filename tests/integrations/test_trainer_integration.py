@@ -50,14 +50,14 @@ def _adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def test_enable_is_explicit_idempotent_and_reversible():
+def test_enable_is_idempotent_and_reversible():
     import transformers.trainer as trainer_module
     from transformers import Trainer
 
+    disable_trainer_support()
     original_save, original_pred = Trainer._save, trainer_module._is_peft_model
-    assert not trainer_support_enabled()  # importing peftlab changed nothing
-    model = _model()
-    assert not trainer_module._is_peft_model(model)
+    model = _model()  # support was turned off by the user: creating a model does not turn it back on
+    assert not trainer_support_enabled() and not trainer_module._is_peft_model(model)
     enable_trainer_support()
     enable_trainer_support()
     try:
@@ -66,6 +66,16 @@ def test_enable_is_explicit_idempotent_and_reversible():
     finally:
         disable_trainer_support()
     assert Trainer._save is original_save and trainer_module._is_peft_model is original_pred
+
+
+def test_importing_peftlab_changes_nothing():
+    import subprocess
+    import sys
+
+    code = ("import sys, peftlab, peftlab.integrations as i; import transformers.trainer as t; "
+            "assert not i.trainer_support_enabled() and t._is_peft_model.__module__ == 'transformers.trainer_utils'; "
+            "assert not any(type(f).__module__.startswith('peftlab') for f in sys.meta_path)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_checkpoints_and_save_model_hold_adapter_files_only(tmp_path, trainer_support):
