@@ -62,6 +62,9 @@ class AdapterView(nn.Module):
     unsaved: ClassVar[tuple[str, ...]] = ()
     #: In-memory key -> on-disk key, where peft's file names differ from its module tree (DoRA).
     disk_keys: ClassVar[dict[str, str]] = {}
+    #: Plain attributes the layer shows as ``{adapter name: value}``, as peft's layers keep them
+    #: (``layer.scaling["default"]``, ``layer.r["default"]``).
+    per_adapter: ClassVar[tuple[str, ...]] = ()
 
     # ----- the view: tensors live in the layer's containers once attached --------------------
     def attach(self, layer: nn.Module, adapter_name: str) -> None:
@@ -218,7 +221,8 @@ class LayerWrapper(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     # ----- merging --------------------------------------------------------------------------
-    def merge(self, names: Sequence[str]) -> None:
+    def merge_adapters(self, names: Sequence[str]) -> None:
+        """Fold ``names`` (those not merged yet) into the base layer, in order."""
         for name in names:
             if name in self.adapters and name not in self.merged_adapters:
                 self.adapters[name].merge_into(self.base_layer)
@@ -289,7 +293,65 @@ class LayerWrapper(nn.Module):
             result[index] = part
         return result
 
+    # ----- peft's tuner-layer surface (code written for peft's lora.Linear & co. reads these) ---
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    @property
+    def active_adapter(self) -> list[str]:
+        """The active adapters' names (peft's layers answer with the list too)."""
+        return list(self.active_adapters)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the base layer stores its weight as (in, out), as GPT-2's Conv1D does."""
+        from peftlab.base_layer import is_transposed
+
+        return is_transposed(self.base_layer)
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Make ``adapter_names`` the active adapters of this layer (their parameters trainable, as peft)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name, adapter in self.adapters.items():
+            for tensor in adapter.held_tensors().values():  # (not the unsaved bookkeeping ones, e.g. AdaLoRA's ranknum)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.requires_grad_(name in names)
+        self.active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disabled = not enabled
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.remove(adapter_name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """peft's layer-level merge: fold ``adapter_names`` (default: the active ones) into the base layer."""
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        if safe_merge:
+            for name in names:
+                adapter = self.adapters.get(name)
+                delta = adapter.delta_weight() if adapter is not None and hasattr(adapter, "delta_weight") else None
+                if delta is not None and not torch.isfinite(delta).all():
+                    raise AdapterStateError(f"adapter {name!r} would write NaN/inf into this layer; nothing was merged.")
+        self.merge_adapters(names)
+
     def __getattr__(self, name: str) -> Any:
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            pass
+        adapters = self.__dict__.get("adapters", {})
+        values = {n: a.__dict__[name] for n, a in adapters.items() if name in type(a).per_adapter and name in a.__dict__}
+        if values:
+            return values
         return read_through(self, name, "base_layer")  # layer.weight, layer.in_features, ...
 
 

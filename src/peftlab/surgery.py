@@ -102,7 +102,7 @@ def unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None = 
     for name, wrapper in list(iter_wrappers(model)):
         if isinstance(wrapper, LayerWrapper):
             if merge:
-                wrapper.merge(adapter_names if adapter_names is not None else wrapper.active_adapters)
+                wrapper.merge_adapters(adapter_names if adapter_names is not None else wrapper.active_adapters)
             replace_submodule(model, name, wrapper.base_layer)
         else:
             # As peft (0.22): unloading gives back the original module; merging keeps the trained copy

@@ -88,7 +88,7 @@ class LayerTuner(Tuner):
             _check_merge_is_finite(layers, names)
         _untie_merged_weights(self.model, [l for l in layers if any(n in l.adapters for n in names)])
         for layer in layers:
-            layer.merge(names)
+            layer.merge_adapters(names)
 
     def unmerge(self) -> None:
         for layer in self._layers():

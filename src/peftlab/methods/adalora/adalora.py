@@ -197,11 +197,13 @@ class SvdAdapter(AdapterView):
     """
 
     unsaved = ("ranknum",)
+    per_adapter = ("r", "lora_alpha", "scaling")
 
     def __init__(
         self, base: nn.Module, r: int, init_r: int, lora_alpha: float, dropout: float, fan_in_fan_out: bool
     ) -> None:
         super().__init__()
+        self.r, self.lora_alpha = r, lora_alpha
         self.is_conv = isinstance(base, nn.Conv2d)
         self.weight_shape = BL.weight_shape(base)  # (out, in), or the Conv2d kernel
         out_dim, in_dim = self.weight_shape[0], math.prod(self.weight_shape[1:])

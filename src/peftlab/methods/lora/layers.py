@@ -22,6 +22,10 @@ from peftlab.layers import AdapterView
 InitMode = Literal[True, False, "gaussian"]
 
 
+# Set by the factory on every LoRA adapter; the layer shows them as peft's per-adapter dicts.
+LORA_HYPERPARAMETERS = ("r", "lora_alpha", "scaling", "use_dora", "use_rslora")
+
+
 class LoraLinear(AdapterView):
     """LoRA for ``nn.Linear`` and GPT-2 ``Conv1D``: ``out + s * B(A(dropout(x)))``.
 
@@ -31,6 +35,7 @@ class LoraLinear(AdapterView):
     #: The output is exactly ``out + s * B A x``, so the fused kernel and mixed-batch stacking apply
     #: (subclasses that change the formula, like DoRA, set it False).
     plain_low_rank: ClassVar[bool] = True
+    per_adapter = LORA_HYPERPARAMETERS
 
     def __init__(
         self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, fan_in_fan_out: bool
@@ -92,6 +97,8 @@ class LoraEmbedding(AdapterView):
     Here A starts at zero and B random (the lookup table is A, so zeroing it gives identity).
     """
 
+    per_adapter = LORA_HYPERPARAMETERS
+
     def __init__(self, base: nn.Embedding, r: int, scaling: float) -> None:
         super().__init__()
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings))
@@ -129,6 +136,8 @@ class LoraEmbedding(AdapterView):
 
 class LoraConv2d(AdapterView):
     """LoRA for ``nn.Conv2d``: A is a conv with the base's kernel into r channels, B a 1x1 conv."""
+
+    per_adapter = LORA_HYPERPARAMETERS
 
     def __init__(self, base: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:
         super().__init__()

@@ -166,7 +166,8 @@ def lora_bias_parameters(model: nn.Module, config: LoraConfig, adapter_name: str
 def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> AdapterView:
     """Build the LoRA adapter that fits ``base``'s layer type."""
     r = int(pattern_value(config.rank_pattern, module_name, config.r))
-    alpha = float(pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
+    given_alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)  # kept as given, as peft shows it
+    alpha = float(given_alpha)
     scaling = Fn.lora_scaling(r, alpha, config.use_rslora)
     limits.check_rank("LoRA", r, base, module_name)  # before any factor is allocated
     if config.use_dora:
@@ -175,7 +176,7 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
                 f"DoRA cannot adapt {module_name}: its base weight is 4-/8-bit quantized and DoRA reads it in every "
                 f"forward. Use plain LoRA (use_dora=False) on quantized bases."
             )
-        return make_dora_adapter(base, r, scaling, config, module_name)
+        return _with_hyperparameters(make_dora_adapter(base, r, scaling, config, module_name), r, given_alpha, config)
     adapter: AdapterView
     if isinstance(base, nn.Embedding):
         adapter = LoraEmbedding(base, r, scaling)
@@ -199,6 +200,13 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
             f"nn.Embedding and nn.Conv2d. Target that module's linear sublayers instead."
         )
     adapter.reset(config.init_lora_weights)
+    return _with_hyperparameters(adapter, r, given_alpha, config)
+
+
+def _with_hyperparameters(adapter: AdapterView, r: int, alpha: float, config: LoraConfig) -> AdapterView:
+    """Record what peft's layers show per adapter (``layer.r["default"]``, ``layer.lora_alpha[...]``)."""
+    adapter.r, adapter.lora_alpha = r, alpha
+    adapter.use_dora, adapter.use_rslora = bool(config.use_dora), bool(config.use_rslora)
     return adapter
 
 

@@ -79,6 +79,8 @@ class LycorisAdapter(AdapterView):
     shape, (out, in) or (out, in / groups, kh, kw).
     """
 
+    per_adapter = ("scaling", "rank_dropout", "module_dropout")
+
     def __init__(self, base: nn.Module, scaling: float, rank_dropout: float, module_dropout: float, rescale_rank_dropout: bool) -> None:
         super().__init__()
         self.scaling = scaling
