@@ -10,7 +10,9 @@ from peftlab.errors import (
     AdapterStateError,
     CheckpointError,
     ModelNotFoundError,
+    NoMatchingPeftModuleError,
     PeftConfigError,
+    PeftError,
     PeftlabError,
     QuantizationError,
     TargetModuleError,
@@ -62,10 +64,46 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.model_status import TunerModelStatus
     from peftlab.model_status import get_layer_status
     from peftlab.model_status import get_model_status
+    from peftlab.methods.prompt.base import PromptLearningConfig
+    from peftlab.methods.prompt.p_tuning import PromptEncoder
+    from peftlab.methods.prompt.prefix_tuning import PrefixEncoder
+    from peftlab.methods.prompt.prompt_tuning import PromptEmbedding
+    from peftlab.peft_names import AdaLoraModel
+    from peftlab.peft_names import IA3Model
+    from peftlab.peft_names import LoHaModel
+    from peftlab.peft_names import LoKrModel
+    from peftlab.peft_names import LoraModel
+    from peftlab.peft_names import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from peftlab.peft_names import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peftlab.peft_names import PEFT_TYPE_TO_TUNER_MAPPING
+    from peftlab.peft_names import PeftMixedModel
+    from peftlab.peft_names import PeftWarning
+    from peftlab.peft_names import cast_mixed_precision_params
+    from peftlab.peft_names import get_base_model_state_dict
+    from peftlab.peft_names import set_base_model_state_dict
+    from peftlab.peft_names import shift_tokens_right
 
 # public name -> module that defines it. Importing peftlab imports neither torch nor transformers
 # (`peftlab --help` answers at once); each name loads its module on first use (PEP 562).
 _LAZY: dict[str, str] = {
+    "PromptLearningConfig": "peftlab.methods.prompt.base",
+    "PromptEncoder": "peftlab.methods.prompt.p_tuning",
+    "PrefixEncoder": "peftlab.methods.prompt.prefix_tuning",
+    "PromptEmbedding": "peftlab.methods.prompt.prompt_tuning",
+    "AdaLoraModel": "peftlab.peft_names",
+    "IA3Model": "peftlab.peft_names",
+    "LoHaModel": "peftlab.peft_names",
+    "LoKrModel": "peftlab.peft_names",
+    "LoraModel": "peftlab.peft_names",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "peftlab.peft_names",
+    "PEFT_TYPE_TO_CONFIG_MAPPING": "peftlab.peft_names",
+    "PEFT_TYPE_TO_TUNER_MAPPING": "peftlab.peft_names",
+    "PeftMixedModel": "peftlab.peft_names",
+    "PeftWarning": "peftlab.peft_names",
+    "cast_mixed_precision_params": "peftlab.peft_names",
+    "get_base_model_state_dict": "peftlab.peft_names",
+    "set_base_model_state_dict": "peftlab.peft_names",
+    "shift_tokens_right": "peftlab.peft_names",
     "PeftConfig": "peftlab.config",
     "PeftType": "peftlab.config",
     "TaskType": "peftlab.config",
@@ -168,6 +206,26 @@ __all__ = [
     "quantize_model",
     "set_peft_model_state_dict",
     "update_and_allocate",
+    "AdaLoraModel",
+    "IA3Model",
+    "LoHaModel",
+    "LoKrModel",
+    "LoraModel",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+    "PeftMixedModel",
+    "PeftWarning",
+    "cast_mixed_precision_params",
+    "get_base_model_state_dict",
+    "set_base_model_state_dict",
+    "shift_tokens_right",
+    "PromptLearningConfig",
+    "PromptEncoder",
+    "PrefixEncoder",
+    "PromptEmbedding",
+    "NoMatchingPeftModuleError",
+    "PeftError",
 ]
 
 
@@ -180,7 +238,9 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"peftlab.{name}")
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+        from peftlab.unsupported import refusal, refusal_error
+
+        raise refusal_error(refusal(name) or f"module 'peftlab' has no attribute {name!r}", name)
     # Not cached in the module's globals: an imported module is a dict lookup away, and nothing
     # stale survives importlib.reload(peftlab).
     return getattr(importlib.import_module(module), name)

@@ -48,3 +48,11 @@ def caller_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+class NoMatchingPeftModuleError(TargetModuleError):
+    """The config's target_modules select no module of the model (peft's name for this case)."""
+
+
+# peft's name for the base of its errors.
+PeftError = PeftlabError

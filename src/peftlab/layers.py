@@ -343,6 +343,46 @@ class LayerWrapper(nn.Module):
                     raise AdapterStateError(f"adapter {name!r} would write NaN/inf into this layer; nothing was merged.")
         self.merge_adapters(names)
 
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The weight update adapter ``adapter`` adds (what merging folds in), in the base weight's layout."""
+        view = self.adapters[adapter]
+        if not hasattr(view, "delta_weight"):
+            raise AdapterStateError(f"{type(view).__name__} is not a weight update; it has no delta weight.")
+        return view.delta_weight()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            for tensor in self.adapters[name].held_tensors().values():
+                if isinstance(tensor, nn.Parameter):
+                    tensor.requires_grad_(requires_grad)
+
+    def _scaled_views(self, names: Sequence[str]) -> list[AdapterView]:
+        views = [self.adapters[n] for n in names if n in self.adapters]
+        for view in views:
+            if not all(hasattr(view, a) for a in ("r", "lora_alpha", "use_rslora")):
+                raise AdapterStateError(f"{type(view).__name__} has no LoRA scale to change.")
+        return views
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """LoRA: ``scaling = scale * alpha / r`` (``/ sqrt(r)`` with rsLoRA), as peft's ``set_scale``."""
+        from peftlab.functional import lora_scaling
+
+        for view in self._scaled_views([adapter]):
+            view.scaling = scale * lora_scaling(view.r, view.lora_alpha, view.use_rslora)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the active LoRA adapters' scaling by ``scale`` (undo with :meth:`unscale_layer`)."""
+        for view in self._scaled_views(self.active_adapters):
+            view.scaling *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the active adapters' scaling by ``scale``, or (None) restore it to ``alpha / r``."""
+        from peftlab.functional import lora_scaling
+
+        for view in self._scaled_views(self.active_adapters):
+            view.scaling = lora_scaling(view.r, view.lora_alpha, view.use_rslora) if scale is None else view.scaling / scale
+
     def __getattr__(self, name: str) -> Any:
         try:
             return nn.Module.__getattr__(self, name)

@@ -25,13 +25,14 @@ from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig, TaskType
 from peftlab.errors import AdapterStateError, PeftConfigError, QuantizationError
 from peftlab.integrations.trainers import enable_when_used
 from peftlab.layers import BASE_ROW, read_through
+from peftlab.model_surface import PeftModelSurface
 from peftlab.registry import method_for
 from peftlab.tuners import PromptTuner, Tuner, tuner_for
 from peftlab.tuners.base import has_module
 from peftlab.tuners.layer import known_rows, merge_and_unload_quantized
 
 
-class PeftModel(nn.Module):
+class PeftModel(PeftModelSurface, nn.Module):
     """A model whose chosen layers carry adapters.
 
     Build one with :func:`peftlab.get_peft_model` or :meth:`PeftModel.from_pretrained`.
@@ -51,10 +52,13 @@ class PeftModel(nn.Module):
         #: loading lets their tensors be absent: such a head then keeps the base model's weights).
         self.optional_heads: dict[str, list[str]] = {}
         self.active_adapter: str = adapter_name
+        #: Adapters active beside ``active_adapter`` (set_adapter([...]) on a layer method; as in peft).
+        self.also_active: list[str] = []
         if not isinstance(peft_config, PeftConfig):
             raise PeftConfigError(f"expected a peftlab config (e.g. LoraConfig), got {type(peft_config).__name__}.")
         tuner = tuner_for(model, method_for(peft_config.peft_type))
         self.__dict__["_tuner"] = tuner  # also registered below, under peft's names
+        tuner.bind_owner(self)  # model.base_model.set_adapter(...) & co. come back here
         if isinstance(tuner, PromptTuner):
             self.base_model = model
             self.prompt_encoder = tuner.prompt_encoder
@@ -123,6 +127,8 @@ class PeftModel(nn.Module):
             self.__dict__["_heads_just_added"] = []
             resolved = self._resolved(config)
             self.tuner.add(adapter_name, resolved, self.active_adapter)
+            if self.also_active:  # wrappers built for the new adapter follow every active adapter
+                self.tuner.activate(self.active_adapters)
             self.peft_config[adapter_name] = resolved
             self.optional_heads[adapter_name] = self.__dict__.pop("_heads_just_added")
             if weights is not None:
@@ -138,6 +144,7 @@ class PeftModel(nn.Module):
         self.tuner.remove(adapter_name)
         self.peft_config.pop(adapter_name, None)
         self.optional_heads.pop(adapter_name, None)
+        self.also_active = [n for n in self.also_active if n in self.peft_config]
         if self.peft_config and self.active_adapter not in self.peft_config:
             self.active_adapter = next(iter(self.peft_config))
         for param, flag in flags.items():
@@ -161,8 +168,11 @@ class PeftModel(nn.Module):
 
     # ----- trainable parameters -------------------------------------------------------------
     def _mark_trainable(self) -> None:
-        """Freeze everything, then unfreeze the active adapter (unless loaded for inference)."""
+        """Freeze everything, then unfreeze the active adapters (those not loaded for inference)."""
         self.tuner.mark_trainable(self.active_adapter, self.peft_config[self.active_adapter])
+        for name in self.also_active:
+            if not self.peft_config[name].inference_mode:
+                self.set_requires_grad(name, True)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; 4-bit packed weights count as two values per byte."""
@@ -213,31 +223,34 @@ class PeftModel(nn.Module):
     # ----- adapter management -----------------------------------------------------------------
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        return [self.active_adapter, *self.also_active]
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add another adapter (not active until :meth:`set_adapter`)."""
         self._add_adapter(adapter_name, peft_config)
 
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the one used in forward, and trainable unless ``inference_mode`` (as peft).
 
-        An adapter loaded with ``is_trainable=False`` becomes trainable here, as in peft.
+        An adapter loaded with ``is_trainable=False`` becomes trainable here, as in peft. A list of
+        names activates several adapters of a layer method at once: their updates add up in
+        forward (as ``model.base_model.set_adapter([...])`` in peft) and all of them train.
         """
-        if not isinstance(adapter_name, str):
-            names = list(adapter_name)
-            if len(names) != 1:
-                raise AdapterStateError(
-                    f"peftlab activates one adapter at a time (got {names}); to apply several together use "
-                    f"merge_adapter({names}) (their updates add up, undo with unmerge_adapter()), or pass "
-                    f"adapter_names=[...] per row for a mixed batch."
-                )
-            adapter_name = names[0]
-        if adapter_name not in self.peft_config:
-            raise AdapterStateError(f"no adapter named {adapter_name!r}; known: {sorted(self.peft_config)}.")
-        self.tuner.activate(adapter_name)
-        self.active_adapter = adapter_name
-        self.peft_config[adapter_name].inference_mode = inference_mode
+        names = [adapter_name] if isinstance(adapter_name, str) else list(dict.fromkeys(adapter_name))
+        if not names:
+            raise AdapterStateError("set_adapter needs at least one adapter name.")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterStateError(f"no adapter named {unknown[0]!r}; known: {sorted(self.peft_config)}.")
+        if len(names) > 1 and not self.tuner.several_active:
+            raise AdapterStateError(
+                f"{type(self.peft_config[names[0]]).__name__} activates one adapter at a time (got {names}); "
+                f"pass adapter_names=[...] per row for a mixed batch, or use a layer method such as LoRA."
+            )
+        self.tuner.activate(names if len(names) > 1 else names[0])
+        self.active_adapter, self.also_active = names[0], names[1:]
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
         self._mark_trainable()
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -280,8 +293,9 @@ class PeftModel(nn.Module):
         self.tuner.remove(adapter_name)
         del self.peft_config[adapter_name]
         self.optional_heads.pop(adapter_name, None)
-        if self.active_adapter == adapter_name:
-            self.set_adapter(next(iter(self.peft_config)))
+        if adapter_name in self.active_adapters:
+            rest = [n for n in self.active_adapters if n != adapter_name]
+            self.set_adapter(rest or next(iter(self.peft_config)))
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

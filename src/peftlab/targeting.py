@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftlab.base_layer import linear_types
-from peftlab.errors import TargetModuleError
+from peftlab.errors import NoMatchingPeftModuleError, TargetModuleError
 
 ALL_LINEAR = "all-linear"
 
@@ -173,7 +173,7 @@ def find_targets(
             unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)
                          and not _peft_wrapper_artifact(t)]
             if unmatched:
-                raise TargetModuleError(
+                raise NoMatchingPeftModuleError(
                     f"{method}: target_modules {unmatched} match no module in {type(model).__name__}. "
                     f"Use names of the model's layers ({describe_candidates(model)}), a regex string, or 'all-linear'."
                 )
@@ -183,7 +183,7 @@ def find_targets(
         keep = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         matched = [n for n in matched if layer_index(n, layers_pattern) in keep]
     if not matched:
-        raise TargetModuleError(
+        raise NoMatchingPeftModuleError(
             f"{method}: target_modules={target_modules!r} selects no module in {type(model).__name__}"
             f"{' after exclude_modules/layers_to_transform' if exclude_modules or layers_to_transform is not None else ''}. "
             f"Candidates: {describe_candidates(model)}."

@@ -30,16 +30,19 @@ from torch import nn
 from peftlab import surgery
 from peftlab.errors import AdapterStateError
 from peftlab.layers import LayerWrapper, ModulesToSave, read_through
+from peftlab.tuners.surface import PeftTunerSurface
 
 if TYPE_CHECKING:
     from peftlab.config import PeftConfig
 
 
-class Tuner(nn.Module):
+class Tuner(PeftTunerSurface, nn.Module):
     """Base of the three tuner kinds; defaults fit a kind that cannot merge or mix batches."""
 
     #: Prefix of this kind's adapter keys in adapter files (peft's layout).
     key_prefix: ClassVar[str] = "base_model.model."
+    #: Whether several adapters can be active at once (their updates add up, as in peft).
+    several_active: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -145,10 +148,11 @@ def wrappers_disabled(model: nn.Module) -> Iterator[None]:
             wrapper.disabled = False
 
 
-def follow_active(model: nn.Module, adapter_name: str) -> None:
-    """Every wrapper of ``model`` uses ``adapter_name`` in forward."""
+def follow_active(model: nn.Module, adapter_names: str | Sequence[str]) -> None:
+    """Every wrapper of ``model`` uses ``adapter_names`` (one name, or several in order) in forward."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     for _, wrapper in surgery.iter_wrappers(model):
-        wrapper.active_adapters = [adapter_name]
+        wrapper.active_adapters = list(names)
 
 
 def check_modules_to_save(model: nn.Module, config: "PeftConfig") -> None:

@@ -57,7 +57,9 @@ class LayerTuner(Tuner):
     def remove(self, adapter_name: str) -> None:
         surgery.remove_adapter(self.model, adapter_name)
 
-    def activate(self, adapter_name: str) -> None:
+    several_active = True
+
+    def activate(self, adapter_name: str | Sequence[str]) -> None:
         follow_active(self.model, adapter_name)
 
     def _merged(self) -> bool:
