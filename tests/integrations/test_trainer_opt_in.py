@@ -32,6 +32,12 @@ def test_the_trainer_saves_adapters_without_an_opt_in_call(scenario, tmp_path):
     assert run(scenario, tmp_path) == {"adapter": True, "full": False}
 
 
+@pytest.mark.slow
+def test_the_qlora_recipe_trains_without_an_opt_in_call(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    assert run("qlora_without_opt_in", tmp_path) == {"adapter": True, "full": False}
+
+
 def test_disabled_support_stays_off(tmp_path):
     assert run("support_disabled", tmp_path) == {"adapter": False, "full": True}
 

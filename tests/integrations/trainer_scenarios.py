@@ -70,6 +70,26 @@ def support_disabled(out: str) -> dict:
     return _files(os.path.join(out, "checkpoint-2"))
 
 
+def qlora_without_opt_in(out: str) -> dict:
+    """The QLoRA recipe as a peft user writes it, no opt-in call: transformers' "purely quantized" check passes."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from conftest import ToyTask
+    from peftlab import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(os.path.join(out, "base"))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(out, "base"), quantization_config=quant, device_map="cpu")
+    model = get_peft_model(prepare_model_for_kbit_training(base), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    args = TrainingArguments(output_dir=os.path.join(out, "run"), per_device_train_batch_size=4, max_steps=2, save_steps=2,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    data = [{"input_ids": row["input_ids"], "labels": row["input_ids"]} for row in ToyTask(n=8)]
+    Trainer(model=model, args=args, train_dataset=data).train()
+    return _files(os.path.join(out, "run", "checkpoint-2"))
+
+
 def _dpo(out: str, targets: list[str]):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
