@@ -18,7 +18,7 @@ from peftlab import AdaLoraConfig, AdapterStateError, PeftConfigError, TargetMod
 from peftlab.methods.adalora import svd_adapters
 from peftlab.methods.adalora.budget import budget_schedule
 from _contract import Case, contract_tests, conv_inputs, perturb_trainable, run
-from conftest import ConvNet, text_inputs, tiny_bert_cls, tiny_gpt2
+from conftest import ConvNet, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_t5
 
 
 def _peft(**kwargs):
@@ -37,10 +37,13 @@ BERT = dict(task_type="SEQ_CLS", init_r=6, target_r=3, lora_alpha=16, total_step
 GPT2 = dict(task_type="CAUSAL_LM", init_r=4, target_r=2, total_step=10, lora_dropout=0.1, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
 CONV = dict(init_r=3, target_r=1, lora_alpha=4, total_step=10, target_modules=["conv", "pointwise", "lin"])
 
+T5 = dict(task_type="SEQ_2_SEQ_LM", init_r=4, target_r=2, lora_alpha=8, total_step=10, target_modules=["q", "v"])
+
 CASES = {
     "bert-qv-dense": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT), perturb=True),
     "gpt2-conv1d-dropout": Case(tiny_gpt2, text_inputs, _ours(**GPT2), _peft(**GPT2), perturb=True),
     "convnet-conv2d-linear": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV), perturb=True),
+    "t5-seq2seq": Case(tiny_t5, seq2seq_inputs, _ours(**T5), _peft(**T5), perturb=True),
 }
 globals().update(contract_tests(CASES))
 

@@ -11,7 +11,7 @@ from torch import nn
 import peftlab
 from peftlab import LoraConfig, TargetModuleError, get_peft_model
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import ConvNet, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
@@ -30,11 +30,14 @@ GPT2 = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_fc"], fan_i
 CONV = dict(r=2, target_modules=["lin"])
 
 # perturb=True moves the magnitude away from its init value ||W + sBA||, where DoRA equals LoRA.
+T5 = dict(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=["q", "v"])
+
 CASES = {
     "bert-qv-dense": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT), perturb=True),
     "llama-all-linear-rslora": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA), perturb=True),
     "gpt2-conv1d-dropout": Case(tiny_gpt2, text_inputs, _ours(**GPT2), _peft(**GPT2), perturb=True),
     "convnet-linear": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV), perturb=True),
+    "t5-seq2seq": Case(tiny_t5, seq2seq_inputs, _ours(**T5), _peft(**T5), perturb=True),
 }
 globals().update(contract_tests(CASES))
 

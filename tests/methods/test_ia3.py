@@ -12,7 +12,7 @@ from torch import nn
 import peftlab
 from peftlab import IA3Config, get_peft_model
 from _contract import Case, contract_tests
-from conftest import main_output, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import main_output, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
@@ -29,10 +29,13 @@ BERT = dict(task_type="SEQ_CLS")
 GPT2 = dict(task_type="CAUSAL_LM", fan_in_fan_out=True)
 LLAMA = dict(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj", "up_proj"], feedforward_modules=["down_proj", "up_proj"])
 
+T5 = dict(task_type="SEQ_2_SEQ_LM")
+
 CASES = {
     "bert-defaults": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT)),
     "gpt2-conv1d-defaults": Case(tiny_gpt2, text_inputs, _ours(**GPT2), _peft(**GPT2)),
     "llama-two-feedforward": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA)),
+    "t5-seq2seq-defaults": Case(tiny_t5, seq2seq_inputs, _ours(**T5), _peft(**T5)),
 }
 globals().update(contract_tests(CASES))
 

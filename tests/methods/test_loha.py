@@ -10,7 +10,7 @@ from torch import nn
 import peftlab
 from peftlab import LoHaConfig, PeftConfigError, TargetModuleError, get_peft_model
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import ConvNet, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
@@ -28,11 +28,14 @@ LLAMA = dict(task_type="CAUSAL_LM", r=3, alpha=5, target_modules="all-linear", r
 CONV = dict(r=2, alpha=3, target_modules=["conv", "pointwise", "lin"])
 CONV_EFF = dict(CONV, use_effective_conv2d=True)
 
+T5 = dict(task_type="SEQ_2_SEQ_LM", r=2, alpha=4, target_modules=["q", "v", "wo"])
+
 CASES = {
     "bert-qv-dense": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT)),
     "llama-all-linear-patterns": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA)),
     "convnet-flat": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV)),
     "convnet-effective-conv2d": Case(ConvNet, conv_inputs, _ours(**CONV_EFF), _peft(**CONV_EFF)),
+    "t5-seq2seq": Case(tiny_t5, seq2seq_inputs, _ours(**T5), _peft(**T5)),
 }
 globals().update(contract_tests(CASES))
 

@@ -9,7 +9,7 @@ from torch import nn
 from peftlab import LoKrConfig, PeftConfigError, get_peft_model
 from peftlab.functional import factorization
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, text_inputs, tiny_bert_cls, tiny_llama
+from conftest import ConvNet, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
@@ -31,6 +31,8 @@ CONV = dict(r=1, alpha=3, target_modules=["conv", "pointwise", "lin"])
 CONV_FULL = dict(r=4, target_modules=["conv", "pointwise"])
 CONV_EFF = dict(r=1, target_modules=["conv", "pointwise"], use_effective_conv2d=True)
 
+T5 = dict(task_type="SEQ_2_SEQ_LM", r=2, alpha=4, target_modules=["q", "v", "wo"])
+
 CASES = {
     "bert-qv-dense": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT)),
     "llama-decompose-both-patterns": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA)),
@@ -38,6 +40,7 @@ CASES = {
     "convnet-low-rank-w2": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV)),
     "convnet-full-w2": Case(ConvNet, conv_inputs, _ours(**CONV_FULL), _peft(**CONV_FULL)),
     "convnet-effective-conv2d": Case(ConvNet, conv_inputs, _ours(**CONV_EFF), _peft(**CONV_EFF)),
+    "t5-seq2seq": Case(tiny_t5, seq2seq_inputs, _ours(**T5), _peft(**T5)),
 }
 globals().update(contract_tests(CASES))
 

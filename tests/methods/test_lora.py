@@ -13,7 +13,7 @@ from torch import nn
 import peftlab
 from peftlab import LoraConfig, get_peft_model
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, main_output, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import ConvNet, main_output, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
@@ -31,11 +31,14 @@ GPT2 = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_proj", "c_f
 LLAMA = dict(task_type="CAUSAL_LM", r=3, lora_alpha=5, target_modules="all-linear", rank_pattern={"v_proj": 2}, use_rslora=True)
 CONV = dict(r=2, lora_alpha=3, target_modules=["conv", "lin", "emb"])
 
+T5 = dict(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=["q", "v", "wo"])
+
 CASES = {
     "bert-all-linear": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT)),
     "gpt2-conv1d": Case(tiny_gpt2, text_inputs, _ours(**GPT2), _peft(**GPT2)),
     "llama-rslora-pattern": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA)),
     "convnet": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV)),
+    "t5-seq2seq": Case(tiny_t5, seq2seq_inputs, _ours(**T5), _peft(**T5)),
 }
 globals().update(contract_tests(CASES))
 
