@@ -41,7 +41,10 @@ SUPPORTED_CLASSES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel"}
 )
 # Arguments that change which logits exist or how the loss is taken: with them, run the stock path.
-_STOCK_ONLY_ARGS = ("shift_labels", "logits_to_keep", "output_logits", "return_dict", "ignore_index")
+# Calls with these arguments take the stock path. ``fused_lm_head`` is trl's (>= 1.x) own fused head:
+# it computes per-token log-probabilities from the hidden states and the labels without full logits,
+# so there is nothing left to chunk, and it needs the labels passed through.
+_STOCK_ONLY_ARGS = ("shift_labels", "logits_to_keep", "output_logits", "return_dict", "ignore_index", "fused_lm_head")
 
 
 class LinearCrossEntropy(torch.autograd.Function):

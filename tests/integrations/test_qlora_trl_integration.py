@@ -173,3 +173,26 @@ def test_reward_trainer_takes_a_peftlab_config(tmp_path, trainer_support):
     assert all(not torch.equal(trained[k], start[k]) for k in start)  # LoRA A and B and the score head moved
     files = set(os.listdir(tmp_path / "run" / "checkpoint-2"))
     assert "adapter_model.safetensors" in files and not files & FULL_WEIGHT_FILES
+
+
+def test_sft_trainer_with_the_chunked_loss_asked_for_trains_the_same(tmp_path, trainer_support):
+    """trl's own fused LM head computes per-token log-probs without full logits; the chunked loss steps aside for it."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    texts = ["Review : good movie Sentiment : positive", "Review : awful film Sentiment : negative"] * 8
+    adapters, losses = [], []
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), _lora())
+        model.chunked_causal_loss = chunked
+        args = SFTConfig(output_dir=str(tmp_path / f"run{chunked}"), per_device_train_batch_size=4, max_steps=2, save_strategy="no",
+                         learning_rate=1e-2, max_length=16, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                             processing_class=tiny_word_tokenizer())
+        trainer.train()
+        adapters.append(_adapter(model))
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
