@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -71,3 +72,36 @@ def test_second_get_peft_model_warning_says_what_to_do_and_points_at_the_caller(
     assert ".unload()" in str(message.message) and "\n" not in str(message.message)
     assert message.filename == __file__
 
+
+FAN_IN_FAN_OUT_CASES = {
+    "lora on Conv1D": ("LoraConfig", dict(target_modules=["c_attn"]), True),
+    "dora on Conv1D": ("LoraConfig", dict(target_modules=["c_attn"], use_dora=True), True),
+    "adalora on Conv1D": ("AdaLoraConfig", dict(target_modules=["c_attn"], total_step=10), True),
+    "ia3 on Conv1D": ("IA3Config", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]), True),
+    "lora on Linear with fan_in_fan_out=True": ("LoraConfig", dict(target_modules=["q_proj"], fan_in_fan_out=True), False),
+}
+
+
+def _saved_fan_in_fan_out(lib, config_name: str, kwargs: dict, tmp_path) -> tuple[bool, bool, list[str]]:
+    """(stored config's fan_in_fan_out, the saved adapter_config.json's, the warnings about it)."""
+    from conftest import tiny_gpt2
+
+    base = tiny_llama() if "q_proj" in kwargs["target_modules"] else tiny_gpt2()
+    config = getattr(lib, config_name)(task_type="CAUSAL_LM", **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = lib.get_peft_model(base, config)
+    folder = tmp_path / lib.__name__
+    model.save_pretrained(str(folder))
+    saved = json.loads((folder / "adapter_config.json").read_text())["fan_in_fan_out"]
+    return model.peft_config["default"].fan_in_fan_out, saved, [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)]
+
+
+@pytest.mark.parametrize("case", list(FAN_IN_FAN_OUT_CASES))
+def test_a_wrong_fan_in_fan_out_is_corrected_in_the_saved_config_as_peft(case, tmp_path):
+    config_name, kwargs, expected = FAN_IN_FAN_OUT_CASES[case]
+    stored, saved, messages = _saved_fan_in_fan_out(peftlab, config_name, kwargs, tmp_path)
+    assert stored is expected and saved is expected
+    assert len(messages) == 1 and f"setting fan_in_fan_out={expected}" in messages[0]
+    peft = pytest.importorskip("peft")
+    assert _saved_fan_in_fan_out(peft, config_name, kwargs, tmp_path)[:2] == (stored, saved)
