@@ -253,7 +253,7 @@ def test_prepare_keeps_weights_quantized_and_norms_fp32():
     assert layer.input_layernorm.weight.dtype == torch.float32
     assert model.model.norm.weight.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.float32
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # not every weight upcast
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # every unquantized weight upcast, as in peft
     assert model.is_gradient_checkpointing and model.config.use_cache is False
     model = get_peft_model(model, lora_config())
     model.train()

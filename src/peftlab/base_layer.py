@@ -18,11 +18,14 @@ pack it into bytes (their ``weight.shape`` is not the matrix's), ``nn.Conv2d`` k
 from __future__ import annotations
 
 import sys
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
 from peftlab import quantization
+from peftlab.errors import caller_stacklevel
 
 
 def conv1d_type() -> type | None:
@@ -53,6 +56,21 @@ def is_transposed(base: nn.Module) -> bool:
     """GPT-2's Conv1D stores its weight as (in, out), the transpose of every other linear."""
     conv1d = conv1d_type()
     return conv1d is not None and isinstance(base, conv1d)
+
+
+def settle_fan_in_fan_out(method: str, base: nn.Module, config: Any) -> bool:
+    """Whether ``base`` stores its weight as (in, out); a ``config.fan_in_fan_out`` that says otherwise is
+    corrected in the config itself, with a warning, so the saved adapter_config.json says what was used
+    (peft does the same: GPT-2 Conv1D sets it to True, nn.Linear to False)."""
+    transposed = is_transposed(base)
+    if bool(config.fan_in_fan_out) != transposed:
+        warnings.warn(
+            f"{method}: fan_in_fan_out={config.fan_in_fan_out} but {type(base).__name__} stores its weight as "
+            f"{'(in, out)' if transposed else '(out, in)'}; setting fan_in_fan_out={transposed} in the config.",
+            stacklevel=caller_stacklevel(),
+        )
+        config.fan_in_fan_out = transposed
+    return transposed
 
 
 def features(base: nn.Module) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import copy
 import functools
 import os
 import types
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,9 +23,9 @@ from torch import nn
 
 from peftlab import activation_checkpointing, adapter_folder, causal_loss, checkpoint, limits, quantization, targeting
 from peftlab.config import CLASSIFIER_HEAD_NAMES, PeftConfig, TaskType
-from peftlab.errors import AdapterStateError, PeftConfigError, QuantizationError
+from peftlab.errors import AdapterStateError, PeftConfigError, QuantizationError, caller_stacklevel
 from peftlab.integrations.trainers import enable_when_used
-from peftlab.layers import BASE_ROW, read_through
+from peftlab.layers import BASE_ROW, LayerWrapper, read_through
 from peftlab.model_surface import PeftModelSurface
 from peftlab.registry import method_for
 from peftlab.tuners import PromptTuner, Tuner, tuner_for
@@ -566,6 +567,12 @@ def get_peft_model(
         raise AdapterStateError(
             "peftlab has no PeftMixedModel (adapters of different methods in one model); use one method per model, "
             "or several adapters of one method with add_adapter()/set_adapter()."
+        )
+    if any(isinstance(module, LayerWrapper) for module in model.modules()):  # peft warns on the same condition
+        warnings.warn(
+            "get_peft_model: this model already has adapter layers from an earlier get_peft_model, and the new adapter is "
+            "added beside them; to start over with another config, call .unload() on the earlier PeftModel first.",
+            stacklevel=caller_stacklevel(),
         )
     if revision is not None and isinstance(peft_config, PeftConfig):
         peft_config = copy.deepcopy(peft_config)

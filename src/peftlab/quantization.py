@@ -342,8 +342,29 @@ def _state_bytes(state: Any) -> int:
 
 
 # ----- training preparation -------------------------------------------------------------------
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm", "Norm"))
+# Quantization schemes whose kernels expect the model's own dtypes: their models are not upcast
+# (the same list peft leaves alone; transformers records the scheme as `quantization_method`).
+KEEP_DTYPES_FOR = ("gptq", "aqlm", "eetq", "hqq", "torchao")
+
+
+def _is_packed_4bit(param: torch.Tensor) -> bool:
+    """A bitsandbytes 4-bit weight: its dtype is only the storage type (bf16 with bnb_4bit_quant_storage)."""
+    bnb = _bnb_or_none()
+    return bnb is not None and isinstance(param, bnb.nn.Params4bit)
+
+
+def upcast_for_training(model: nn.Module) -> None:
+    """Every fp16/bf16 parameter that is not a packed 4-bit weight to fp32, in place.
+
+    Adapters trained next to half-precision norms, embeddings and heads lose small updates to
+    rounding; fp32 costs memory only for the unquantized part, which QLoRA keeps small. peft
+    does the same, so a model prepared by either library has the same dtypes.
+    """
+    if getattr(model, "quantization_method", None) in KEEP_DTYPES_FOR or getattr(model, "hqq_quantized", False):
+        return
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and not _is_packed_4bit(param):
+            param.data = param.data.to(torch.float32)
 
 
 def prepare_model_for_kbit_training(
@@ -352,20 +373,14 @@ def prepare_model_for_kbit_training(
     """Get a (quantized) model ready for adapter training, in place.
 
     * every base parameter frozen;
-    * norm layers and the output head in fp32 (small, and the loss is sensitive to them);
-      other half-precision weights (embeddings) are left as they are, so memory stays low;
+    * every half-precision parameter except packed 4-bit weights in fp32 (:func:`upcast_for_training`);
     * with gradient checkpointing, activations are recomputed in backward; the input
       embeddings' output requires grad so the checkpointed blocks still get gradients even
       though every base weight is frozen.
     """
     for param in model.parameters():
         param.requires_grad_(False)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for module in model.modules():
-        if (_is_norm(module) or module is head) and not is_quantized_linear(module):
-            for param in module.parameters(recurse=False):
-                if param.dtype in (torch.float16, torch.bfloat16):
-                    param.data = param.data.to(torch.float32)
+    upcast_for_training(model)
     if use_gradient_checkpointing:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()

@@ -49,6 +49,26 @@ def _load_4bit(path):
     return AutoModelForCausalLM.from_pretrained(str(path), quantization_config=quant, device_map="cpu")
 
 
+def _load_4bit_bf16(path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(str(path), quantization_config=quant, torch_dtype=torch.bfloat16, device_map="cpu")
+
+
+def test_prepare_for_kbit_training_gives_peft_dtypes_on_a_bf16_4bit_model(tmp_path):
+    """Every parameter that is not a packed 4-bit weight (embeddings, norms, head) becomes fp32, as in peft."""
+    peft = pytest.importorskip("peft")
+    _llama_for_4bit().save_pretrained(tmp_path / "base")
+    ours = dict(prepare_model_for_kbit_training(_load_4bit_bf16(tmp_path / "base")).named_parameters())
+    theirs = dict(peft.prepare_model_for_kbit_training(_load_4bit_bf16(tmp_path / "base")).named_parameters())
+    assert ours["model.embed_tokens.weight"].dtype == torch.float32
+    assert type(ours["model.layers.0.self_attn.q_proj.weight"]).__name__ == "Params4bit"
+    assert {n: p.dtype for n, p in ours.items()} == {n: p.dtype for n, p in theirs.items()}
+    assert not any(p.requires_grad for p in ours.values())
+
+
 def test_qlora_recipe_trains_and_saves_an_adapter(tmp_path, trainer_support):
     from transformers import Trainer, TrainingArguments
 

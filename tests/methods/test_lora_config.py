@@ -118,7 +118,11 @@ def test_conv1d_gets_fan_in_fan_out_with_a_warning_at_the_callers_line():
     ours = [w for w in caught if "fan_in_fan_out" in str(w.message)]
     # this file: the user's line (under mutation testing, mutmut's trampoline sits between the two)
     assert ours and all(w.filename == __file__ or f"{os.sep}mutmut{os.sep}" in w.filename for w in ours)
-    assert str(ours[0].message) == "LoRA: Conv1D layers store weights as (in, out); using fan_in_fan_out=True for them."
+    assert len(ours) == 1  # the config is corrected at the first Conv1D, as peft does
+    assert str(ours[0].message) == (
+        "LoRA: fan_in_fan_out=False but Conv1D stores its weight as (in, out); setting fan_in_fan_out=True in the config."
+    )
+    assert model.peft_config["default"].fan_in_fan_out is True
     c_attn = model.get_base_model().transformer.h[0].attn.c_attn
     adapter = c_attn.adapters["default"]
     assert adapter.fan_in_fan_out is True
@@ -131,10 +135,11 @@ def test_conv1d_gets_fan_in_fan_out_with_a_warning_at_the_callers_line():
     assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"], fan_in_fan_out=True))
+        model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"], fan_in_fan_out=True))
     assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == [
-        "LoRA: Linear layers store weights as (out, in); using fan_in_fan_out=False for them."
-    ] * 2
+        "LoRA: fan_in_fan_out=True but Linear stores its weight as (out, in); setting fan_in_fan_out=False in the config."
+    ]
+    assert model.peft_config["default"].fan_in_fan_out is False
 
 
 def test_bias_lora_only_skips_adapted_layers_without_a_bias():

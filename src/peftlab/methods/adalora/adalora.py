@@ -262,13 +262,7 @@ def make_adalora_adapter(base: nn.Module, config: AdaLoraConfig, adapter_name: s
             raise TargetModuleError(f"AdaLoRA: {module_name} is a grouped Conv2d (groups={base.groups}); exclude it.")
         fan_in_fan_out = False
     elif BL.is_linear(base):
-        fan_in_fan_out = BL.is_transposed(base)  # GPT-2 Conv1D stores (in, out)
-        if fan_in_fan_out != config.fan_in_fan_out:
-            warnings.warn(
-                f"AdaLoRA: {type(base).__name__} stores its weight as {'(in, out)' if fan_in_fan_out else '(out, in)'}; "
-                f"using fan_in_fan_out={fan_in_fan_out} for it.",
-                stacklevel=4,
-            )
+        fan_in_fan_out = BL.settle_fan_in_fan_out("AdaLoRA", base, config)  # GPT-2 Conv1D stores (in, out)
     else:
         raise TargetModuleError(
             f"AdaLoRA cannot adapt {module_name} ({type(base).__name__}); it adapts nn.Linear, Conv1D and "

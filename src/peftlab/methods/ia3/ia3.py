@@ -154,6 +154,8 @@ class IA3Adapter(AdapterView):
 def make_ia3_adapter(base: nn.Module, config: IA3Config, adapter_name: str, module_name: str) -> AdapterView:
     feedforward = name_matches(module_name, config.feedforward_modules)
     if isinstance(base, nn.Conv2d) or BL.is_linear(base):
+        if BL.is_linear(base):
+            BL.settle_fan_in_fan_out("IA3", base, config)
         in_features, out_features = BL.features(base)
         size = in_features if feedforward else out_features
         return IA3Adapter(size, feedforward, conv=isinstance(base, nn.Conv2d), init_ones=config.init_ia3_weights)

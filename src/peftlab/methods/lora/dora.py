@@ -109,7 +109,7 @@ def make_dora_adapter(base: nn.Module, r: int, scaling: float, config: "LoraConf
             f"DoRA cannot adapt {module_name} ({type(base).__name__}); peftlab's DoRA adapts nn.Linear and Conv1D. "
             f"Exclude it (exclude_modules) or set use_dora=False."
         )
-    adapter = DoraLinear(base, r, scaling, config.lora_dropout, fan_in_fan_out=BL.is_transposed(base))
+    adapter = DoraLinear(base, r, scaling, config.lora_dropout, fan_in_fan_out=BL.settle_fan_in_fan_out("DoRA", base, config))
     adapter.reset(config.init_lora_weights)
     adapter.init_magnitude()
     return adapter

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +19,7 @@ from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab import limits
 from peftlab.config import LayerConfig, PeftType
-from peftlab.errors import PeftConfigError, TargetModuleError, caller_stacklevel
+from peftlab.errors import PeftConfigError, TargetModuleError
 from peftlab.layers import LayerWrapper, AdapterView, ModulesToSave
 from peftlab.methods.lora.dora import make_dora_adapter
 from peftlab.methods.lora.layers import LoraConv2d, LoraEmbedding, LoraLinear
@@ -185,13 +184,7 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
             raise TargetModuleError(f"LoRA: {module_name} is a grouped Conv2d (groups={base.groups}); exclude it.")
         adapter = LoraConv2d(base, r, scaling, config.lora_dropout)
     elif BL.is_linear(base):
-        transposed = BL.is_transposed(base)
-        if transposed != config.fan_in_fan_out:
-            warnings.warn(
-                f"LoRA: {type(base).__name__} layers store weights as {'(in, out)' if transposed else '(out, in)'}; "
-                f"using fan_in_fan_out={transposed} for them.",
-                stacklevel=caller_stacklevel(),
-            )
+        transposed = BL.settle_fan_in_fan_out("LoRA", base, config)
         in_features, out_features = BL.features(base)
         adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=transposed)
     else:
