@@ -43,7 +43,7 @@ def _read_versions(pin: adapter_folder.PinnedFolder) -> set[int]:
     """Every version stamp in one pinned folder (one element when the folder is whole)."""
     versions = set()
     # Open every file first (a deleted version stays readable through open descriptors), then read.
-    handles = [os.fdopen(pin.open(sub + name), "rb") for sub in ("", "second/") for name in ("config.json", "weights.bin")]
+    handles = [os.fdopen(pin.open(sub + name, 2**30), "rb") for sub in ("", "second/") for name in ("config.json", "weights.bin")]
     for config, weights in zip(handles[::2], handles[1::2]):
         with config, weights:
             versions.add(json.loads(config.read())["version"] % 256)

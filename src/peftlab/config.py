@@ -184,10 +184,11 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> "PeftConfig":
         """Read ``adapter_config.json`` from a local folder (or a hub repo id when online)."""
-        from peftlab.adapter_folder import resolve_adapter_file
+        from peftlab.adapter_folder import open_regular, resolve_adapter_file
 
         config_path = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder)
-        with open(config_path, "rb") as fh:
+        fd = open_regular(os.path.dirname(config_path), os.path.basename(config_path), MAX_CONFIG_BYTES, too_large=PeftConfigError)
+        with os.fdopen(fd, "rb") as fh:
             raw = fh.read(MAX_CONFIG_BYTES + 1)
         return cls.from_json_bytes(raw, config_path)
 

@@ -3,14 +3,23 @@
 An adapter name becomes a sub-folder of a save folder, so it must be one plain path segment.
 A rank above the layer's smaller side adds parameters without adding rank, and a huge one
 would allocate gigabytes before any shape check; a scale that overflows fp32 makes every forward
-fail later. Each check raises the library's typed error naming the value and the fix.
+fail later. A user's regular expression (target_modules, rank_pattern keys, ...) is matched under a
+time budget, so one that backtracks catastrophically is refused instead of hanging the process.
+Each check raises the library's typed error naming the value and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
+import os
+import time
 import warnings
+from collections.abc import Iterator
 
+import regex
 import torch
 from torch import nn
 
@@ -19,6 +28,20 @@ from peftlab.errors import AdapterStateError, PeftConfigError, caller_stacklevel
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
 MAX_NAME_LENGTH = 255  # one path segment on common file systems
+# The largest magnitude a loaded adapter value may have: sqrt(float32 max) = 2**64 ~ 1.8e19. A value
+# above it overflows float32 (and bfloat16, same exponent range) when multiplied by a value of its own
+# size, which a forward pass does all the time (a norm squares its input, attention multiplies q by
+# k), so such a file is damaged or diverged. Trained adapters hold values below ~1e3.
+MAX_ADAPTER_VALUE = math.sqrt(FP32_MAX)
+
+
+def max_weights_bytes() -> int:
+    """The largest adapter weights file read: the machine's physical memory, which the tensors
+    must fit in (a sparse or endless file would otherwise be read until memory runs out)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no cheap way to ask
+        return 2**40
 
 
 def check_adapter_name(name: object, reserved: tuple[str, ...] = ()) -> str:
@@ -88,3 +111,54 @@ def check_rank(method: str, r: int, base: nn.Module, module_name: str) -> None:
         f"the extra rank adds parameters but cannot change the update's rank.",
         stacklevel=caller_stacklevel(),
     )
+
+
+# ----- user regular expressions -------------------------------------------------------------------
+# Matching a module name takes microseconds; a pattern with nested or overlapping repetition
+# ((a+)+, (a|a.)+) backtracks exponentially in the name's length, and against 40-character module
+# names runs for hours. The `regex` engine (a transformers dependency, same syntax as `re`) takes a
+# timeout: every match made while one adapter is added shares one budget, far above what a
+# legitimate pattern needs (10^4 module names x ~2 us = 0.02 s).
+REGEX_SECONDS = 0.25
+_regex_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("peftlab_regex_deadline", default=None)
+
+
+@contextlib.contextmanager
+def regex_budget(seconds: float = REGEX_SECONDS) -> Iterator[None]:
+    """Share one time budget among the user-regex matches made inside (an outer budget wins)."""
+    if _regex_deadline.get() is not None:
+        yield
+        return
+    token = _regex_deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _regex_deadline.reset(token)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(pattern: str) -> regex.Pattern:
+    return regex.compile(pattern)
+
+
+def user_match(pattern: str, text: str, field: str, *, full: bool = True) -> regex.Match | None:
+    """``re.fullmatch(pattern, text)`` (``re.match`` when not ``full``) within the time budget.
+
+    A pattern that would run past the budget raises :class:`PeftConfigError` naming ``field``.
+    """
+    try:
+        compiled = _compiled(pattern)
+    except (regex.error, TypeError) as exc:
+        raise PeftConfigError(f"{field}={pattern!r:.200} is not a valid regular expression ({exc}).") from None
+    deadline = _regex_deadline.get()
+    left = REGEX_SECONDS if deadline is None else deadline - time.monotonic()
+    try:
+        if left <= 0:
+            raise TimeoutError
+        return (compiled.fullmatch if full else compiled.match)(text, timeout=left)
+    except (TimeoutError, MemoryError):  # the engine gives up on its backtracking stack with MemoryError
+        raise PeftConfigError(
+            f"{field}={pattern!r:.200} takes more than {REGEX_SECONDS:g} s (or its memory) to match this model's module names: it "
+            f"backtracks catastrophically (repetition inside repetition such as (a+)+, or alternatives that overlap "
+            f"under a repeat). Write it without nested repeats, or give a list of module names instead."
+        ) from None
