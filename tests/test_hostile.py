@@ -253,3 +253,92 @@ def test_regex_budget_is_shared_by_every_match_of_one_operation(monkeypatch):
         with pytest.raises(peftlab.PeftConfigError, match="takes more than"):
             limits.user_match("query", "query", "target_modules")
     assert limits.user_match("query", "query", "target_modules")  # a new operation: a new budget
+
+
+# ----- sizes a config sets -------------------------------------------------------------------------
+# One example config per CONFIG_SIZES field: (config class, other arguments it needs).
+def _size_config(field: str, value: float) -> PeftConfig:
+    prompt = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 4}
+    builders: dict[str, Callable[[], PeftConfig]] = {
+        "r": lambda: LoraConfig(r=value),
+        "init_r": lambda: peftlab.AdaLoraConfig(init_r=value, target_r=1, total_step=10),
+        "target_r": lambda: peftlab.AdaLoraConfig(init_r=min(value, 2**16), target_r=value, total_step=10),
+        "num_virtual_tokens": lambda: peftlab.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=value),
+        "token_dim": lambda: peftlab.PromptTuningConfig(**prompt, token_dim=value),
+        "num_layers": lambda: peftlab.PrefixTuningConfig(**prompt, num_layers=value),
+        "num_attention_heads": lambda: peftlab.PrefixTuningConfig(**prompt, num_attention_heads=value),
+        "num_transformer_submodules": lambda: peftlab.PromptTuningConfig(**prompt, num_transformer_submodules=value),
+        "encoder_hidden_size": lambda: peftlab.PromptEncoderConfig(**prompt, encoder_hidden_size=value),
+        "encoder_num_layers": lambda: peftlab.PromptEncoderConfig(**prompt, encoder_num_layers=value),
+        "bottleneck_size": lambda: peftlab.BottleneckConfig(bottleneck_size=value),
+        "reduction_factor": lambda: peftlab.BottleneckConfig(reduction_factor=value),
+    }
+    return builders[field]()
+
+
+# Integer and float fields of the configs that size no tensor (schedules, scales, dropouts, selections).
+NOT_SIZES = {"layers_to_transform", "lora_alpha", "alpha", "lora_dropout", "rank_dropout", "module_dropout", "adapter_dropout",
+             "encoder_dropout", "alpha_pattern", "rank_pattern", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+             "total_step", "decompose_factor", "last_n_layers"}
+
+
+def test_every_numeric_config_field_is_a_bounded_size_or_named_as_not_one():
+    import dataclasses
+    import typing
+
+    from peftlab.config import PeftType
+    from peftlab.registry import config_class_for
+
+    numeric = set()
+    for peft_type in PeftType:
+        cls = config_class_for(peft_type.value)
+        hints = typing.get_type_hints(cls)
+        numeric |= {f.name for f in dataclasses.fields(cls) if "int" in str(hints[f.name]) or "float" in str(hints[f.name])}
+    unlisted = numeric - set(limits.CONFIG_SIZES) - NOT_SIZES
+    assert not unlisted, f"add {sorted(unlisted)} to limits.CONFIG_SIZES (a size) or to NOT_SIZES here"
+
+
+@pytest.mark.parametrize("field", sorted(limits.CONFIG_SIZES))
+def test_each_config_size_is_bounded_before_anything_is_allocated(field):
+    import resource
+
+    low, high = limits.CONFIG_SIZES[field]
+    _size_config(field, high)  # the bound itself is allowed
+    too_big = [10**9, 10**12] if high < 10**9 else [10**12]
+    too_small = [low / 2, 1e-9] if low < 1 else []
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for value in [int(high) + 1, *too_big, *too_small]:
+        exc, took = outcome(lambda v=value: _size_config(field, v))
+        assert isinstance(exc, peftlab.PeftConfigError) and f"{field}={value!r} is outside the range" in str(exc), exc
+        assert took < ANSWER_SECONDS
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 50_000  # KiB: nothing was allocated
+
+
+def test_rank_pattern_ranks_are_bounded_too():
+    with pytest.raises(peftlab.PeftConfigError, match=r"rank_pattern\['query'\]=1000000000 is outside"):
+        LoraConfig(r=2, rank_pattern={"query": 10**9})
+
+
+def test_in_range_sizes_whose_product_exceeds_memory_are_refused_before_allocation():
+    """Each field within its bound, the prefix table (2**16 x 2 * 2**12 * 2**17 floats = 256 TiB) is not."""
+    from conftest import tiny_gpt2
+
+    high = {f: int(limits.CONFIG_SIZES[f][1]) for f in ("num_virtual_tokens", "num_layers", "token_dim")}
+    config = peftlab.PrefixTuningConfig(task_type="CAUSAL_LM", **high)
+    model = tiny_gpt2()
+    exc, took = outcome(lambda: get_peft_model(model, config))
+    assert isinstance(exc, peftlab.PeftConfigError) and "more than this machine's" in str(exc), exc
+    assert took < ANSWER_SECONDS
+
+
+def test_adapter_names_are_bounded_in_bytes(tmp_path):
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(peftlab.AdapterStateError, match="takes 400 bytes in UTF-8, more than the 255"):
+        model.add_adapter("é" * 200, LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(peftlab.AdapterStateError, match="400 bytes"):
+        get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"]), adapter_name="é" * 200)
+    assert list(model.peft_config) == ["default"]
+    longest = "é" * 127  # 254 bytes: fits one folder name
+    model.add_adapter(longest, LoraConfig(r=2, target_modules=["query"]))
+    model.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / longest / "adapter_config.json").is_file()

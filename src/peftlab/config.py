@@ -92,6 +92,9 @@ class PeftConfig:
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
+        from peftlab import limits  # here: limits reads layers, which a config never needs otherwise
+
+        limits.check_config_sizes(self)  # every size field of every method, before anything is built
         if self.task_type is not None:
             try:
                 self.task_type = TaskType(self.task_type)
