@@ -309,7 +309,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         text = generate(args.model_dir, args.prompt.replace("\\n", "\n"), max_new_tokens=args.max_new_tokens,
                         base_model=args.base_model, do_sample=args.sample, temperature=args.temperature)
-    except OSError as exc:  # a base model folder that is gone or incomplete
+    except (OSError, ValueError) as exc:  # a base model folder that is gone or incomplete, or needs remote code
+        if isinstance(exc, PeftlabError):
+            raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WorkbenchError(f"cannot load the model for {args.model_dir}: {first}; pass --base-model PATH_OR_ALIAS.") from None
     print(text)
