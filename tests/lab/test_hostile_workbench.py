@@ -141,7 +141,9 @@ def test_generate_on_a_base_that_needs_remote_code_answers_with_one_line(tmp_pat
     """Refused (never run, never asked about on stdin), in one line."""
     import shutil
 
-    monkeypatch.setattr("sys.stdin", open(os.devnull))  # a question on stdin would read EOF here, not hang
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # a question on stdin would read EOF here, not hang
     folder = tmp_path / "remote"
     folder.mkdir()
     for name in os.listdir(tiny_model_dir):
