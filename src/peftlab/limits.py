@@ -84,7 +84,8 @@ def check_config_sizes(config: object) -> None:
         if not low <= value <= high:
             raise _out_of_range(config, field, value, low, high)
     low, high = CONFIG_SIZES["r"]
-    for key, value in (getattr(config, "rank_pattern", None) or {}).items():  # per-module ranks (AdaLoRA's hold masks)
+    pattern = getattr(config, "rank_pattern", None)
+    for key, value in (pattern.items() if isinstance(pattern, dict) else ()):  # per-module ranks (AdaLoRA's hold masks)
         if isinstance(value, int) and not isinstance(value, bool) and value > high:
             raise _out_of_range(config, f"rank_pattern[{key!r}]", value, low, high)
 

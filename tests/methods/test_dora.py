@@ -11,13 +11,11 @@ from torch import nn
 import peftlab
 from peftlab import LoraConfig, TargetModuleError, get_peft_model
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import ConvNet, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, peft_oracle
 
 
 def _peft(**kwargs):
-    import peft
-
-    return lambda: peft.LoraConfig(use_dora=True, init_lora_weights=False, **kwargs)
+    return lambda: peft_oracle().LoraConfig(use_dora=True, init_lora_weights=False, **kwargs)
 
 
 def _ours(**kwargs):

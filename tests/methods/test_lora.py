@@ -13,13 +13,11 @@ from torch import nn
 import peftlab
 from peftlab import LoraConfig, get_peft_model
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, main_output, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import ConvNet, main_output, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, peft_oracle
 
 
 def _peft(**kwargs):
-    import peft
-
-    return lambda: peft.LoraConfig(init_lora_weights=False, **kwargs)
+    return lambda: peft_oracle().LoraConfig(init_lora_weights=False, **kwargs)
 
 
 def _ours(**kwargs):
