@@ -153,3 +153,72 @@ def test_generate_on_a_base_that_needs_remote_code_answers_with_one_line(tmp_pat
                                                     "auto_map": {"AutoConfig": "code.MyConfig", "AutoModelForCausalLM": "code.MyModel"}}))
     code = main(["generate", str(folder), "--prompt", "good"])
     _one_line_exit_2(capsys, code, "contains custom code")
+
+
+def _interrupt_at_step(monkeypatch, step: int) -> None:
+    """Ctrl-C, as Python delivers it (KeyboardInterrupt in the main thread), when training reaches ``step``."""
+    from transformers import TrainerCallback
+
+    from peftlab.lab import runner
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+    make = runner._make_trainer
+
+    def with_ctrl_c(*args, **kwargs):
+        trainer, timer, stopper = make(*args, **kwargs)
+        trainer.add_callback(CtrlC())
+        return trainer, timer, stopper
+
+    monkeypatch.setattr(runner, "_make_trainer", with_ctrl_c)
+
+
+def test_ctrl_c_in_train_one_line_exit_130_result_interrupted_and_resumable(tmp_path, tiny_model_dir, toy_data_dir, capsys,
+                                                                             monkeypatch):
+    out = tmp_path / "out"
+    command = ["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out), *FAST,
+               "--epochs", "2", "--save-steps", "2"]
+    _interrupt_at_step(monkeypatch, 5)
+    code = main(command)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 130
+    assert len(err) == 1 and err[0].startswith("peftlab: interrupted (Ctrl-C)"), err
+    result = json.loads((out / "runs" / "lora" / "result.json").read_text())
+    assert result["status"] == "interrupted" and "after step 5" in result["error"] and "--resume" in result["error"]
+    monkeypatch.undo()
+    assert main([*command, "--resume"]) == 0
+    assert json.loads((out / "runs" / "lora" / "result.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_real_ctrl_c_prints_one_line_and_no_traceback_from_any_process(tmp_path, tiny_model_dir, toy_data_dir, command):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it (compare's worker gets it too)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "peftlab", command, "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir),
+            "--output-dir", str(out), "--epochs", "200", "--batch-size", "4", "--save-steps", "3", "--no-progress", "--cpu"]
+    args += ["--method", "lora"] if command == "train" else ["--methods", "lora"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoints = out / "runs" / "lora" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while not (checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*/peftlab-complete*"))) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("peftlab:")]
+    assert len(lines) == 1 and "interrupted" in lines[0], stderr[-3000:]
+    assert json.loads((out / "runs" / "lora" / "result.json").read_text())["status"] == "interrupted"

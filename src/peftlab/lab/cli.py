@@ -22,7 +22,7 @@ from typing import Any
 
 from peftlab.errors import PeftlabError, WorkbenchError
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # flag dest -> (section, key) in the experiment
 _DATA_FLAGS = {"dataset": "dataset", "text_column": "text_column", "label_column": "label_column", "max_length": "max_length",
@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet.apply(args.verbose)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\npeftlab: interrupted (Ctrl-C); what was saved is kept: result.json says interrupted, and the same "
+              "command with --resume continues a run from its last checkpoint.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except PeftlabError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"peftlab: error: {message}", file=sys.stderr)

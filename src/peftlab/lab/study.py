@@ -23,6 +23,9 @@ from peftlab.lab.results import FAILED, RunResult, load_run, save_run, save_stud
 from peftlab.lab.runner import RUN_SPEC_NAME
 
 
+INTERRUPT_GRACE_SECONDS = 60  # a worker saves its result after Ctrl-C; a checkpoint being written may need a while
+
+
 def run_dir(experiment: Experiment, run: RunConfig) -> str:
     return os.path.join(experiment.output_dir, "runs", run.name)
 
@@ -61,7 +64,18 @@ def run_in_subprocess(run: RunConfig, folder: str) -> RunResult:
     # The worker must import this very peftlab (a source checkout may not be the installed one).
     src = os.path.dirname(os.path.dirname(os.path.abspath(peftlab.__file__)))
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "peftlab.lab.runner", folder], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab.lab.runner", folder], env=env)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the worker too (same process group): give it the moment it needs to record its run
+        # as interrupted (result.json) and exit quietly, rather than killing it mid-write.
+        try:
+            proc.wait(timeout=INTERRUPT_GRACE_SECONDS)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+        raise
     result = load_run(folder)
     if result is None:
         result = RunResult(name=run.name, method=run.method, status=FAILED, run=run.to_dict(),
