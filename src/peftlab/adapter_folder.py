@@ -51,10 +51,11 @@ _STALE_TMP_PREFIXES = (".adapter_model.safetensors.", ".adapter_config.json.")
 _READ_ATTEMPTS = 100
 
 
-def save_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+def save_folder(target: str | os.PathLike, write: Callable[[str], None], carry_over: bool = True) -> None:
     """Call ``write(staging_folder)`` and swap the result in as ``target`` as a whole.
 
-    On any exception the staging folder is removed and ``target`` is untouched.
+    On any exception the staging folder is removed and ``target`` is untouched. ``carry_over=False``
+    replaces the folder exactly by what ``write`` wrote (no files of the old version kept).
     """
     target = os.path.realpath(os.fspath(target))
     parent, base = os.path.split(target)
@@ -69,7 +70,7 @@ def save_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None
     staging, lock_fd = _new_staging(parent, base)
     try:
         write(staging)
-        if os.path.isdir(target):
+        if carry_over and os.path.isdir(target):
             _carry_over(target, staging)
             with contextlib.suppress(OSError):
                 os.chmod(staging, os.stat(target).st_mode & 0o7777)
@@ -124,7 +125,10 @@ def _new_staging(parent: str, base: str) -> tuple[str, int]:
     for _ in range(100):
         path = os.path.join(parent, f".{base}{STAGING_MARK}{uuid.uuid4().hex[:12]}")
         os.mkdir(path)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # another save's clean-up took it between mkdir and open (not locked yet): retry
+            continue
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         # Another save's clean-up may have taken the folder between mkdir and flock: retry.

@@ -222,3 +222,76 @@ def test_real_ctrl_c_prints_one_line_and_no_traceback_from_any_process(tmp_path,
     lines = [line for line in stderr.splitlines() if line.startswith("peftlab:")]
     assert len(lines) == 1 and "interrupted" in lines[0], stderr[-3000:]
     assert json.loads((out / "runs" / "lora" / "result.json").read_text())["status"] == "interrupted"
+
+
+def test_retraining_a_finished_run_replaces_its_adapter_only_by_a_folder_swap(tmp_path, tiny_model_dir, toy_data_dir, capsys,
+                                                                                monkeypatch):
+    """A failure (or kill) while the new adapter is written leaves the finished run's adapter whole."""
+    import peftlab.peft_model
+
+    out = tmp_path / "out"
+    command = ["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out), *FAST]
+    assert main(command) == 0
+    adapter = out / "runs" / "lora" / "adapter"
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    save = peftlab.peft_model.PeftModel.save_pretrained
+
+    def save_then_die(self, folder, *args, **kwargs):
+        save(self, folder, *args, **kwargs)
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(peftlab.peft_model.PeftModel, "save_pretrained", save_then_die)
+    assert main([*command, "--lr", "0.05"]) == 1
+    capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+    assert sorted(p.name for p in adapter.parent.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+
+
+def test_a_torn_best_on_dev_score_does_not_stop_a_resume(tmp_path):
+    from peftlab.lab.callbacks import BestEpoch
+    from peftlab.lab.selection import best_path
+
+    (tmp_path / (os.path.basename(best_path(str(tmp_path))) + ".json")).write_text('{"accuracy": 0.7, "lo')
+    assert BestEpoch(str(tmp_path)).best is None
+
+
+def test_best_on_dev_files_are_written_atomically(tmp_path, monkeypatch):
+    """Written through peftlab.io's atomic rename: a kill mid-write leaves the previous file whole."""
+    import types
+
+    import torch
+
+    from peftlab.lab import callbacks
+
+    written = []
+    real = callbacks.atomic_write_text
+    monkeypatch.setattr(callbacks, "atomic_write_text", lambda path, text: (written.append(path), real(path, text)))
+    best = callbacks.BestEpoch(str(tmp_path))
+    model = torch.nn.Linear(2, 2)
+    state = types.SimpleNamespace(epoch=1.0)
+    best.on_evaluate(None, state, None, model=model, metrics={"eval_accuracy": 0.5, "eval_loss": 1.0})
+    assert written == [best.score_path] and json.loads(open(best.score_path).read())["accuracy"] == 0.5
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(best.path), os.path.basename(best.score_path)])
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_a_second_study_into_a_locked_folder_is_refused_naming_the_first(tmp_path, tiny_model_dir, toy_data_dir, capsys, command):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[2]
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from peftlab.lab import study; study.lock(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(120)", str(out)],
+                              env={**os.environ, "PYTHONPATH": str(root / "src")}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out), "--no-progress", "--cpu"]
+        code = main(["train", *args, "--method", "lora"] if command == "train" else ["compare", *args, "--methods", "lora"])
+        line = _one_line_exit_2(capsys, code, f"is in use by another peftlab study (pid {holder.pid}: ")
+        assert "study.lock" in line and "pass another --output-dir" in line
+        assert os.listdir(out) == []  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()

@@ -232,6 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  f"{f' ({len(torn)} cut short by a kill: {torn})' if torn else ''}; "
                                  f"start the run without --resume.")
     prepared = Prepared(run)  # raises on bad input before anything is written
+    study.lock(experiment.output_dir)  # held until exit: a second study into this folder is refused
     result = execute(run, folder, resume=args.resume, prepared=prepared)
     if is_main_process():
         experiment.runs = [run]
@@ -261,6 +262,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         print(dry_run(experiment, groups, use_cache=args.use_cache))
         return EXIT_OK
+    study.lock(experiment.output_dir)  # held until exit: a second study into this folder is refused
     runner = study.Study(experiment, groups, sys.argv, use_cache=args.use_cache)
     try:
         outputs = runner.run()

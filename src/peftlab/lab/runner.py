@@ -240,14 +240,22 @@ def _final_eval(result: RunResult, trainer: Any) -> None:
 
 def _save_model(result: RunResult, prep: Prepared, run_dir: str) -> None:
     """The adapter (or, for full fine-tuning, the whole model) whose size the report compares."""
+    from peftlab import adapter_folder
+
     folder = os.path.join(run_dir, "adapter" if prep.peft_config is not None else "model")
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    prep.model.save_pretrained(folder)
+    sizes: list[int] = []
+
+    def write(staging: str) -> None:
+        prep.model.save_pretrained(staging)
+        sizes.append(measure.folder_bytes(staging))
+        if prep.causal:  # so `peftlab generate FOLDER` finds the tokenizer (not counted in adapter_bytes)
+            prep.tokenizer.save_pretrained(staging)
+
+    # A finished run's folder is replaced by one swap: a kill at any instant leaves the old version or the new
+    # one, never no folder while result.json says ok (and nothing of an earlier training is kept).
+    adapter_folder.save_folder(folder, write, carry_over=False)
     result.adapter_dir = os.path.relpath(folder, run_dir)
-    result.adapter_bytes = measure.folder_bytes(folder)
-    if prep.causal:  # so `peftlab generate FOLDER` finds the tokenizer (not counted in adapter_bytes)
-        prep.tokenizer.save_pretrained(folder)
+    result.adapter_bytes = sizes[0]
 
 
 # ----- worker process ------------------------------------------------------------------------------
