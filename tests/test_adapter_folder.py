@@ -43,7 +43,7 @@ def _read_versions(pin: adapter_folder.PinnedFolder) -> set[int]:
     """Every version stamp in one pinned folder (one element when the folder is whole)."""
     versions = set()
     # Open every file first (a deleted version stays readable through open descriptors), then read.
-    handles = [os.fdopen(pin.open(sub + name), "rb") for sub in ("", "second/") for name in ("config.json", "weights.bin")]
+    handles = [os.fdopen(pin.open(sub + name, 2**30), "rb") for sub in ("", "second/") for name in ("config.json", "weights.bin")]
     for config, weights in zip(handles[::2], handles[1::2]):
         with config, weights:
             versions.add(json.loads(config.read())["version"] % 256)
@@ -210,3 +210,20 @@ def _bert_256():
 
     cfg = BertConfig(vocab_size=64, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
     return BertForSequenceClassification(cfg)
+
+
+def test_staging_folder_taken_by_another_saves_clean_up_is_replaced(tmp_path, monkeypatch):
+    """Between mkdir and flock a fresh staging folder is unlocked, so a concurrent save's clean-up may
+    delete it (about 1 in 500 racing saves): the save makes another instead of raising FileNotFoundError."""
+    real_open, taken = os.open, []
+
+    def open_after_cleanup(path, flags, *args, **kwargs):
+        if adapter_folder.STAGING_MARK in os.fspath(path) and flags & os.O_DIRECTORY and not taken:
+            taken.append(path)
+            os.rmdir(path)  # what remove_leftovers of the other save does to an unlocked staging folder
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_after_cleanup)
+    adapter_folder.save_folder(tmp_path / "adapter", lambda staging: Path(staging, "weights.bin").write_bytes(b"new"))
+    assert taken and (tmp_path / "adapter" / "weights.bin").read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

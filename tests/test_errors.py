@@ -180,7 +180,7 @@ def test_lycoris_scale_beyond_float32_is_refused():
         peftlab.LoHaConfig(alpha=1e308)
 
 
-@pytest.mark.parametrize("r", [65, 10**6, 10**9])
+@pytest.mark.parametrize("r", [65, 2**16])  # larger ranks: refused by the config itself (test_hostile)
 def test_rank_above_layer_size_is_refused_before_allocating(r):
     import resource
     import time
@@ -192,7 +192,7 @@ def test_rank_above_layer_size_is_refused_before_allocating(r):
     with pytest.raises(peftlab.PeftConfigError, match=r"exceeds both sides of its 32x32 weight"):
         model.add_adapter("big", LoraConfig(r=r, target_modules=["query"]))
     assert time.monotonic() - start < 5
-    # r=1e6 on a 32x32 layer would allocate 2 x 32e6 floats (256 MB) before a late check.
+    # r=2**16 on a 32x32 layer would allocate 2 x 32 x 2**16 floats before a late check.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100_000  # KiB
     assert_unchanged(model, snap)
     with pytest.raises(peftlab.PeftConfigError, match="exceeds"):

@@ -20,7 +20,7 @@ from peftlab.quantization import (
     quantize_model,
     weight_bytes,
 )
-from conftest import text_inputs, tiny_llama
+from conftest import text_inputs, tiny_llama, peft_oracle
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -194,7 +194,7 @@ def test_lora_dropout_on_quantized_base_keeps_only_the_input(name):
 
 def _peft_quantized_pair(init: bool):
     """Our LoRA and peft's LoRA on identical 4-bit copies of one model."""
-    import peft
+    peft = peft_oracle()
 
     _, quant = quantized_llama(CONFIGS["nf4"])
     twin = copy.deepcopy(quant)
@@ -219,7 +219,7 @@ def test_peft_adapter_loads_on_our_4bit_base_with_same_outputs(tmp_path):
 
 
 def test_our_4bit_adapter_loads_in_peft_with_same_outputs(tmp_path):
-    import peft
+    peft = peft_oracle()
 
     _, quant = quantized_llama(CONFIGS["nf4"])
     twin = copy.deepcopy(quant)

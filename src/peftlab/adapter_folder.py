@@ -29,6 +29,7 @@ import errno
 import os
 import random
 import shutil
+import stat
 import time
 import uuid
 import warnings
@@ -50,10 +51,11 @@ _STALE_TMP_PREFIXES = (".adapter_model.safetensors.", ".adapter_config.json.")
 _READ_ATTEMPTS = 100
 
 
-def save_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+def save_folder(target: str | os.PathLike, write: Callable[[str], None], carry_over: bool = True) -> None:
     """Call ``write(staging_folder)`` and swap the result in as ``target`` as a whole.
 
-    On any exception the staging folder is removed and ``target`` is untouched.
+    On any exception the staging folder is removed and ``target`` is untouched. ``carry_over=False``
+    replaces the folder exactly by what ``write`` wrote (no files of the old version kept).
     """
     target = os.path.realpath(os.fspath(target))
     parent, base = os.path.split(target)
@@ -68,7 +70,7 @@ def save_folder(target: str | os.PathLike, write: Callable[[str], None]) -> None
     staging, lock_fd = _new_staging(parent, base)
     try:
         write(staging)
-        if os.path.isdir(target):
+        if carry_over and os.path.isdir(target):
             _carry_over(target, staging)
             with contextlib.suppress(OSError):
                 os.chmod(staging, os.stat(target).st_mode & 0o7777)
@@ -123,7 +125,10 @@ def _new_staging(parent: str, base: str) -> tuple[str, int]:
     for _ in range(100):
         path = os.path.join(parent, f".{base}{STAGING_MARK}{uuid.uuid4().hex[:12]}")
         os.mkdir(path)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # another save's clean-up took it between mkdir and open (not locked yet): retry
+            continue
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         # Another save's clean-up may have taken the folder between mkdir and flock: retry.
@@ -271,10 +276,11 @@ class PinnedFolder:
         except FileNotFoundError:
             return False
 
-    def open(self, name: str) -> int:
-        """A descriptor of ``name`` in this version; :class:`Vanished` when a save replaced it."""
+    def open(self, name: str, max_bytes: int, too_large: type[Exception] = CheckpointError) -> int:
+        """A descriptor of the regular file ``name`` in this version (see :func:`open_regular`);
+        :class:`Vanished` when a save replaced the folder."""
         try:
-            return os.open(name, os.O_RDONLY, dir_fd=self.fd)
+            return open_regular(self.path, name, max_bytes, dir_fd=self.fd, too_large=too_large)
         except FileNotFoundError:
             if self.replaced():
                 raise Vanished(name) from None
@@ -285,6 +291,63 @@ class PinnedFolder:
             return os.stat(self.path).st_ino != os.fstat(self.fd).st_ino
         except FileNotFoundError:
             return True
+
+
+# ----- reading one file safely ------------------------------------------------------------------
+_KINDS = {stat.S_IFDIR: "folder", stat.S_IFIFO: "named pipe (FIFO)", stat.S_IFCHR: "character device",
+          stat.S_IFBLK: "block device", stat.S_IFSOCK: "socket"}
+
+
+def open_regular(
+    folder: str, name: str, max_bytes: int, dir_fd: int | None = None, too_large: type[Exception] = CheckpointError
+) -> int:
+    """A read descriptor of ``name`` in ``folder``, refused with :class:`CheckpointError` unless it
+    is a regular file of at most ``max_bytes`` inside the folder: all checked before a byte is read.
+
+    Opening never blocks (a FIFO would wait forever for a writer) and a symbolic link is followed
+    only to a file inside the folder, or, for a folder of the Hugging Face cache, to the cache's own
+    ``blobs`` store, where the hub client keeps the files its snapshot folders link to.
+    ``FileNotFoundError`` passes through (a concurrent save may have replaced the folder); a file
+    over ``max_bytes`` raises ``too_large`` (a config reader raises its own error class).
+    """
+    where = os.path.join(folder, name)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name if dir_fd is not None else where, flags | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:  # ELOOP: ``name`` is a symbolic link
+            raise
+        target = os.path.realpath(where)
+        if not _link_allowed(os.path.realpath(folder), target):
+            raise CheckpointError(f"{where} is a symbolic link to {target}, outside the adapter folder; an adapter folder "
+                                  f"holds its own files. Copy the file into the folder.") from None
+        fd = os.open(target, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(info.st_mode), "special file")
+            raise CheckpointError(f"{where} is a {kind}, not a regular file; an adapter folder holds plain files. "
+                                  f"Replace it with the file save_pretrained writes.")
+        if info.st_size > max_bytes:
+            limit = f"{max_bytes // 2**20} MiB" if max_bytes % 2**20 == 0 else f"{max_bytes:,} bytes"
+            raise too_large(f"{where} is larger than {limit} ({info.st_size:,} bytes), the most this file may have "
+                            f"(see peftlab.limits); it is not an adapter file, or it is damaged.")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _link_allowed(folder: str, target: str) -> bool:
+    """A link target inside ``folder``, or in the ``blobs`` store of the hub cache ``folder`` is a snapshot of."""
+    if target.startswith(folder.rstrip(os.sep) + os.sep):
+        return True
+    parts = folder.split(os.sep)
+    if "snapshots" in parts:
+        repo = os.sep.join(parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+        return target.startswith(os.path.join(repo, "blobs") + os.sep)
+    return False
 
 
 def read_consistently(folder: str | os.PathLike, read: Callable[[PinnedFolder], object]) -> object:
@@ -312,7 +375,7 @@ def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str 
     """
     local_dir = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
     candidate = os.path.join(local_dir, filename)
-    if os.path.isfile(candidate):
+    if os.path.lexists(candidate):  # whatever it is: open_regular refuses it if it is not a plain file
         return candidate
     if os.path.isdir(local_dir) or os.path.isabs(os.fspath(path)) or os.fspath(path).startswith("."):
         raise CheckpointError(f"{candidate} does not exist; is {local_dir} an adapter folder saved by save_pretrained?")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftlab import adapter_folder
+from peftlab import adapter_folder, limits
 from peftlab.adapter_folder import resolve_adapter_file
 from peftlab.errors import CheckpointError
 from peftlab.io import atomic_write
@@ -130,6 +130,13 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
             f"adapter {adapter_name!r}: {len(bad)} tensors hold NaN/inf values (e.g. {bad[:3]}); the file is damaged "
             f"or the adapter diverged in training. Load another checkpoint; the model was left unchanged."
         )
+    huge = overflowing(given, {k: t.dtype for k, t in expected.items()})
+    if huge:
+        raise CheckpointError(
+            f"adapter {adapter_name!r}: {len(huge)} tensors hold values too large to compute with (e.g. {huge[:3]}): "
+            f"above {limits.MAX_ADAPTER_VALUE:.3g} in magnitude, or beyond the range of the model's dtype. Their products "
+            f"overflow to inf. The file is damaged or the adapter diverged; the model was left unchanged."
+        )
     with torch.no_grad():
         for key, target in expected.items():
             if key in given:  # (an optional head missing from the file keeps the base weights)
@@ -143,13 +150,25 @@ def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
 
 
+def overflowing(tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype]) -> list[str]:
+    """Sorted names of the floating-point tensors a forward pass cannot compute with: a value above
+    :data:`limits.MAX_ADAPTER_VALUE` in magnitude, or one that becomes inf in its target dtype (``dtypes``)."""
+    out = []
+    for key, value in tensors.items():
+        if not value.is_floating_point() or value.numel() == 0:
+            continue
+        peak = float(value.detach().abs().max())
+        target = dtypes.get(key, value.dtype)
+        limit = min(limits.MAX_ADAPTER_VALUE, float(torch.finfo(target).max)) if target.is_floating_point else limits.MAX_ADAPTER_VALUE
+        if peak > limit:
+            out.append(key)
+    return sorted(out)
+
+
 def load_adapter_weights(
     path: str | os.PathLike, subfolder: str | None = None, allow_pickle: bool = False
 ) -> dict[str, torch.Tensor]:
     """Read adapter weights. Safetensors only, unless ``allow_pickle`` admits a ``.bin`` file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         weights_path = resolve_adapter_file(path, WEIGHTS_NAME, subfolder)
     except CheckpointError:
@@ -165,11 +184,36 @@ def load_adapter_weights(
                 f"{pickle_path} is a pickle file, which can run arbitrary code when loaded. "
                 f"Pass allow_pickle=True only if you trust its source, or convert it to safetensors."
             ) from None
-        return _load_pickle(pickle_path, pickle_path)
+        with _open_weights(pickle_path) as fh:
+            return _load_pickle(fh, pickle_path)
+    with _open_weights(weights_path) as fh:
+        data = _read_bounded(fh, limits.max_weights_bytes(), weights_path)
+    return _parse_safetensors(data, weights_path)
+
+
+def _open_weights(path: str) -> Any:
+    """The weights file ``path`` opened for reading: a regular file within :func:`limits.max_weights_bytes`."""
+    fd = adapter_folder.open_regular(os.path.dirname(path), os.path.basename(path), limits.max_weights_bytes())
+    return os.fdopen(fd, "rb")
+
+
+def _read_bounded(fh: Any, limit: int, where: str) -> bytes:
+    """The file's bytes: as many as its size said when opened (checked against ``limit`` then), never more."""
+    expected = min(os.fstat(fh.fileno()).st_size, limit)
+    data = fh.read(expected + 1)
+    if len(data) > expected:
+        raise CheckpointError(f"{where} grew while it was read; is another program writing it? Load it again when it is done.")
+    return data
+
+
+def _parse_safetensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
     try:
-        return load_file(weights_path)
+        return load_bytes(data)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({exc}); the file is damaged.") from None
+        raise CheckpointError(f"{where} is not a readable safetensors file ({exc}); the file is damaged.") from None
 
 
 def _load_pickle(source: Any, where: str) -> dict[str, torch.Tensor]:
@@ -194,6 +238,7 @@ def load_adapter(
     swapping in a new version meanwhile never yields the config of one and the weights of the other.
     """
     from peftlab.config import CONFIG_NAME, MAX_CONFIG_BYTES, PeftConfig
+    from peftlab.errors import PeftConfigError
 
     local = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
     if not os.path.isdir(local):  # a hub id, or a missing folder: the per-file readers explain
@@ -207,9 +252,9 @@ def load_adapter(
             raise CheckpointError(f"{config_path} does not exist; is {local} an adapter folder saved by save_pretrained?")
         weights_name = WEIGHTS_NAME if pin.exists(WEIGHTS_NAME) else PICKLE_WEIGHTS_NAME
         # Both files are opened before either is read: an open file outlives a save deleting its version.
-        weights_fd = pin.open(weights_name) if pin.exists(weights_name) else None
+        weights_fd = pin.open(weights_name, limits.max_weights_bytes()) if pin.exists(weights_name) else None
         try:
-            with os.fdopen(pin.open(CONFIG_NAME), "rb") as fh:
+            with os.fdopen(pin.open(CONFIG_NAME, MAX_CONFIG_BYTES, PeftConfigError), "rb") as fh:
                 config = PeftConfig.from_json_bytes(fh.read(MAX_CONFIG_BYTES + 1), config_path)
         except BaseException:
             if weights_fd is not None:
@@ -224,9 +269,6 @@ def _read_weights(
     pin: adapter_folder.PinnedFolder, local: str, name: str, fd: int | None, allow_pickle: bool
 ) -> dict[str, torch.Tensor]:
     """The tensors of the weights file ``name`` already opened as ``fd`` (None: there is none)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_bytes
-
     if fd is None:
         if pin.replaced():
             raise adapter_folder.Vanished(WEIGHTS_NAME)
@@ -240,11 +282,8 @@ def _read_weights(
                     f"Pass allow_pickle=True only if you trust its source, or convert it to safetensors."
                 )
             return _load_pickle(fh, where)
-        data = fh.read()
-    try:
-        return load_bytes(data)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{where} is not a readable safetensors file ({exc}); the file is damaged.") from None
+        data = _read_bounded(fh, limits.max_weights_bytes(), where)
+    return _parse_safetensors(data, where)
 
 
 def save_adapter_weights(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> str:

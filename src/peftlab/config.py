@@ -94,6 +94,9 @@ class PeftConfig:
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
+        from peftlab import limits  # here: limits reads layers, which a config never needs otherwise
+
+        limits.check_config_sizes(self)  # every size field of every method, before anything is built
         if self.task_type is not None:
             try:
                 self.task_type = TaskType(self.task_type)
@@ -186,10 +189,11 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> "PeftConfig":
         """Read ``adapter_config.json`` from a local folder (or a hub repo id when online)."""
-        from peftlab.adapter_folder import resolve_adapter_file
+        from peftlab.adapter_folder import open_regular, resolve_adapter_file
 
         config_path = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder)
-        with open(config_path, "rb") as fh:
+        fd = open_regular(os.path.dirname(config_path), os.path.basename(config_path), MAX_CONFIG_BYTES, too_large=PeftConfigError)
+        with os.fdopen(fd, "rb") as fh:
             raw = fh.read(MAX_CONFIG_BYTES + 1)
         return cls.from_json_bytes(raw, config_path)
 

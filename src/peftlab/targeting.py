@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from peftlab import limits
 from peftlab.base_layer import linear_types
 from peftlab.errors import NoMatchingPeftModuleError, TargetModuleError
 
@@ -31,12 +32,15 @@ class Candidate:
     num_params: int
 
 
-def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:
-    """True when ``name`` matches ``patterns`` (regex string, or list of names/suffixes)."""
+def name_matches(name: str, patterns: str | Sequence[str] | None, field: str = "target_modules") -> bool:
+    """True when ``name`` matches ``patterns`` (regex string, or list of names/suffixes).
+
+    A regex runs under :func:`peftlab.limits.user_match`'s time bound; ``field`` names it in the error.
+    """
     if patterns is None:
         return False
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return limits.user_match(patterns, name, field) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -47,7 +51,7 @@ def pattern_value(patterns: dict[str, object], name: str, default: object) -> ob
     boundary (``"query"`` matches ``layer.0.attention.self.query``).
     """
     for key, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+        if limits.user_match(rf"(?:.*\.)?(?:{key})", name, f"pattern key {key!r}"):
             return value
     return default
 
@@ -59,7 +63,7 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | 
         return int(found.group(1)) if found else None
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
     for pattern in patterns:
-        found = re.match(rf"(?:.*\.)?{pattern}\.(\d+)\.", name)
+        found = limits.user_match(rf"(?:.*\.)?{pattern}\.(\d+)\.", name, "layers_pattern", full=False)
         if found:
             return int(found.group(1))
     return None
@@ -146,6 +150,19 @@ def find_targets(
     method: str = "adapter",
 ) -> list[str]:
     """Names of the modules to adapt, in model order. Raises when nothing fits."""
+    with limits.regex_budget():  # one time bound for every user regex matched here
+        return _find_targets(model, target_modules, exclude_modules, layers_to_transform, layers_pattern, skip, method)
+
+
+def _find_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    exclude_modules: str | Sequence[str] | None,
+    layers_to_transform: int | Sequence[int] | None,
+    layers_pattern: str | Sequence[str] | None,
+    skip: Iterable[str],
+    method: str,
+) -> list[str]:
     from peftlab.layers import LayerWrapper, ModulesToSave
 
     skip = set(skip)
@@ -178,7 +195,7 @@ def find_targets(
                     f"Use names of the model's layers ({describe_candidates(model)}), a regex string, or 'all-linear'."
                 )
     if exclude_modules is not None:
-        matched = [n for n in matched if not name_matches(n, exclude_modules)]
+        matched = [n for n in matched if not name_matches(n, exclude_modules, "exclude_modules")]
     if layers_to_transform is not None:
         keep = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
         matched = [n for n in matched if layer_index(n, layers_pattern) in keep]

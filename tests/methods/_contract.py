@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import peftlab
-from conftest import main_output
+from conftest import main_output, peft_oracle
 
 
 @dataclass
@@ -111,7 +111,7 @@ def check_only_adapter_parameters_change(case: Case) -> None:
 
 
 def check_peft_to_peftlab(case: Case, tmp_path) -> None:
-    import peft
+    peft = peft_oracle()
 
     torch.manual_seed(0)
     base = case.build()
@@ -128,7 +128,7 @@ def check_peft_to_peftlab(case: Case, tmp_path) -> None:
 
 
 def check_peftlab_to_peft(case: Case, tmp_path) -> None:
-    import peft
+    peft = peft_oracle()
 
     base, ours = base_and_model(case, identity=False, seed=2)
     ours.save_pretrained(tmp_path)
@@ -140,7 +140,7 @@ def check_peftlab_to_peft(case: Case, tmp_path) -> None:
 
 
 def check_same_trainable_count_as_peft(case: Case) -> None:
-    import peft
+    peft = peft_oracle()
 
     torch.manual_seed(0)
     base = case.build()

@@ -20,7 +20,7 @@ from torch import nn
 
 import peftlab
 from _references import PROMPT_KEY, greedy_by_reference, prompt_reference_logits
-from conftest import main_output
+from conftest import main_output, peft_oracle
 
 GEN_KW = {"max_new_tokens": 4, "do_sample": False}
 
@@ -78,7 +78,7 @@ def peft_oracle_is_usable(case: PromptCase | None = None, generation: bool = Fal
     """peft 0.21.2 predates transformers 5.24's past_key_values -> cache rename: there it refuses prefix
     tuning and its prompt-method generate() picks tokens its own forward does not (see
     ``greedy_by_forward``). Those comparisons need transformers < 5.24; the others hold on both."""
-    import peft
+    peft = peft_oracle()
     import transformers
     from packaging.version import Version
 
@@ -126,7 +126,7 @@ def own_model(case: PromptCase, seed: int = 1) -> tuple[nn.Module, nn.Module]:
 
 def twin_models(case: PromptCase, seed: int = 1) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(base, peft model, peftlab model) with identical prompt weights and (perturbed) heads."""
-    import peft
+    peft = peft_oracle()
 
     require_peft_oracle(case)
     torch.manual_seed(0)
@@ -280,7 +280,7 @@ def check_peft_to_peftlab(case: PromptCase, tmp_path) -> None:
     check_handwritten_checkpoint_loads(case, tmp_path / "handwritten")
     if not peft_oracle_is_usable(case):
         return
-    import peft
+    peft = peft_oracle()
 
     base, theirs, _ = twin_models(case)
     theirs.save_pretrained(tmp_path)
@@ -298,7 +298,7 @@ def check_peftlab_to_peft(case: PromptCase, tmp_path) -> None:
     check_saved_file_has_peft_layout(case, tmp_path / "layout")
     if not peft_oracle_is_usable(case):
         return
-    import peft
+    peft = peft_oracle()
     from safetensors.torch import load_file
 
     base, theirs, ours = twin_models(case, seed=2)

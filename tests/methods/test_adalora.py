@@ -18,13 +18,11 @@ from peftlab import AdaLoraConfig, AdapterStateError, PeftConfigError, TargetMod
 from peftlab.methods.adalora import svd_adapters
 from peftlab.methods.adalora.budget import budget_schedule
 from _contract import Case, contract_tests, conv_inputs, perturb_trainable, run
-from conftest import ConvNet, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_t5
+from conftest import ConvNet, peft_oracle, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_t5
 
 
 def _peft(**kwargs):
-    import peft
-
-    return lambda: peft.AdaLoraConfig(**kwargs)
+    return lambda: peft_oracle().AdaLoraConfig(**kwargs)
 
 
 def _ours(**kwargs):
@@ -65,7 +63,7 @@ def _labelled(inputs: dict) -> dict:
 
 def _pair(**overrides):
     """Tiny BERT with the same (perturbed) AdaLoRA weights in peft and in peftlab."""
-    import peft
+    peft = peft_oracle()
 
     kwargs = {**SMALL, **overrides}
     torch.manual_seed(0)
@@ -165,7 +163,7 @@ def test_bad_config_json_is_refused(tmp_path):
 
 
 def test_config_json_matches_peft_fields():
-    import peft
+    peft = peft_oracle()
 
     ours = AdaLoraConfig(total_step=10).to_dict()
     theirs = peft.AdaLoraConfig(total_step=10).to_dict()
@@ -285,7 +283,7 @@ _PEFT_RANK_PATTERN_WARNING = "ignore:The following rank_pattern keys did not mat
 
 @pytest.mark.filterwarnings(_PEFT_RANK_PATTERN_WARNING)  # peft warns so on its own AdaLoRA checkpoints too
 def test_shrunk_peftlab_checkpoint_loads_in_peft_and_back(tmp_path):
-    import peft
+    peft = peft_oracle()
 
     base, theirs, ours = _pair()
     _fake_steps(theirs, ours, range(8))
@@ -330,7 +328,7 @@ class _ToyTask(torch.utils.data.Dataset):
 
 @pytest.mark.filterwarnings(_PEFT_RANK_PATTERN_WARNING)
 def test_callback_allocates_rank_in_a_trainer_run(tmp_path):
-    import peft
+    peft = peft_oracle()
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
@@ -406,7 +404,7 @@ def test_callback_is_imported_lazily():
 @pytest.mark.filterwarnings(_PEFT_RANK_PATTERN_WARNING)
 @pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape")  # peft's ZeRO-3 guess about empty tensors
 def test_layer_pruned_to_rank_zero_round_trips_with_peft(tmp_path):
-    import peft
+    peft = peft_oracle()
 
     torch.manual_seed(0)
     base = tiny_bert_cls()

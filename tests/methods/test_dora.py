@@ -11,13 +11,11 @@ from torch import nn
 import peftlab
 from peftlab import LoraConfig, TargetModuleError, get_peft_model
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import ConvNet, peft_oracle, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
-    import peft
-
-    return lambda: peft.LoraConfig(use_dora=True, init_lora_weights=False, **kwargs)
+    return lambda: peft_oracle().LoraConfig(use_dora=True, init_lora_weights=False, **kwargs)
 
 
 def _ours(**kwargs):

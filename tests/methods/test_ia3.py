@@ -12,13 +12,11 @@ from torch import nn
 import peftlab
 from peftlab import IA3Config, get_peft_model
 from _contract import Case, contract_tests
-from conftest import main_output, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import main_output, peft_oracle, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
-    import peft
-
-    return lambda: peft.IA3Config(init_ia3_weights=False, **kwargs)
+    return lambda: peft_oracle().IA3Config(init_ia3_weights=False, **kwargs)
 
 
 def _ours(**kwargs):

@@ -9,13 +9,11 @@ from torch import nn
 from peftlab import LoKrConfig, PeftConfigError, get_peft_model
 from peftlab.functional import factorization
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_llama, tiny_t5
+from conftest import ConvNet, peft_oracle, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
-    import peft
-
-    return lambda: peft.LoKrConfig(init_weights=False, **kwargs)
+    return lambda: peft_oracle().LoKrConfig(init_weights=False, **kwargs)
 
 
 def _ours(**kwargs):

@@ -13,13 +13,11 @@ from torch import nn
 import peftlab
 from peftlab import LoraConfig, get_peft_model
 from _contract import Case, contract_tests, conv_inputs
-from conftest import ConvNet, main_output, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from conftest import ConvNet, main_output, peft_oracle, seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
 
 
 def _peft(**kwargs):
-    import peft
-
-    return lambda: peft.LoraConfig(init_lora_weights=False, **kwargs)
+    return lambda: peft_oracle().LoraConfig(init_lora_weights=False, **kwargs)
 
 
 def _ours(**kwargs):

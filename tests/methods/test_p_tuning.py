@@ -10,13 +10,11 @@ import torch
 import peftlab
 from peftlab import PeftConfigError, PromptEncoderConfig, get_peft_model
 from _prompt_contract import PromptCase, prompt_contract_tests
-from conftest import seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5
+from conftest import seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5, peft_oracle
 
 
 def _pair(task: str, **kwargs):
-    import peft
-
-    return (lambda: PromptEncoderConfig(task_type=task, **kwargs), lambda: peft.PromptEncoderConfig(task_type=task, **kwargs))
+    return (lambda: PromptEncoderConfig(task_type=task, **kwargs), lambda: peft_oracle().PromptEncoderConfig(task_type=task, **kwargs))
 
 
 MLP = dict(num_virtual_tokens=4, encoder_hidden_size=16)
@@ -86,7 +84,7 @@ def test_unsupported_task_type_is_rejected():
 
 
 def test_peft_config_file_round_trip(tmp_path):
-    import peft
+    peft = peft_oracle()
 
     config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, encoder_reparameterization_type="LSTM",
                                  encoder_hidden_size=12, encoder_num_layers=3, encoder_dropout=0.1)

@@ -11,13 +11,11 @@ import torch
 import peftlab
 from peftlab import PeftConfigError, PrefixTuningConfig, get_peft_model
 from _prompt_contract import PromptCase, prompt_contract_tests
-from conftest import seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5
+from conftest import seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5, peft_oracle
 
 
 def _pair(task: str, **kwargs):
-    import peft
-
-    return (lambda: PrefixTuningConfig(task_type=task, **kwargs), lambda: peft.PrefixTuningConfig(task_type=task, **kwargs))
+    return (lambda: PrefixTuningConfig(task_type=task, **kwargs), lambda: peft_oracle().PrefixTuningConfig(task_type=task, **kwargs))
 
 
 PLAIN = dict(num_virtual_tokens=4)

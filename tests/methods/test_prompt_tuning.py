@@ -11,13 +11,11 @@ import torch
 import peftlab
 from peftlab import PeftConfigError, PromptTuningConfig, get_peft_model
 from _prompt_contract import PromptCase, prompt_contract_tests
-from conftest import seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5
+from conftest import seq2seq_inputs, text_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5, peft_oracle
 
 
 def _pair(task: str, **kwargs):
-    import peft
-
-    return (lambda: PromptTuningConfig(task_type=task, **kwargs), lambda: peft.PromptTuningConfig(task_type=task, **kwargs))
+    return (lambda: PromptTuningConfig(task_type=task, **kwargs), lambda: peft_oracle().PromptTuningConfig(task_type=task, **kwargs))
 
 
 CASES = {
@@ -48,7 +46,7 @@ def _minilm(model_dir):
 
 @pytest.mark.parametrize("n", [5, 23])  # cut the text's tokens, and repeat them
 def test_text_init_uses_the_tokenizer(minilm_dir, n):
-    import peft
+    peft = peft_oracle()
     from transformers import AutoTokenizer
 
     base = _minilm(minilm_dir)

@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from peftlab.errors import PeftlabError
-from peftlab.io import atomic_write_text
+from peftlab.io import atomic_write, atomic_write_text
 from peftlab.lab import measure
 from peftlab.lab.checkpoints import COMPLETE_MARK
 from peftlab.lab.selection import best_path, trainable_tensors
@@ -174,7 +174,10 @@ class BestEpoch(TrainerCallback):
         self.best: dict[str, float] | None = None
         if os.path.isfile(self.score_path):  # a resumed run continues from what it had chosen
             with open(self.score_path, encoding="utf-8") as fh:
-                self.best = json.load(fh)
+                try:
+                    self.best = json.load(fh)
+                except ValueError:  # torn by a kill before writes were atomic: the next evaluation writes both again
+                    self.best = None
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):  # noqa: ANN001
         if model is None or not metrics or metrics.get("eval_accuracy") is None:
@@ -183,8 +186,8 @@ class BestEpoch(TrainerCallback):
                  "epoch": round(float(state.epoch or 0), 6)}
         if self.best is None or (score["accuracy"], -score["loss"]) > (self.best["accuracy"], -self.best["loss"]):
             os.makedirs(self.folder, exist_ok=True)
-            torch.save({n: p.detach().cpu() for n, p in trainable_tensors(model).items()}, self.path)
-            with open(self.score_path, "w", encoding="utf-8") as fh:
-                json.dump(score, fh)
+            tensors = {n: p.detach().cpu() for n, p in trainable_tensors(model).items()}
+            atomic_write(self.path, lambda tmp: torch.save(tensors, tmp))  # a kill leaves the old file or the new one
+            atomic_write_text(self.score_path, json.dumps(score))
             self.best = score
         return control

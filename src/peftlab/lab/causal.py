@@ -209,13 +209,14 @@ def load_causal_lm(name_or_path: str, quant: Any = None) -> tuple[nn.Module, Any
     from peftlab.lab.model_zoo import resolve_model_name
 
     path = resolve_model_name(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # trust_remote_code=False: a base that needs its own code is refused with an error, never asked about on stdin
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if quant is not None:
         from peftlab.quantization import load_quantized_model
 
         model = load_quantized_model(path, quant)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

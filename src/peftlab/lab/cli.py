@@ -22,7 +22,7 @@ from typing import Any
 
 from peftlab.errors import PeftlabError, WorkbenchError
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # flag dest -> (section, key) in the experiment
 _DATA_FLAGS = {"dataset": "dataset", "text_column": "text_column", "label_column": "label_column", "max_length": "max_length",
@@ -232,6 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  f"{f' ({len(torn)} cut short by a kill: {torn})' if torn else ''}; "
                                  f"start the run without --resume.")
     prepared = Prepared(run)  # raises on bad input before anything is written
+    study.lock(experiment.output_dir)  # held until exit: a second study into this folder is refused
     result = execute(run, folder, resume=args.resume, prepared=prepared)
     if is_main_process():
         experiment.runs = [run]
@@ -261,6 +262,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         print(dry_run(experiment, groups, use_cache=args.use_cache))
         return EXIT_OK
+    study.lock(experiment.output_dir)  # held until exit: a second study into this folder is refused
     runner = study.Study(experiment, groups, sys.argv, use_cache=args.use_cache)
     try:
         outputs = runner.run()
@@ -309,7 +311,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         text = generate(args.model_dir, args.prompt.replace("\\n", "\n"), max_new_tokens=args.max_new_tokens,
                         base_model=args.base_model, do_sample=args.sample, temperature=args.temperature)
-    except OSError as exc:  # a base model folder that is gone or incomplete
+    except (OSError, ValueError) as exc:  # a base model folder that is gone or incomplete, or needs remote code
+        if isinstance(exc, PeftlabError):
+            raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WorkbenchError(f"cannot load the model for {args.model_dir}: {first}; pass --base-model PATH_OR_ALIAS.") from None
     print(text)
@@ -327,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet.apply(args.verbose)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("\npeftlab: interrupted (Ctrl-C); what was saved is kept: result.json says interrupted, and the same "
+              "command with --resume continues a run from its last checkpoint.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except PeftlabError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"peftlab: error: {message}", file=sys.stderr)

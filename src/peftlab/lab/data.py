@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import random
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,7 +249,7 @@ def _read_source(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
     path = cfg.dataset
     if os.path.isdir(path):
         return _read_folder(path)
-    if os.path.isfile(path):
+    if os.path.exists(path):  # a file, or something that is not one: read_file says which
         return {"train": read_file(path)}
     if named_data.is_named(path) and cfg.subset is None:
         local = named_data.resolve(path)
@@ -277,9 +278,21 @@ def _read_folder(folder: str) -> dict[str, list[dict[str, Any]]]:
     return splits
 
 
+def _check_regular(path: str) -> None:
+    """A data file must be a plain file: reading a named pipe waits forever for a writer, a device never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise WorkbenchError(f"cannot read data file {path}: {exc.strerror}.") from None
+    if not stat.S_ISREG(mode):
+        kind = "folder" if stat.S_ISDIR(mode) else "named pipe (FIFO)" if stat.S_ISFIFO(mode) else "special file"
+        raise WorkbenchError(f"data file {path} is a {kind}, not a regular file; write the rows to a file and pass that.")
+
+
 def read_file(path: str) -> list[dict[str, Any]]:
     """Rows of one JSONL / CSV / Parquet file as dicts."""
     suffix = os.path.splitext(path)[1].lower()
+    _check_regular(path)
     if suffix in (".jsonl", ".json"):
         rows: list[dict[str, Any]] = []
         with open(path, "rb") as fh:
@@ -305,9 +318,14 @@ def read_file(path: str) -> list[dict[str, Any]]:
         rows = []
         try:
             with open(path, encoding="utf-8", newline="") as fh:
-                reader = csv.DictReader(fh)
+                # strict: a quote left open is an error, not a field that swallows the rows after it
+                reader = csv.DictReader(fh, strict=True)
                 start = 2  # line 1 is the header
                 for row in reader:
+                    if None in row or None in row.values():  # more or fewer fields than the header names
+                        got = len(reader.fieldnames or []) + len(row.get(None) or []) - sum(v is None for v in row.values())
+                        raise WorkbenchError(f"{path}:{start} has {got} fields but the header names {len(reader.fieldnames or [])}; "
+                                             f"quote fields that hold commas (\"a, b\") and close every quote.")
                     rows.append(Row(row, f"{path}:{start}"))
                     start = reader.line_num + 1
         except UnicodeDecodeError as exc:

@@ -9,6 +9,7 @@ lists the valid ones instead of a setting silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ class DataConfig:
         dataset: a local folder (train/validation/test files), one local file
             (.jsonl/.json/.csv/.parquet; used as the training split), or a Hugging Face hub name.
         text_column / label_column: column names; labels must be integers 0..K-1.
-        max_length: tokens kept per example (longer texts are truncated).
+        max_length: tokens kept per example (longer texts are truncated); at most the model's
+            positions (the default, 128, becomes the model's count on a model that reads fewer).
         validation_split: fraction of the training rows held out for validation when the
             source has no split named ``eval_split`` (0.2 gives the classic 4:1 split).
         eval_split: the split evaluated after each epoch ("validation"; "test" for sources
@@ -58,6 +60,17 @@ class DataConfig:
     prompt: str | None = None
     dev_split: float | None = None
     split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("data", "max_length", self.max_length, 1, "tokens kept per example")
+        if not 0 < self.validation_split < 1:
+            raise WorkbenchError(f"data.validation_split must be a fraction between 0 and 1 (e.g. 0.2), got {self.validation_split!r}.")
+        for key in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, key) is not None:
+                _at_least("data", key, getattr(self, key), 1, "rows, or leave it out to keep all")
+        if self.dev_split is not None and not (0 < self.dev_split < 1 or (self.dev_split >= 1 and float(self.dev_split).is_integer())):
+            raise WorkbenchError(f"data.dev_split must be a fraction between 0 and 1 or a whole number of rows, got {self.dev_split!r}.")
+        _seed("data", "split_seed", self.split_seed)
 
 
 @dataclass
@@ -107,6 +120,46 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Every number checked here, when the experiment is read: a bad one would otherwise fail (or be
+        silently reinterpreted) inside the trainer, after folders were written."""
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise WorkbenchError(f"train.epochs must be a positive number of passes (e.g. 3), got {self.epochs!r}.")
+        if self.max_steps != -1:
+            _at_least("train", "max_steps", self.max_steps, 1, "optimizer steps, or -1 to train for train.epochs")
+        for key in ("learning_rate", "head_learning_rate"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise WorkbenchError(f"train.{key} must be a positive number (e.g. 1.0e-3), got {value!r}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise WorkbenchError(f"train.weight_decay must be zero or positive (e.g. 0.01), got {self.weight_decay!r}.")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise WorkbenchError(f"train.warmup_ratio is the fraction of steps spent warming up: between 0 and 1 (e.g. 0.1), "
+                                 f"got {self.warmup_ratio!r}.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise WorkbenchError(f"train.lr_scheduler {self.lr_scheduler!r} is not known; use one of: {', '.join(LR_SCHEDULERS)}.")
+        _at_least("train", "batch_size", self.batch_size, 1, "examples per step")
+        _at_least("train", "eval_batch_size", self.eval_batch_size, 1, "examples per evaluation step")
+        _at_least("train", "gradient_accumulation_steps", self.gradient_accumulation_steps, 1, "steps per update (1: none)")
+        _at_least("train", "logging_steps", self.logging_steps, 1, "steps between logged losses")
+        if self.save_steps is not None:
+            _at_least("train", "save_steps", self.save_steps, 1, "steps between checkpoints, or leave it out for one per epoch")
+        _seed("train", "seed", self.seed)
+
+
+# Schedules transformers' Trainer builds from the step count alone (others need settings the workbench lacks).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+
+
+def _at_least(section: str, key: str, value: int, low: int, meaning: str) -> None:
+    if value < low:
+        raise WorkbenchError(f"{section}.{key} must be at least {low} ({meaning}), got {value!r}.")
+
+
+def _seed(section: str, key: str, value: int) -> None:
+    if not 0 <= value < 2**32:  # numpy's seed range, which transformers' set_seed uses
+        raise WorkbenchError(f"{section}.{key} must be between 0 and 2**32 - 1, got {value!r}.")
 
 
 TASKS = ("classification", "causal_lm")

@@ -85,10 +85,37 @@ class RunResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunResult":
+        """A record read back from JSON; a value of the wrong type (``accuracy: "abc"``) is a TypeError naming it."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a run record is a JSON object, found {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["epochs"] = [EpochRecord(**e) for e in values.get("epochs") or []]
+        values = _checked(cls, {k: v for k, v in data.items() if k in known})
+        epochs = values.get("epochs") or []
+        if not all(isinstance(e, dict) for e in epochs):
+            raise TypeError("'epochs' must be a list of JSON objects")
+        epoch_fields = {f.name for f in dataclasses.fields(EpochRecord)}
+        values["epochs"] = [EpochRecord(**_checked(EpochRecord, {k: v for k, v in e.items() if k in epoch_fields})) for e in epochs]
         return cls(**values)
+
+
+_JSON_TYPES = {float: (int, float), int: (int,), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}
+
+
+def _checked(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` if each has its field's type (None only where the field allows it)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints[key]
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+        allowed: tuple[type, ...] = ()
+        for arg in args:
+            allowed += (type(None),) if arg is type(None) else _JSON_TYPES.get(typing.get_origin(arg) or arg, ())
+        bad_bool = isinstance(value, bool) and bool not in args and value is not None
+        if allowed and (not isinstance(value, allowed) or bad_bool):
+            raise TypeError(f"{key!r} holds {type(value).__name__} {value!r:.40}, expected {' or '.join(sorted({t.__name__ for t in allowed}))}")
+    return values
 
 
 def now() -> str:
@@ -134,6 +161,6 @@ def load_study(output_dir: str) -> tuple[str, list[RunResult], dict[str, Any]]:
         raise WorkbenchError(f"{path} is not a peftlab results file (no 'runs' list).")
     try:
         runs = [RunResult.from_dict(r) for r in data["runs"]]
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, ValueError) as exc:
         raise WorkbenchError(f"{path} has a malformed run record ({exc}); the results file is damaged.") from None
     return str(data.get("study", os.path.basename(os.path.abspath(output_dir)))), runs, data

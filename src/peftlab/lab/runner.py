@@ -86,6 +86,7 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
             shutil.rmtree(checkpoints)  # stale checkpoints of an earlier run would be resumed by mistake
     trainer, timer, stopper = _make_trainer(run, prep, checkpoints, callbacks)
     train_watch = measure.Stopwatch()
+    interrupted = False
     try:
         with sigterm_sets(stopper):
             trainer.train(resume_from_checkpoint=resume_from)
@@ -110,6 +111,13 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
                 _save_model(result, prep, run_dir)
                 if not run.train.keep_checkpoints:
                     shutil.rmtree(checkpoints, ignore_errors=True)
+    except KeyboardInterrupt:  # Ctrl-C: record where the run got to, then stop as asked
+        interrupted = True
+        kept = last_checkpoint(run_dir)
+        where = f"the last checkpoint is {kept}; run the same command with --resume to continue" if kept else \
+            "no checkpoint had been written yet; run the command again"
+        _stopped_early(result, trainer, timer, train_watch, INTERRUPTED,
+                       f"interrupted (Ctrl-C) after step {trainer.state.global_step}; {where}.")
     except NonFiniteError as exc:
         kept = last_checkpoint(run_dir)
         where = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been written yet"
@@ -124,6 +132,8 @@ def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Pre
     result.total_seconds = total.seconds()
     if is_main_process():
         save_run(result, run_dir)
+    if interrupted:
+        raise KeyboardInterrupt  # the caller stops too (one line, exit 130); result.json says interrupted
     return result
 
 
@@ -230,14 +240,22 @@ def _final_eval(result: RunResult, trainer: Any) -> None:
 
 def _save_model(result: RunResult, prep: Prepared, run_dir: str) -> None:
     """The adapter (or, for full fine-tuning, the whole model) whose size the report compares."""
+    from peftlab import adapter_folder
+
     folder = os.path.join(run_dir, "adapter" if prep.peft_config is not None else "model")
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    prep.model.save_pretrained(folder)
+    sizes: list[int] = []
+
+    def write(staging: str) -> None:
+        prep.model.save_pretrained(staging)
+        sizes.append(measure.folder_bytes(staging))
+        if prep.causal:  # so `peftlab generate FOLDER` finds the tokenizer (not counted in adapter_bytes)
+            prep.tokenizer.save_pretrained(staging)
+
+    # A finished run's folder is replaced by one swap: a kill at any instant leaves the old version or the new
+    # one, never no folder while result.json says ok (and nothing of an earlier training is kept).
+    adapter_folder.save_folder(folder, write, carry_over=False)
     result.adapter_dir = os.path.relpath(folder, run_dir)
-    result.adapter_bytes = measure.folder_bytes(folder)
-    if prep.causal:  # so `peftlab generate FOLDER` finds the tokenizer (not counted in adapter_bytes)
-        prep.tokenizer.save_pretrained(folder)
+    result.adapter_bytes = sizes[0]
 
 
 # ----- worker process ------------------------------------------------------------------------------
@@ -258,6 +276,8 @@ def worker_main(argv: list[str] | None = None) -> int:
         run = RunConfig.from_dict(json.load(fh))
     try:
         result = execute(run, run_dir)
+    except KeyboardInterrupt:  # the study's process got the same Ctrl-C and reports it in one line
+        return 130
     except Exception as exc:  # noqa: BLE001 - any failure of this run is recorded, never raised to the study
         result = RunResult(name=run.name, method=run.method, status=FAILED, error=failure_message(exc),
                            run=run.to_dict(), environment=measure.environment())

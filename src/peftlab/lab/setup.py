@@ -18,7 +18,7 @@ import torch
 from peftlab.errors import PeftlabError, WorkbenchError
 from peftlab.lab import tasks
 from peftlab.lab.data import Encoded, Splits, load_splits
-from peftlab.lab.experiment import RunConfig, TrainConfig
+from peftlab.lab.experiment import DataConfig, RunConfig, TrainConfig
 from peftlab.lab.methods import build_config, waits_for_step_count
 
 
@@ -35,6 +35,22 @@ def resolve_model(name: str) -> str:
         if hasattr(module, "MODEL_DIR"):
             return str(module.MODEL_DIR)
     return name
+
+
+# Models whose position ids start after the padding index (max_position_embeddings counts those too).
+_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text", "xmod"}
+
+
+def usable_positions(config: Any) -> int | None:
+    """How many tokens the model's position embeddings cover; None when positions are relative (T5)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if getattr(text, "model_type", None) in _POSITIONS_AFTER_PADDING:
+                value -= (getattr(text, "pad_token_id", None) or 0) + 1
+            return value
+    return None
 
 
 def optimizer_steps(train: TrainConfig, n_train: int) -> int:
@@ -108,13 +124,17 @@ class Prepared:
 
         set_seed(run.train.seed)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=False)  # refused, never asked on stdin
             model = self._load_model()
         except (OSError, ValueError) as exc:
             if isinstance(exc, PeftlabError):
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise WorkbenchError(f"cannot load model {run.model!r}: {first}") from None
+        self.positions = usable_positions(model.config)
+        if self.positions is not None and run.data.max_length > self.positions and run.data.max_length != DataConfig.max_length:
+            raise WorkbenchError(f"data.max_length={run.data.max_length} is more than model {run.model!r} reads "
+                                 f"({self.positions} positions); use --max-length {self.positions} or less.")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if getattr(model.config, "pad_token_id", None) is None:
@@ -159,7 +179,11 @@ class Prepared:
         """The tokenized train / eval (/ test) sets and the task parts that go with them."""
         from peftlab.errors import PeftConfigError
 
-        max_length = self.max_length = run.data.max_length
+        max_length = run.data.max_length
+        positions = getattr(self, "positions", None)
+        if positions is not None and max_length > positions:  # the default (128) on a model that reads fewer tokens
+            max_length = positions
+        self.max_length = max_length
         self.test_set = None
         if self.causal:
             from peftlab.lab.causal import build_causal_dataset
@@ -189,4 +213,4 @@ class Prepared:
             from peftlab.quantization import load_quantized_model
 
             return load_quantized_model(self.model_path, self.quant, model_class=model_class, **kwargs)
-        return model_class.from_pretrained(self.model_path, dtype=torch.float32, **kwargs)
+        return model_class.from_pretrained(self.model_path, dtype=torch.float32, trust_remote_code=False, **kwargs)

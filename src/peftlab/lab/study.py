@@ -23,6 +23,53 @@ from peftlab.lab.results import FAILED, RunResult, load_run, save_run, save_stud
 from peftlab.lab.runner import RUN_SPEC_NAME
 
 
+INTERRUPT_GRACE_SECONDS = 60  # a worker saves its result after Ctrl-C; a checkpoint being written may need a while
+
+
+_held_locks: dict[str, int] = {}
+
+
+def lock(output_dir: str) -> None:
+    """Hold the study folder ``output_dir`` until this process ends; a second ``train`` or ``compare``
+    into it is refused, naming the process that holds it (two studies in one folder would share run
+    folders and overwrite each other's results.json). An advisory ``flock`` on the folder itself: no
+    file to leave behind, and released by the kernel however the holder ends."""
+    import fcntl
+
+    from peftlab.errors import WorkbenchError
+
+    path = os.path.realpath(output_dir)
+    if path in _held_locks:
+        return
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise WorkbenchError(f"{output_dir} is in use by another peftlab study ({holder}); wait for it to finish, "
+                             f"or pass another --output-dir.") from None
+    _held_locks[path] = fd
+
+
+def _lock_holder(fd: int) -> str:
+    """"pid N: COMMAND" of the process holding a flock on ``fd``'s inode, from /proc/locks (Linux), or a fallback."""
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks", encoding="ascii") as fh:
+            for line in fh:
+                parts = line.split()
+                if "FLOCK" in parts and len(parts) > 5 and parts[5].split(":")[-1] == str(inode):
+                    pid = parts[4]
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                        words = cmd.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {pid}: {words[:200]}"
+    except OSError:
+        pass
+    return "another process"
+
+
 def run_dir(experiment: Experiment, run: RunConfig) -> str:
     return os.path.join(experiment.output_dir, "runs", run.name)
 
@@ -61,7 +108,18 @@ def run_in_subprocess(run: RunConfig, folder: str) -> RunResult:
     # The worker must import this very peftlab (a source checkout may not be the installed one).
     src = os.path.dirname(os.path.dirname(os.path.abspath(peftlab.__file__)))
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "peftlab.lab.runner", folder], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab.lab.runner", folder], env=env)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the worker too (same process group): give it the moment it needs to record its run
+        # as interrupted (result.json) and exit quietly, rather than killing it mid-write.
+        try:
+            proc.wait(timeout=INTERRUPT_GRACE_SECONDS)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
+        raise
     result = load_run(folder)
     if result is None:
         result = RunResult(name=run.name, method=run.method, status=FAILED, run=run.to_dict(),

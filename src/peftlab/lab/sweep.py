@@ -151,7 +151,10 @@ def grid(run: RunConfig, sweep: dict[str, Any]) -> list[dict[str, Any]]:
             raise WorkbenchError(f"sweep.{key} must be a non-empty list of values (or 'default' for learning_rate), got {values!r}.")
         typed = [_coerce("sweep", key, v, getattr(defaults, key)) for v in values]
         axes.append((key, list(dict.fromkeys(typed))))
-    return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*(v for _, v in axes))]
+    settings = [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*(v for _, v in axes))]
+    for setting in settings:
+        dataclasses.replace(run.train, **setting)  # each value checked as a train setting is (TrainConfig.__post_init__)
+    return settings
 
 
 def plan(experiment: Experiment, seeds: Any = None, sweep: dict[str, Any] | None = None) -> list[Group]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftlab import mixed_batch, quantization, surgery, targeting
+from peftlab import limits, mixed_batch, quantization, surgery, targeting
 from peftlab.errors import AdapterStateError, caller_stacklevel
 from peftlab.layers import BASE_ROW, LayerWrapper, iter_wrappers
 from peftlab.tuners.base import Tuner, check_modules_to_save, follow_active, wrapper_tensors, wrappers_disabled
@@ -35,6 +35,10 @@ class LayerTuner(Tuner):
         self.__dict__["_spec"] = spec  # plain attribute: a spec is data, not a module
 
     def add(self, adapter_name: str, config: "PeftConfig", active: str) -> None:
+        with limits.regex_budget():  # targets, rank/alpha patterns, feedforward_modules: one time bound
+            self._add(adapter_name, config, active)
+
+    def _add(self, adapter_name: str, config: "PeftConfig", active: str) -> None:
         spec = self.__dict__["_spec"]
         names = targeting.find_targets(
             self.model,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from peftlab import surgery
+from peftlab import limits, surgery
 from peftlab.errors import AdapterStateError
 from peftlab.tuners.base import Tuner
 
@@ -56,7 +56,8 @@ class SelectiveTuner(Tuner):
         return self.__dict__["_values"]
 
     def add(self, adapter_name: str, config: "PeftConfig", active: str) -> None:
-        self.values.add(adapter_name, config)  # raises before changing anything
+        with limits.regex_budget():  # trainable_parameter_patterns: one time bound for all matches
+            self.values.add(adapter_name, config)  # raises before changing anything
 
     def remove(self, adapter_name: str) -> None:
         self.values.remove(adapter_name)

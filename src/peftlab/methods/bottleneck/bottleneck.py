@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftlab import limits
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
 from peftlab.layers import AdapterView
@@ -163,6 +164,7 @@ def make_bottleneck_adapter(base: nn.Module, config: BottleneckConfig, adapter_n
             f"BottleneckConfig: reduction_factor={config.reduction_factor} leaves no bottleneck for {module_name} "
             f"(output size {size}); use a reduction_factor <= {size} or set bottleneck_size."
         )
+    limits.check_allocation("BottleneckConfig", f"the adapter of {module_name}", (2 * size, width))
     adapter = BottleneckAdapter(size, width, config.non_linearity, config.adapter_dropout)
     adapter.reset(zero_up=config.init_weights)
     return adapter

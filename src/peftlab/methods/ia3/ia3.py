@@ -152,7 +152,7 @@ class IA3Adapter(AdapterView):
 
 
 def make_ia3_adapter(base: nn.Module, config: IA3Config, adapter_name: str, module_name: str) -> AdapterView:
-    feedforward = name_matches(module_name, config.feedforward_modules)
+    feedforward = name_matches(module_name, config.feedforward_modules, "feedforward_modules")
     if isinstance(base, nn.Conv2d) or BL.is_linear(base):
         if BL.is_linear(base):
             BL.settle_fan_in_fan_out("IA3", base, config)

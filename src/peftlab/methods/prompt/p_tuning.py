@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftlab import limits
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
 from peftlab.methods.prompt.inputs import EmbeddingTokens
@@ -74,6 +75,8 @@ class PromptEncoder(EmbeddingTokens):
         dim = config.token_dim
         hidden = config.encoder_hidden_size or dim
         total = config.num_virtual_tokens * config.num_transformer_submodules
+        limits.check_allocation("PromptEncoderConfig", "the prompt table", (total, dim))
+        limits.check_allocation("PromptEncoderConfig", "the encoder", (8 * config.encoder_num_layers * hidden, hidden + dim))
         self.embedding = nn.Embedding(total, dim)
         self.lstm_head: nn.LSTM | None = None
         self.mlp_head: nn.Sequential | None = None

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from peftlab import limits
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
 from peftlab.methods.prompt.inputs import PrefixTokens
@@ -58,10 +59,12 @@ class PrefixEncoder(PrefixTokens):
         super().__init__(config)
         n, dim = config.num_virtual_tokens, config.token_dim
         width = config.num_layers * 2 * dim
+        hidden = config.encoder_hidden_size or dim
+        limits.check_allocation("PrefixTuningConfig", "the prefix table", (n, width))
+        limits.check_allocation("PrefixTuningConfig", "the projection", (hidden, width))
         self.transform: nn.Sequential | None = None
         if config.prefix_projection and not config.inference_mode:
             self.embedding = nn.Embedding(n, dim)
-            hidden = config.encoder_hidden_size or dim
             self.transform = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
             if config.init_weights == "zero":
                 nn.init.zeros_(self.transform[-1].weight)

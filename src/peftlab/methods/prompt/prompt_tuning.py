@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftlab import limits
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError
 from peftlab.methods.prompt.inputs import EmbeddingTokens
@@ -96,6 +97,7 @@ class PromptEmbedding(EmbeddingTokens):
     def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Module) -> None:
         super().__init__(config)
         total = config.num_virtual_tokens * config.num_transformer_submodules
+        limits.check_allocation("PromptTuningConfig", "the prompt table", (total, config.token_dim))
         self.embedding = nn.Embedding(total, config.token_dim)
         if config.inference_mode or config.prompt_tuning_init == PromptTuningInit.RANDOM:
             return  # loaded weights follow, or nn.Embedding's N(0, 1) init

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftlab import limits
 from peftlab.base_layer import is_quantized
 from peftlab.config import PeftConfig, PeftType
 from peftlab.errors import AdapterStateError, PeftConfigError, TargetModuleError
@@ -190,7 +191,8 @@ def select_parameters(model: nn.Module, config: SelectiveConfig) -> dict[str, nn
         norms = {n for n, m in model.named_modules() if _is_norm(m)}
         chosen |= need({n for n in params if _module_of(n) in norms}, "layer_norm=True")
     for pattern in config.trainable_parameter_patterns or []:
-        chosen |= need({n for n in params if re.fullmatch(pattern, n)}, f"trainable_parameter_patterns entry {pattern!r}")
+        matches = {n for n in params if limits.user_match(pattern, n, "trainable_parameter_patterns entry")}
+        chosen |= need(matches, f"trainable_parameter_patterns entry {pattern!r}")
     for module in config.modules_to_save or []:
         roots = [n for n, _ in model.named_modules() if n and name_matches(n, [module])]
         chosen |= need({n for n in params if any(n.startswith(r + ".") for r in roots)}, f"modules_to_save entry {module!r}")
