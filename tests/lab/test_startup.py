@@ -131,8 +131,11 @@ def test_logs_have_no_load_report_and_no_progress_bars_unless_asked(tmp_path, he
     assert quiet.returncode == 0, quiet.stderr
     assert "LOAD REPORT" not in quiet.stderr + quiet.stdout
     assert "it/s]" not in quiet.stderr and "\r" not in quiet.stderr  # stderr is a pipe: no progress bars
+    # stdout is a pipe: plain progress lines, none redrawn, and no Trainer dicts
+    assert "\r" not in quiet.stdout and "lora: step 1/1 (100%)" in quiet.stdout and "{'loss'" not in quiet.stdout
     loud = run_cli(*_train_args(str(headless_bert), toy_data_dir, tmp_path / "loud"), "-v")
     assert loud.returncode == 0 and "LOAD REPORT" in loud.stderr + loud.stdout
+    assert "{'loss'" in loud.stdout and "'train_runtime'" in loud.stdout  # -v: the Trainer's dicts are back
 
 
 def test_quiet_mode_silences_bitsandbytes_and_transformers_and_v_restores_them(monkeypatch):

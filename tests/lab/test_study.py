@@ -77,7 +77,9 @@ def test_seeded_swept_study_chooses_on_dev_reports_test_and_resumes(tmp_path, ti
     assert main(["compare", str(path), "--seeds", "3", "--methods", "full", *FLAGS]) == 0
     printed = capsys.readouterr().out
     assert "2 runs trained, 1 reused" in printed  # full.s1 again and the new full.s2
-    assert "== full.s1 (full)" in printed and "== full.s2 (full)" in printed and "== full.s0 (full)" not in printed
+    # the study line: run k of the n to train, after the probe's estimate; reused runs are not counted
+    assert "== run 1 of 2: full.s1 (full), " in printed and "== run 2 of 2: full.s2 (full), " in printed
+    assert "full.s0 (full)" not in printed and "left (probe estimate" in printed
     assert len(json.loads((out / "results.json").read_text())["groups"]["full"]) == 3
 
 
