@@ -56,13 +56,22 @@ def probe(run: RunConfig, steps: int = PROBE_STEPS) -> Probe:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
 
-    def batch(dataset: Any, start: int, size: int) -> dict[str, torch.Tensor]:
-        rows = [dataset[(start + i) % len(dataset)] for i in range(size)]
+    def batch(dataset: Any, start: int, size: int, order: list[int] | None = None) -> dict[str, torch.Tensor]:
+        rows = [dataset[(order or range(len(dataset)))[(start + i) % len(dataset)]] for i in range(size)]
         return {k: v.to(device) for k, v in collate(rows).items()}
+
+    # Length-grouped runs pad each batch to rows of similar length: time batches of such rows, at
+    # spread-out length quantiles, instead of rows in data order (padded to the longest of a mixed batch).
+    order = _by_length(prep.train_set) if cfg.group_by_length else None
+
+    def start_of(i: int) -> int:
+        if order is None:
+            return i * cfg.batch_size
+        return int((i - 0.5) / steps * max(n - cfg.batch_size, 0)) if i else 0
 
     def step(i: int) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = model(**batch(prep.train_set, i * cfg.batch_size, cfg.batch_size)).loss
+            loss = model(**batch(prep.train_set, start_of(i), cfg.batch_size, order)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -85,6 +94,15 @@ def probe(run: RunConfig, steps: int = PROBE_STEPS) -> Probe:
         _sync(device)
     test_set = getattr(prep, "test_set", None)
     return Probe(setup, step_seconds, watch.seconds() / size, n, len(prep.eval_set), len(test_set) if test_set is not None else 0)
+
+
+def _by_length(dataset: Any) -> list[int] | None:
+    """Row indices from shortest to longest input (None when rows have no ``input_ids``)."""
+    try:
+        lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    except (KeyError, TypeError):
+        return None
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 def process_age() -> float:

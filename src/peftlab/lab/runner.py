@@ -174,6 +174,7 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str, extra_callbac
         include_num_input_tokens_seen="non_padding",  # tokens/s for every run
         ddp_backend="gloo" if world_size() > 1 and cpu else None,
         disable_tqdm=True,  # peftlab.lab.console draws the run's progress
+        **_sampling(cfg.group_by_length),
         dataloader_num_workers=0,
         # Classification losses are per-example means and ignore num_items_in_batch; with this on,
         # the Trainer would still multiply the loss by the number of processes under DDP.
@@ -202,6 +203,17 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str, extra_callbac
         trainer.add_callback(progress_callback(run.name, per_step, "dev" if prep.test_set is not None else "eval",
                                                live=None if cfg.progress else False, verbose=quiet.verbose()))
     return trainer, timer, stopper
+
+
+def _sampling(group_by_length: bool) -> dict[str, Any]:
+    """The TrainingArguments that pick length-grouped batches (transformers 5.25 renamed the flag)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
 
 
 def _fill_history(result: RunResult, trainer: Any, epoch_seconds: list[float]) -> None:
