@@ -60,3 +60,21 @@ def test_causal_rows_show_each_ratio_from_its_results_file():
     assert cell(results, "lora/peftlab", "lora/peft", "rss") == ("1,500 MB (**0.50x**)", "3,000 MB")
     assert cell(results, "lora/peftlab", "lora_gc/peftlab", "forward_held_mb") == ("2,400 / 600 MB (**4.0x less**)", "")
     assert cell(results, "lora/peftlab", "lora_gc/peftlab", "peak_rss_rise_mb") == ("1,500 / 700 MB (**2.1x less**)", "")
+
+
+def test_a_seeded_study_is_quoted_as_mean_and_std_with_the_verdict():
+    env = {"versions": {"torch": "2.13.0"}, "git_commit": "0123456789abcdef", "cpu_count": 2}
+    labels = [i % 2 for i in range(100)]
+    runs = []
+    for name, wrong in (("ia3", (10, 12, 14)), ("lora", (11, 12, 13)), ("full", (40, 42, 44))):
+        for seed, k in enumerate(wrong):
+            preds = [1 - y if i < k else y for i, y in enumerate(labels)]
+            runs.append({"name": f"{name}.s{seed}", "method": name, "status": "ok", "accuracy": 1 - k / 100,
+                         "total_seconds": 100.0, "environment": env, "predictions": preds, "labels": labels,
+                         "run": {"train": {"seed": seed}}, "test_source": "validation",
+                         "eval_source": "872 rows of train (stratified)"})
+    groups = {g: [f"{g}.s{s}" for s in range(3)] for g in ("ia3", "lora", "full")}
+    text = readme_numbers.acceptance({"runs": runs, "groups": groups, "seeds": [0, 1, 2]})
+    assert text.startswith("IA3 88.0 ± 2.0%, LoRA 88.0 ± 1.0%, full fine-tuning 58.0 ± 2.0% (mean ± std over 3 seeds; "
+                           "full fine-tuning worse than IA3 in the paired comparison) on the 872 SST-2 validation sentences, "
+                           "every choice made on a dev set (872 rows of train (stratified)); 15 min 0 s for the nine runs")

@@ -33,18 +33,49 @@ def _duration(seconds: float) -> str:
 
 
 def acceptance(results: dict) -> str:
-    """The acceptance study's sentence: accuracy per method, time, machine and commit."""
+    """The acceptance study's sentence: accuracy per method (over seeds: mean ± std and the paired
+    comparison's verdict), time, machine and commit."""
     runs = {r["name"]: r for r in results["runs"]}
     bad = [name for name, r in runs.items() if r["status"] != "ok"]
     if bad:
         raise SystemExit(f"error: runs {bad} did not finish (status != ok); the README quotes finished studies only.")
-    accuracies = ", ".join(f"{LABELS.get(name, name)} {100 * r['accuracy']:.1f}%" for name, r in runs.items())
     env = next(r["environment"] for r in runs.values() if r.get("environment"))
     seconds = sum(r["total_seconds"] for r in runs.values())
     commit = (env.get("git_commit") or "unknown")[:7]
-    return (f"{accuracies} on the 872 SST-2 validation sentences; {_duration(seconds)} for the three runs on "
-            f"{env['cpu_count']} CPU cores, commit {commit}, torch {env['versions']['torch']}; "
-            f"[results]({ACCEPTANCE.relative_to(ROOT).as_posix()})")
+    machine = (f"{_duration(seconds)} for the {_count(len(runs))} runs on {env['cpu_count']} CPU cores, commit {commit}, "
+               f"torch {env['versions']['torch']}; [results]({ACCEPTANCE.relative_to(ROOT).as_posix()})")
+    groups = results.get("groups") or {}
+    if not any(len(members) > 1 for members in groups.values()):
+        accuracies = ", ".join(f"{LABELS.get(name, name)} {100 * r['accuracy']:.1f}%" for name, r in runs.items())
+        return f"{accuracies} on the 872 SST-2 validation sentences; {machine}"
+    import statistics
+
+    parts = []
+    for group, members in groups.items():
+        values = [100 * runs[n]["accuracy"] for n in members]
+        parts.append(f"{LABELS.get(group, group)} {statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}%")
+    seeds = len(next(iter(groups.values())))
+    dev = next((r.get("eval_source") for r in runs.values() if r.get("test_source")), None)
+    return (f"{', '.join(parts)} (mean ± std over {seeds} seeds; {_verdict(results)}) on the 872 SST-2 validation "
+            f"sentences" + (f", every choice made on a dev set ({dev})" if dev else "") + f"; {machine}")
+
+
+def _count(n: int) -> str:
+    return {3: "three", 6: "six", 9: "nine"}.get(n, str(n))
+
+
+def _verdict(results: dict) -> str:
+    """What the report's paired comparison says about the methods, in a few words."""
+    from peftlab.lab.results import RunResult
+    from peftlab.lab.summary import best_group, summarize
+
+    runs = [RunResult.from_dict(r) for r in results["runs"]]
+    groups = summarize(runs, results)
+    best = best_group(groups)
+    worse = [LABELS.get(g.name, g.name) for g in groups if g.vs_best is not None and g.vs_best.marked]
+    if worse:
+        return f"{', '.join(worse)} worse than {LABELS.get(best.name, best.name)} in the paired comparison"
+    return "the paired comparison shows no method apart from the best"
 
 
 RESULTS = ROOT / "benchmarks" / "results"

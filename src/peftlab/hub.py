@@ -6,6 +6,7 @@ base model's weights.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -100,13 +101,49 @@ def _vocabulary_resized(model: "PeftModel") -> bool:
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is None or not name:
         return False
-    try:
-        from transformers import AutoConfig
-
-        saved = AutoConfig.from_pretrained(name).get_text_config()
-    except Exception:  # base config not reachable (offline, plain nn.Module): nothing to compare with
+    loaded_from = getattr(getattr(base, "config", None), "_name_or_path", None)
+    saved = _saved_vocab_size(loaded_from, name)
+    if saved is None:  # no saved config on this machine (plain nn.Module, uncached hub id): nothing to compare with
         return False
-    return getattr(saved, "vocab_size", rows) != rows
+    return saved != rows
+
+
+def _saved_vocab_size(*names: str | None) -> int | None:
+    """``vocab_size`` in the config.json of the first of ``names`` found on this machine (a folder or
+    the hub cache), or None.
+
+    Saving never asks the network: a hub id that is not cached is skipped, not downloaded (offline,
+    a hub request is retried for many seconds), and the file is read as JSON because even
+    transformers' ``local_files_only`` loading builds hub request headers, which fetch data online.
+    """
+    for name in names:
+        path = _local_config_file(name) if name else None
+        if path is None:
+            continue
+        try:
+            with open(path, encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        size = text.get("vocab_size", config.get("vocab_size"))
+        if isinstance(size, int):
+            return size
+    return None
+
+
+def _local_config_file(name: str) -> str | None:
+    """config.json of a model folder, or of a hub id in the local hub cache; None when neither."""
+    if os.path.isdir(name):
+        path = os.path.join(name, "config.json")
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id, or huggingface_hub missing: not cached
+        return None
+    return path if isinstance(path, str) else None
 
 
 def check_load_kwargs(extra: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ Works on CPU with bitsandbytes >= 0.45 (forward and backward through the frozen 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -81,11 +82,12 @@ class QuantSpec:
 
 # ----- recognising quantized layers ----------------------------------------------------------
 def _bnb_or_none() -> Any:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb
+    """bitsandbytes if it is imported already, else None.
+
+    A module can be a bitsandbytes layer only once bitsandbytes is imported, so recognising one
+    never imports it: that import takes seconds and, through its kernels package, asks the hub.
+    """
+    return sys.modules.get("bitsandbytes")
 
 
 def is_quantized_linear(module: nn.Module) -> bool:

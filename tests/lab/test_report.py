@@ -70,3 +70,44 @@ def test_best_epoch_is_restored(tmp_path):
     assert best == {"accuracy": 0.8, "loss": 0.7, "epoch": 2.0}  # a tie on accuracy goes to the lower loss, then the earlier
     assert torch.equal(model.weight, snapshots[1])
     assert selection.restore_best(model, str(tmp_path / "none")) is None
+
+
+def test_the_report_leads_with_a_verdict_per_comparison_and_counts_seeds():
+    runs = [_run("a.s0", "lora", 0, set()), _run("a.s1", "lora", 1, {0}),
+            _run("b.s0", "ia3", 0, set(range(40))), _run("b.s1", "ia3", 1, set(range(50))),
+            _run("c.s0", "full", 0, set(range(1, 3))), _run("c.s1", "full", 1, set())]
+    raw = {"seeds": [0, 1], "groups": {"a": ["a.s0", "a.s1"], "b": ["b.s0", "b.s1"], "c": ["c.s0", "c.s1"]}}
+    md = report.markdown("s", runs, raw)
+    verdict = md.split("## Verdict\n\n")[1].split("\n\n")[0].splitlines()
+    assert verdict[0] == "- Highest test accuracy: **a**, 99.75 ± 0.35% (2 seeds)."
+    assert verdict[1].startswith("- **b is worse than a** (2 seeds): -22.25 points, 95% interval [") and "every seed" in verdict[1]
+    assert verdict[2].startswith("- c and a are not shown to differ (2 seeds): -0.25 points, 95% interval [")
+    assert md.index("## Verdict") < md.index("Splits:") < md.index("## Summary")
+    seeds = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in md.split("## Summary")[1].splitlines()
+             if line.startswith("| ") and not line.startswith("| run")}
+    assert seeds == {"a": "2 (seeds 0, 1)", "b": "2 (seeds 0, 1)", "c": "2 (seeds 0, 1)"}
+
+    one = [_run("x", "lora", 0, set()), _run("y", "ia3", 0, {3})]
+    md = report.markdown("one", one, {})
+    assert "- Highest test accuracy: **x**, 100.00% (1 seed: its ± over seeds is unknown)." in md
+    assert "- y and x are not shown to differ (1 seed, which cannot test it): -0.50 points" in md
+    assert "| 1 (seed 0) |" in md  # one seed, named: a bare "0" read as "no seeds"
+
+
+def test_configurations_are_collapsed_sections_and_plots_have_captions(tmp_path):
+    from peftlab.lab.results import save_study
+
+    runs = [_run("x", "lora", 0, set()), _run("y", "ia3", 0, {3})]
+    for r in runs:
+        r.run["train"]["learning_rate"] = 0.003
+        r.config = {"peft_type": "LORA", "r": 8}
+        r.loss_curve = [[1.0, 0.7], [2.0, 0.6]]
+        r.epochs = [EpochRecord(1, 0.6, 0.5, 0.8, 0.8, 10.0)]
+    save_study(str(tmp_path), "cfg", runs)
+    report.build(str(tmp_path))
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<details><summary>") == 2 and "<summary><b>x</b>: lora, lr 0.003, r 8, seed 0</summary>" in page
+    assert page.index('<div class="verdict">') < page.index("<table>")  # the verdict leads
+    captions = [c.split("</figcaption>")[0] for c in page.split("<figcaption>")[1:]]
+    assert len(captions) == 4 and all(c.startswith("<b>") and c.rstrip().endswith(".") and len(c) > 80 for c in captions)
+    assert "## Per epoch" in (tmp_path / "results.md").read_text()  # the per-epoch table stays

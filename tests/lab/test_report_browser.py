@@ -56,11 +56,11 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])  # IHDR width, height
 
 
-def _render(page, tmp_path) -> dict:
+def _render(page, tmp_path, *flags: str) -> dict:
     profile = tmp_path / "chromium-profile"
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
-               "--dump-dom", page.as_uri()]
+               *flags, "--dump-dom", page.as_uri()]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
     match = re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout, re.S)
     assert match, f"the page's probe did not run (exit {proc.returncode}): {proc.stderr[-2000:]}"
@@ -97,3 +97,85 @@ def test_a_broken_image_is_caught(tmp_path):
                     '<img alt="bad" src="data:image/png;base64,bm90IGEgcG5n">' + PROBE + "</body></html>", encoding="utf-8")
     seen = _render(page, tmp_path)
     assert seen["images"] == [{"alt": "bad", "complete": True, "width": 0, "height": 0}]
+
+
+# Where each plot and its caption landed on the page (CSS pixels, page coordinates), and the page's height.
+LAYOUT_PROBE = """<script>
+window.addEventListener("load", () => {
+  const box = el => { const r = el.getBoundingClientRect();
+                      return {x: r.left + scrollX, y: r.top + scrollY, w: r.width, h: r.height}; };
+  const figures = [...document.querySelectorAll("figure")].map(f => ({
+      alt: f.querySelector("img").alt, img: box(f.querySelector("img")),
+      caption: box(f.querySelector("figcaption")), text: f.querySelector("figcaption").textContent}));
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify({figures, height: document.documentElement.scrollHeight});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _screenshot(page, tmp_path, width: int, height: int):
+    import matplotlib.image
+
+    shot = tmp_path / "shot.png"
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'shot-profile'}",
+               "--hide-scrollbars", "--force-device-scale-factor=1", f"--window-size={width},{height}",
+               "--virtual-time-budget=10000", f"--screenshot={shot}", page.as_uri()]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), f"no screenshot (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return matplotlib.image.imread(str(shot))[..., :3]  # floats in [0, 1], rows x columns x RGB
+
+
+def test_screenshot_shows_every_plot_with_its_caption_under_it(tmp_path):
+    """In a screenshot of the page, each plot is drawn (ink on white: axes, text, lines) at a readable
+    size, and its caption (title and one sentence) is rendered right under it."""
+    out = tmp_path / "study"
+    save_study(str(out), "screenshot-check", _runs())
+    report.build(str(out))
+    html = (out / "report.html").read_text(encoding="utf-8")
+    probed = tmp_path / "layout.html"
+    probed.write_text(html.replace("</body>", LAYOUT_PROBE + "</body>"), encoding="utf-8")
+    width = 1200
+    layout = _render(probed, tmp_path, "--hide-scrollbars", "--force-device-scale-factor=1", f"--window-size={width},900")
+    plain = tmp_path / "plain.html"
+    plain.write_text(html, encoding="utf-8")
+    height = int(layout["height"]) + 20
+    pixels = _screenshot(plain, tmp_path, width, height)
+    assert pixels.shape[0] >= layout["height"] and pixels.shape[1] == width
+
+    assert [f["alt"] for f in layout["figures"]] == ["Loss curves", "Accuracy vs trainable parameters",
+                                                     "Accuracy vs training time", "Time and memory"]
+    for fig in layout["figures"]:
+        img, cap = fig["img"], fig["caption"]
+        assert img["w"] >= 400 and img["h"] >= 250, fig  # readable, not a thumbnail
+        region = pixels[int(img["y"]):int(img["y"] + img["h"]), int(img["x"]):int(img["x"] + img["w"])]
+        ink = (region.mean(axis=2) < 0.5).mean()  # dark pixels: axes, ticks, labels, lines
+        colour = (region.max(axis=2) - region.min(axis=2) > 0.25).mean()  # coloured pixels: the data
+        assert 0.005 < ink < 0.5 and colour > 0.0002, (fig["alt"], ink, colour)  # a few dots of colour at least
+        # the caption: title then a sentence, rendered as text right under its plot
+        assert fig["text"].startswith(fig["alt"] + ". ") and fig["text"].rstrip().endswith(".") and len(fig["text"]) > 80
+        assert 0 <= cap["y"] - (img["y"] + img["h"]) < 40 and cap["h"] >= 14, fig
+        text = pixels[int(cap["y"]):int(cap["y"] + cap["h"]), int(cap["x"]):int(cap["x"] + cap["w"])]
+        assert (text.mean(axis=2) < 0.8).mean() > 0.03, fig["alt"]  # glyphs (grey, anti-aliased), not an empty box
+
+
+def test_a_blank_plot_is_caught(tmp_path):
+    """The screenshot check can fail: a white image of plot size has no ink."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(6, 4), dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    page = tmp_path / "blank.html"
+    page.write_text(f'<!DOCTYPE html><html><body style="margin:0"><img src="data:image/png;base64,{data}"></body></html>',
+                    encoding="utf-8")
+    pixels = _screenshot(page, tmp_path, 800, 600)
+    region = pixels[0:400, 0:600]
+    assert (region.mean(axis=2) < 0.5).mean() < 0.005  # what the test above would reject

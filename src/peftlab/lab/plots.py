@@ -34,24 +34,48 @@ def _save(fig, path: str) -> str:  # noqa: ANN001
     return path
 
 
+def examples_per_step(run: RunResult) -> int:
+    """Training examples behind one optimizer step of ``run`` (batch x accumulation x processes)."""
+    train = run.run.get("train") or {}
+    return int(train.get("batch_size") or 1) * int(train.get("gradient_accumulation_steps") or 1) * int(run.world_size or 1)
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` points (fewer at the start): a trend that lags, never leads."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def smoothing_window(points: int) -> int:
+    return max(1, min(25, points // 8))
+
+
 def loss_curves(runs: list[RunResult], path: str) -> str | None:
-    """Training loss against step, one line per method, with validation loss per epoch as markers."""
+    """Training loss against training examples seen (runs with other batch sizes line up), smoothed over
+    the faint raw trace, with the validation loss after each epoch as dots."""
     drawn = [r for r in runs if r.loss_curve]
     if not drawn:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in drawn:
+        per_step = examples_per_step(run)
         steps, losses = zip(*run.loss_curve)
-        (line,) = ax.plot(steps, losses, label=f"{run.name} (train)")
+        seen = [s * per_step for s in steps]
+        (raw,) = ax.plot(seen, losses, lw=0.8, alpha=0.25)
+        ax.plot(seen, smooth(list(losses), smoothing_window(len(losses))), lw=2, color=raw.get_color(), label=f"{run.name} (train)")
         evals = [(e.epoch, e.eval_loss) for e in run.epochs if e.eval_loss is not None]
-        if evals and steps:
-            per_epoch = max(steps) / max(e for e, _ in evals)
-            ax.plot([e * per_epoch for e, _ in evals], [v for _, v in evals], "o", color=line.get_color(),
-                    label=f"{run.name} (validation)")
-    ax.set_xlabel("optimizer step")
+        if evals and run.num_train:
+            ax.plot([e * run.num_train for e, _ in evals], [v for _, v in evals], "o", color=raw.get_color(),
+                    markeredgecolor="black", label=f"{run.name} (validation, per epoch)")
+    ax.set_xlabel("training examples seen")
     ax.set_ylabel("loss")
-    ax.set_title("Loss curves")
+    ax.set_title("Loss against training examples seen")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -67,8 +91,42 @@ def _groups(runs: list[RunResult], raw: dict | None) -> list:
     return [g for g in summarize(runs, raw or {}) if g.accuracy is not None]
 
 
+def interval(g: Any) -> tuple[float, float, str]:
+    """(low, high, what) in %: the 95% interval of a group's mean accuracy over its seeds, or with
+    one seed the 95% binomial interval over its evaluated examples (what a second seed could not narrow)."""
+    from peftlab.lab.stats import binomial_interval
+
+    if g.accuracy.low is not None:
+        return g.accuracy.low, g.accuracy.high, "seeds"
+    run = g.runs[0]
+    n = len(run.labels) if run.labels else (run.num_test or run.num_eval or 0)
+    if not n:
+        return g.accuracy.mean, g.accuracy.mean, "none"
+    low, high = binomial_interval(g.accuracy.mean / 100, n)
+    return 100 * low, 100 * high, "examples"
+
+
+MIN_ACCURACY_SPAN = 10.0  # points: an axis narrower than this makes sampling noise look like a result
+
+
+def accuracy_limits(lows: list[float], highs: list[float]) -> tuple[float, float]:
+    """y limits that hold every interval with a margin and span at least MIN_ACCURACY_SPAN points (within 0-100)."""
+    low, high = min(lows), max(highs)
+    pad = max(0.15 * (high - low), 0.5)
+    low, high = low - pad, high + pad
+    if high - low < MIN_ACCURACY_SPAN:
+        centre = (high + low) / 2
+        low, high = centre - MIN_ACCURACY_SPAN / 2, centre + MIN_ACCURACY_SPAN / 2
+    if low < 0:
+        low, high = 0.0, max(high - low, MIN_ACCURACY_SPAN)
+    if high > 100:
+        low, high = min(low - (high - 100), 100 - MIN_ACCURACY_SPAN), 100.0
+    return low, high
+
+
 def _accuracy_vs(groups: list, path: str, cost: Any, xlabel: str, title: str, exact: bool, split: str) -> str | None:
-    """Mean accuracy against a cost (log x), ±1 std across seeds as error bars, the Pareto front as a step line."""
+    """Mean accuracy against a cost (log x) with each run's 95% interval (see :func:`interval`), the
+    seeds as faint dots, the Pareto front as a step line, on an axis at least MIN_ACCURACY_SPAN wide."""
     drawn = [g for g in groups if cost(g)]
     if not drawn:
         return None
@@ -78,14 +136,22 @@ def _accuracy_vs(groups: list, path: str, cost: Any, xlabel: str, title: str, ex
     # accuracies, where in-place labels print over each other: those get a legend, and a marker
     # shape per run next to the colour so that no two runs look alike.
     in_place = len(drawn) <= LABELS_IN_PLACE
+    lows, highs, kinds = [], [], set()
     for i, g in enumerate(drawn):
         point = (cost(g), g.accuracy.mean)
         marker = MARKERS[(i // 10) % len(MARKERS)]
-        scatter = ax.scatter(*point, s=40, marker=marker, label=g.name)
-        if g.accuracy.std is not None:
-            ax.errorbar(*point, yerr=g.accuracy.std, fmt="none", ecolor=scatter.get_facecolor()[0], capsize=3, lw=1)
+        scatter = ax.scatter(*point, s=40, marker=marker, label=g.name, zorder=3)
+        colour = scatter.get_facecolor()[0]
+        low, high, kind = interval(g)
+        kinds.add(kind)
+        lows.append(low)
+        highs.append(high)
+        if kind != "none":
+            ax.errorbar(*point, yerr=[[max(0.0, point[1] - low)], [max(0.0, high - point[1])]], fmt="none", ecolor=colour, capsize=4, lw=1.2)
+        if len(g.runs) > 1:
+            ax.scatter([point[0]] * len(g.runs), [100 * r.accuracy for r in g.runs], s=12, color=colour, alpha=0.35, zorder=2)
         if in_place:
-            ax.annotate(g.name, point, textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(g.name, point, textcoords="offset points", xytext=(6, 4), fontsize=8)
     from peftlab.lab.stats import pareto_front
 
     front = sorted((cost(g), g.accuracy.mean) for g, on in zip(drawn, pareto_front([cost(g) for g in drawn],
@@ -94,11 +160,14 @@ def _accuracy_vs(groups: list, path: str, cost: Any, xlabel: str, title: str, ex
         ax.step(*zip(*front), where="post", color="grey", lw=0.8, ls="--", zorder=0)
     if not in_place:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_xscale("log")
+    costs = [cost(g) for g in drawn]
+    ax.set_xscale("log" if max(costs) >= 10 * min(costs) else "linear")  # log ticks inside one decade are unreadable
+    ax.set_ylim(*accuracy_limits(lows, highs))
     ax.set_xlabel(xlabel)
-    seeded = any(g.accuracy.std is not None for g in drawn)
-    ax.set_ylabel(f"{split} accuracy (%)" + (" (causal LM: exact match)" if exact else "")
-                  + (", mean ± std over seeds" if seeded else ""))
+    bars = {"seeds": "95% CI over seeds", "examples": "95% CI over eval examples"}
+    ax.set_ylabel(f"{split} accuracy (%)" + (" (exact match)" if exact else "")
+                  + (f"; bars: {', '.join(bars[k] for k in sorted(kinds) if k in bars)}" if kinds & set(bars) else ""),
+                  fontsize=9)
     ax.set_title(title + " (dashed: Pareto front)" if len(front) > 1 else title)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -190,3 +259,32 @@ def draw_all(runs: list[RunResult], folder: str, raw: dict | None = None) -> dic
         if path is not None:
             out[title] = path
     return out
+
+
+def captions(runs: list[RunResult], raw: dict | None = None) -> dict[str, str]:
+    """One sentence per plot title of :func:`draw_all`: what to read from it."""
+    from peftlab.lab.summary import final_runs
+
+    finals = [r for members in final_runs(runs, raw or {}).values() for r in members[:1]]
+    seeded = any(len(members) > 1 for members in final_runs(runs, raw or {}).values())
+    first = " (first seed of each run)" if seeded else ""
+    logged = max((len(r.loss_curve) for r in finals if r.loss_curve), default=0)
+    split = _split(runs)
+    bars = ("95% intervals of the mean over seeds" if seeded else
+            "95% intervals over the evaluated examples (one seed: what sampling the evaluation set alone leaves open)")
+    accuracy = (f"Mean {split} accuracy with {bars}{' and each seed as a faint dot' if seeded else ''}; runs whose bars "
+                f"overlap are not shown apart, whatever the order of the points.")
+    return {
+        "Loss curves": (f"Training loss{first} against examples seen, so that runs with other batch sizes line up: "
+                        + (f"bold is a moving average over {smoothing_window(logged)} logged points, faint the loss as logged"
+                           if smoothing_window(logged) > 1 else "the loss as logged")
+                        + ", dots the validation loss after each epoch; a curve still falling at the end means more "
+                          "epochs could help."),
+        "Accuracy vs trainable parameters": accuracy.replace("Mean", "What each run buys per trainable parameter: mean", 1),
+        "Accuracy vs training time": accuracy.replace("Mean", "What each run buys per second of training: mean", 1),
+        "Learning-rate sweeps on dev": ("Dev accuracy at the best epoch for each swept learning rate; the circled point is "
+                                        "the setting carried to the seeds, and a peak at the edge of the grid means the "
+                                        "grid should be widened."),
+        "Time and memory": (f"Training wall time (evaluation included) and peak memory of each run's own process{first}; "
+                            f"lower is cheaper."),
+    }

@@ -126,6 +126,47 @@ def _setting(setting: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) or "–"
 
 
+def seeds_cell(g: GroupSummary) -> str:
+    """How many seeds finished, then which: "1 (seed 0)", "3 (seeds 0, 1, 2)" (a bare 0 reads as "none")."""
+    if not g.runs:
+        return f"0 ({len(g.failed)} failed)" if g.failed else "0"
+    which = f"seed {g.seeds[0]}" if len(g.seeds) == 1 else "seeds " + ", ".join(str(s) for s in g.seeds)
+    return f"{len(g.runs)} ({which})" + (f", {len(g.failed)} failed" if g.failed else "")
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.2f}"
+
+
+def verdicts(groups: list[GroupSummary], split: str) -> list[str]:
+    """One sentence per comparison with the best run, first the best itself: what the study shows."""
+    scored = [g for g in groups if g.accuracy is not None]
+    best = best_group(groups)
+    if best is None:
+        return []
+    n = len(best.runs)
+    lines = [f"Highest {split} accuracy: **{best.name}**, {_pm(best.accuracy)}% "
+             f"({n} seed{'s' if n != 1 else ''}{'' if n > 1 else ': its ± over seeds is unknown'})."]
+    for g in scored:
+        if g is best:
+            continue
+        c = g.vs_best
+        if c is None:
+            lines.append(f"{g.name} vs {best.name}: not compared (their runs kept no predictions on the same rows).")
+            continue
+        seeds = f"{c.n_seeds} seed{'s' if c.n_seeds != 1 else ''}"
+        gap = f"{_points(c.diff)} points, 95% interval [{_points(c.low)}, {_points(c.high)}]"
+        if c.marked:
+            lines.append(f"**{g.name} is worse than {best.name}** ({seeds}): {gap}, behind at every seed.")
+        elif c.n_seeds < 2:
+            lines.append(f"{g.name} and {best.name} are not shown to differ ({seeds}, which cannot test it): {gap}.")
+        elif c.low > 0 or c.high < 0:
+            lines.append(f"{g.name} and {best.name} are not shown to differ ({seeds}): {gap}, but the seeds disagree on the order.")
+        else:
+            lines.append(f"{g.name} and {best.name} are not shown to differ ({seeds}): {gap}.")
+    return lines
+
+
 def summary_table(groups: list[GroupSummary], split: str) -> list[str]:
     best = best_group(groups)
     head = ("| run | method | setting | seeds | trainable params | " + split + " accuracy (mean ± std) | 95% interval | "
@@ -133,7 +174,7 @@ def summary_table(groups: list[GroupSummary], split: str) -> list[str]:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for g in groups:
         pareto = "/".join(m for m, on in (("params", g.pareto_params), ("time", g.pareto_time)) if on) or "–"
-        seeds = ",".join(str(s) for s in g.seeds) + (f" ({len(g.failed)} failed)" if g.failed else "")
+        seeds = seeds_cell(g)
         lines.append(f"| {g.name} | {g.method} | {_setting(g.setting)} | {seeds or '–'} | {_fmt(g.trainable_params, ',')} | "
                      f"{_pm(g.accuracy)} | {_interval(g.accuracy)} | {_vs_best(g, best)} | {_pm(g.seconds)} | "
                      f"{_fmt(g.tokens_per_second, ',.0f')} | {_fmt(g.peak_mb, '.0f')} | {pareto} |")
@@ -201,6 +242,9 @@ def markdown(name: str, runs: list[RunResult], raw: dict | None = None) -> str:
     raw = raw or {}
     cols = columns(runs)
     lines = [f"# {name}", ""]
+    verdict = verdicts(summarize(runs, raw), "test" if _heldout(runs) else "eval")
+    if len(verdict) > 1:
+        lines += ["## Verdict", ""] + [f"- {v}" for v in verdict] + [""]
     if splits_line(runs):
         lines += [splits_line(runs), ""]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -270,26 +314,49 @@ def sections_html(text: str) -> str:
     return "\n".join(out)
 
 
-def html_page(name: str, runs: list[RunResult], images: dict[str, str], text: str = "") -> str:
+def _configuration(r: RunResult) -> str:
+    """One run's configuration as a collapsed section: what it is in the summary line, the JSON inside."""
+    train = r.run.get("train") or {}
+    brief = [r.method]
+    if train.get("learning_rate") is not None:
+        brief.append(f"lr {train['learning_rate']:g}")
+    for key in ("r", "lora_alpha"):
+        if isinstance(r.config, dict) and r.config.get(key) is not None:
+            brief.append(f"{key} {r.config[key]}")
+    if "seed" in train:
+        brief.append(f"seed {train['seed']}")
+    body = html.escape(json.dumps({"config": r.config, "run": r.run, "environment": r.environment}, indent=2))
+    return f"<details><summary><b>{html.escape(r.name)}</b>: {html.escape(', '.join(brief))}</summary><pre>{body}</pre></details>"
+
+
+def html_page(name: str, runs: list[RunResult], images: dict[str, str], text: str = "",
+              captions: dict[str, str] | None = None, raw: dict | None = None) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns(runs))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows(runs))
     figures = ""
     for title, path in images.items():
         with open(path, "rb") as fh:
             data = base64.b64encode(fh.read()).decode("ascii")
-        figures += f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(title)}</figcaption></figure>\n'
+        caption = (captions or {}).get(title, "")
+        figures += (f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"><figcaption><b>{html.escape(title)}.</b>'
+                    f'{" " + html.escape(caption) if caption else ""}</figcaption></figure>\n')
     problems = "".join(f"<li><b>{html.escape(r.name)}</b> ({html.escape(r.status)}): {html.escape(r.error or '')}</li>"
                        for r in runs if r.error)
-    details = html.escape(json.dumps([{"name": r.name, "config": r.config, "run": r.run, "environment": r.environment}
-                                      for r in runs], indent=2))
+    verdict = verdicts(summarize(runs, raw or {}), "test" if _heldout(runs) else "eval")
+    lead = "".join(f"<p>{_inline(v)}</p>" for v in verdict) if len(verdict) > 1 else ""
+    configurations = "".join(_configuration(r) for r in runs)
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
              "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eee}"
-             "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}img{max-width:100%}")
+             "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}img{max-width:100%}"
+             ".verdict{border-left:4px solid #36c;background:#f3f6fb;padding:0.2em 1em;margin:1em 0}"
+             "figure{margin:1.5em 0}figcaption{max-width:700px;color:#333;font-size:0.95em}"
+             "details{margin:0.3em 0}summary{cursor:pointer}pre{background:#f7f7f7;padding:0.5em;overflow:auto}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title><style>{style}</style></head><body>"
-            f"<h1>{html.escape(name)}</h1>" + (f"<p>{_inline(splits_line(runs))}</p>" if splits_line(runs) else "")
+            f"<h1>{html.escape(name)}</h1>" + (f'<div class="verdict">{lead}</div>' if lead else "")
+            + (f"<p>{_inline(splits_line(runs))}</p>" if splits_line(runs) else "")
             + f"<table><tr>{head}</tr>{body}</table>"
             + (f"<h2>Problems</h2><ul>{problems}</ul>" if problems else "") + sections_html(text)
-            + f"<h2>Plots</h2>{figures}<h2>Configurations</h2><pre>{details}</pre></body></html>")
+            + f"<h2>Plots</h2>{figures}<h2>Configurations</h2>{configurations}</body></html>")
 
 
 def build(output_dir: str) -> dict[str, str]:
@@ -300,5 +367,5 @@ def build(output_dir: str) -> dict[str, str]:
     html_path = os.path.join(output_dir, "report.html")
     text = markdown(name, runs, raw)
     atomic_write_text(md_path, text)
-    atomic_write_text(html_path, html_page(name, runs, images, text))
+    atomic_write_text(html_path, html_page(name, runs, images, text, plots.captions(runs, raw), raw))
     return {"markdown": md_path, "html": html_path, **images}

@@ -147,7 +147,10 @@ def _stopped_early(result: RunResult, trainer: Any, timer: Any, train_watch: mea
 
 def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str, extra_callbacks: Sequence[Any] = ()) -> tuple[Any, Any, Any]:
     """The run's Trainer with the task's parts plugged in, and its epoch timer and SIGTERM stopper."""
-    from transformers import TrainingArguments
+    from transformers import PrinterCallback, TrainingArguments
+
+    from peftlab.lab import quiet
+    from peftlab.lab.console import progress_callback
 
     from peftlab.lab.callbacks import BestEpoch, CompleteMark, EpochTimer, FiniteWeights, StopOnSignal
     from peftlab.lab.trainer import LabTrainer
@@ -180,7 +183,8 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str, extra_callbac
         activation_checkpointing=cfg.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding",  # tokens/s for every run
         ddp_backend="gloo" if world_size() > 1 and cpu else None,
-        disable_tqdm=not cfg.progress,
+        disable_tqdm=True,  # peftlab.lab.console draws the run's progress
+        **_sampling(cfg.group_by_length),
         dataloader_num_workers=0,
         # Classification losses are per-example means and ignore num_items_in_batch; with this on,
         # the Trainer would still multiply the loss by the number of processes under DDP.
@@ -204,7 +208,22 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str, extra_callbac
         head_learning_rate=cfg.head_learning_rate,
         model_metrics=prep.task.model_metrics,
     )
+    trainer.remove_callback(PrinterCallback)  # its dicts come back with -v, through the progress line
+    if is_main_process():
+        trainer.add_callback(progress_callback(run.name, per_step, "dev" if prep.test_set is not None else "eval",
+                                               live=None if cfg.progress else False, verbose=quiet.verbose()))
     return trainer, timer, stopper
+
+
+def _sampling(group_by_length: bool) -> dict[str, Any]:
+    """The TrainingArguments that pick length-grouped batches (transformers 5.25 renamed the flag)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
 
 
 def _fill_history(result: RunResult, trainer: Any, epoch_seconds: list[float]) -> None:

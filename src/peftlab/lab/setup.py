@@ -152,8 +152,10 @@ class Prepared:
         if self.peft_config is not None:
             from peftlab import get_peft_model
 
-            if self.peft_config.base_model_name_or_path is None:  # the name given (alias, hub id), not this machine's folder
-                self.peft_config.base_model_name_or_path = run.model
+            if self.peft_config.base_model_name_or_path is None:  # what loads the base elsewhere, never an alias
+                from peftlab.lab.model_zoo import base_model_reference
+
+                self.peft_config.base_model_name_or_path = base_model_reference(run.model, self.model_path)
             model = get_peft_model(model, self.peft_config)
             model.chunked_causal_loss = True  # training reads only the loss: no full-vocabulary logits
         self.model = model

@@ -45,6 +45,17 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(len(arr), mean, std, mean - half, mean + half)
 
 
+def binomial_interval(accuracy: float, n: int) -> tuple[float, float]:
+    """Wilson 95% interval of an accuracy (a fraction) measured on ``n`` examples: the sampling
+    uncertainty of the evaluation set itself, which one seed cannot average away."""
+    if n <= 0:
+        raise ValueError("binomial_interval needs at least one example")
+    z = 1.959964
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 @dataclass
 class Comparison:
     """Method A minus method B on the same test rows and seeds.

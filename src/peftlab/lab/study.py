@@ -12,10 +12,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import peftlab
 from peftlab.io import atomic_write_text
 from peftlab.lab import cache, report
+from peftlab.lab.console import duration
 from peftlab.lab.data import load_splits
 from peftlab.lab.experiment import Experiment, RunConfig
 from peftlab.lab.methods import build_config
@@ -136,14 +138,38 @@ def finish(experiment: Experiment, results: list[RunResult], command: list[str] 
 
 
 class Study:
-    """Runs a planned study (groups of seeds and sweeps), reusing cached runs, saving as it goes."""
+    """Runs a planned study (groups of seeds and sweeps), reusing cached runs, saving as it goes.
 
-    def __init__(self, experiment: Experiment, groups: list, command: list[str] | None, use_cache: bool = True) -> None:
+    ``estimates``: each run's estimated seconds in training order, reused runs left out
+    (:func:`peftlab.lab.budget.plan`); the study line before each run tells the time left from them,
+    scaled by how long the finished runs took against their estimates.
+    """
+
+    def __init__(self, experiment: Experiment, groups: list, command: list[str] | None, use_cache: bool = True,
+                 estimates: list[float] | None = None) -> None:
         self.experiment, self.groups, self.command, self.use_cache = experiment, groups, command, use_cache
         self.results: dict[str, RunResult] = {}
         self.selection: dict[str, dict] = {}
         self.trained: list[str] = []
         self.reused: list[str] = []
+        self.estimates = estimates
+        self.clock = time.monotonic
+        self.started = self.clock()
+        self.spent: list[float] = []  # wall seconds of each trained run
+
+    def progress_line(self, run: RunConfig) -> str:
+        """``run 2 of 9: lora.s1 (lora), 4m10s elapsed, about 12m left``: where the study stands."""
+        k = len(self.trained) + 1
+        estimates = self.estimates or []
+        of = f" of {max(len(estimates), k)}" if self.estimates is not None else ""
+        line = f"run {k}{of}: {run.name} ({run.method}), {duration(self.clock() - self.started)} elapsed"
+        ahead = estimates[k - 1:]
+        if ahead:
+            done = estimates[:len(self.spent)]
+            scale = sum(self.spent) / sum(done) if done and sum(done) > 0 else 1.0
+            line += f", about {duration(scale * sum(ahead))} left"
+            line += " (probe estimate)" if not done else f" (probe estimate scaled x{scale:.2g} by the runs so far)"
+        return line
 
     def extra(self) -> dict:
         """Study-level records for results.json: seeds, each group's final runs, the sweep choices."""
@@ -164,11 +190,14 @@ class Study:
             self.results[run.name] = hit
             self.reused.append(run.name)
             return hit
-        print(f"== {run.name} ({run.method})", flush=True)
+        print(f"== {self.progress_line(run)}", flush=True)
+        started = self.clock()
         result = run_in_subprocess(run, folder)
         result.config_hash = key
         save_run(result, folder)
-        print(f"== {run.name}: {result.status}" + (f" ({result.error})" if result.error else ""), flush=True)
+        self.spent.append(self.clock() - started)
+        print(f"== {run.name}: {result.status}" + (f", accuracy {result.accuracy:.4f}" if result.accuracy is not None else "")
+              + f" in {duration(self.spent[-1])}" + (f" ({result.error})" if result.error else ""), flush=True)
         self.results[run.name] = result
         self.trained.append(run.name)
         save_study(self.experiment.output_dir, self.experiment.name, list(self.results.values()), self.command, extra=self.extra())
