@@ -124,7 +124,7 @@ class PeftModel(nn.Module):
 
     def _rollback(self, adapter_name: str, flags: dict[nn.Parameter, bool]) -> None:
         """Remove every part of ``adapter_name`` that exists and restore ``requires_grad`` flags."""
-        self.tuner.remove(adapter_name)
+        self.tuner.discard(adapter_name)
         self.peft_config.pop(adapter_name, None)
         if self.peft_config and self.active_adapter not in self.peft_config:
             self.active_adapter = next(iter(self.peft_config))
@@ -337,9 +337,14 @@ class PeftModel(nn.Module):
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
         state_dict: dict[str, torch.Tensor] | None = None,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as peft does: "default" in the folder, others in sub-folders, plus a model card.
+
+        ``path_initial_model_for_weight_conversion`` (the folder a PiSSA/OLoRA adapter was saved to right
+        after its init) writes it as a plain LoRA for the original base instead
+        (:mod:`peftlab.methods.lora.conversion`).
 
         ``safe_serialization=False`` writes ``adapter_model.bin`` (pickle) instead of safetensors;
         ``is_main_process=False`` writes nothing (the other ranks of a distributed run);
@@ -361,6 +366,10 @@ class PeftModel(nn.Module):
                 config = copy.deepcopy(self.peft_config[name])
                 config.inference_mode = True
                 tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
+                if path_initial_model_for_weight_conversion is not None:  # a refusal here leaves the folder as it was
+                    from peftlab.methods.lora.conversion import convert_to_plain_lora
+
+                    config, tensors = convert_to_plain_lora(config, tensors, path_initial_model_for_weight_conversion)
                 if safe_serialization:
                     checkpoint.save_adapter_weights(folder, tensors)
                 else:

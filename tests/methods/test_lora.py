@@ -30,12 +30,27 @@ BERT = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear")
 GPT2 = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)  # wte: tied, see below
 LLAMA = dict(task_type="CAUSAL_LM", r=3, lora_alpha=5, target_modules="all-linear", rank_pattern={"v_proj": 2}, use_rslora=True)
 CONV = dict(r=2, lora_alpha=3, target_modules=["conv", "lin", "emb"])
+# Inits that read the base weight (tests/methods/test_lora_init.py has their own checks): the factors
+# start non-zero, so the rows perturb them to get an adapter that changes the output.
+PISSA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="pissa")
+OLORA = dict(GPT2, init_lora_weights="olora")
+ORTHOGONAL = dict(PISSA, init_lora_weights="orthogonal", target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def _init_rows(kwargs):
+    """(ours, theirs) factories for an init that is its own identity: the same config either way."""
+    import peft
+
+    return (lambda identity: LoraConfig(**kwargs)), (lambda: peft.LoraConfig(**kwargs))
 
 CASES = {
     "bert-all-linear": Case(tiny_bert_cls, text_inputs, _ours(**BERT), _peft(**BERT)),
     "gpt2-conv1d": Case(tiny_gpt2, text_inputs, _ours(**GPT2), _peft(**GPT2)),
     "llama-rslora-pattern": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA)),
     "convnet": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV)),
+    "llama-pissa": Case(tiny_llama, text_inputs, *_init_rows(PISSA), perturb=True),
+    "gpt2-olora": Case(tiny_gpt2, text_inputs, *_init_rows(OLORA), perturb=True),
+    "llama-orthogonal": Case(tiny_llama, text_inputs, *_init_rows(ORTHOGONAL), perturb=True),
 }
 globals().update(contract_tests(CASES))
 

@@ -57,6 +57,9 @@ class LayerTuner(Tuner):
     def remove(self, adapter_name: str) -> None:
         surgery.remove_adapter(self.model, adapter_name)
 
+    def discard(self, adapter_name: str) -> None:
+        surgery.remove_adapter(self.model, adapter_name, undo_install=True)
+
     def activate(self, adapter_name: str) -> None:
         follow_active(self.model, adapter_name)
 

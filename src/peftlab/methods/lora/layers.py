@@ -8,6 +8,7 @@ adapters, without the two modules importing each other.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import ClassVar, Literal
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab import kernels
+from peftlab.errors import caller_stacklevel
 from peftlab.layers import AdapterView
 
 InitMode = Literal[True, False, "gaussian"]
@@ -50,6 +52,46 @@ class LoraLinear(AdapterView):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    def start_from(self, lora_a: torch.Tensor, lora_b: torch.Tensor, take_from_base: bool) -> None:
+        """Start from the given factors (an init that reads the base, :mod:`peftlab.methods.lora.init`).
+
+        With ``take_from_base`` the base weight gives ``s B A`` up when the adapter is installed
+        (PiSSA, OLoRA), so the model's output is unchanged. A CPU copy of the factors stays with
+        the adapter: a rolled-back add gives the base that part back.
+        """
+        with torch.no_grad():
+            self.lora_A.weight.copy_(lora_a)
+            self.lora_B.weight.copy_(lora_b)
+        if take_from_base:
+            self.__dict__["_base_part"] = (lora_a.detach().to("cpu", torch.float32), lora_b.detach().to("cpu", torch.float32))
+            self.__dict__["_base_part_taken"] = False
+
+    def _move_base_part(self, base_layer: nn.Module, sign: float) -> None:
+        lora_a, lora_b = self.__dict__["_base_part"]
+        weight = BL.dense_weight(base_layer)
+        part = (self.scaling * lora_b.to(weight.device)) @ lora_a.to(weight.device)
+        BL.write_weight(base_layer, weight + sign * part)
+
+    def on_installed(self, base_layer: nn.Module) -> None:
+        if "_base_part" in self.__dict__ and not self.__dict__["_base_part_taken"]:
+            with torch.no_grad():
+                self._move_base_part(base_layer, -1.0)
+            self.__dict__["_base_part_taken"] = True
+        others = [a for a in self.__dict__["_layer"].adapters.values() if a is not self]
+        if others and any(a.__dict__.get("_base_part_taken") for a in [self, *others]):
+            warnings.warn(
+                "LoRA: a PiSSA/OLoRA adapter moved part of this layer's base weight into itself, so the other adapters "
+                "here see the residual weight; to use it beside others, save it as a plain LoRA "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and load that on the original model.",
+                stacklevel=caller_stacklevel(),
+            )
+
+    def on_discarded(self, base_layer: nn.Module) -> None:
+        if self.__dict__.get("_base_part_taken"):
+            with torch.no_grad():
+                self._move_base_part(base_layer, 1.0)
+            self.__dict__["_base_part_taken"] = False
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)

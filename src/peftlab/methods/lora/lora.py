@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import nn
 
 from peftlab import base_layer as BL
@@ -22,6 +23,7 @@ from peftlab import limits
 from peftlab.config import LayerConfig, PeftType
 from peftlab.errors import PeftConfigError, TargetModuleError, caller_stacklevel
 from peftlab.layers import LayerWrapper, AdapterView, ModulesToSave
+import peftlab.methods.lora.init as lora_init
 from peftlab.methods.lora.dora import make_dora_adapter
 from peftlab.methods.lora.layers import LoraConv2d, LoraEmbedding, LoraLinear
 from peftlab.registry import MethodSpec, register
@@ -68,7 +70,12 @@ class LoraConfig(LayerConfig):
         bias: "none", "all" (train every bias in the model) or "lora_only" (biases of adapted layers).
         use_rslora: scale by alpha / sqrt(r) so the update's size does not shrink with rank.
         init_lora_weights: True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
-            or False (both random: the model changes at init; for tests only).
+            False (both random: the model changes at init; for tests only), or one that reads the
+            base weight (:mod:`peftlab.methods.lora.init`): "pissa" / "pissa_niter_K" (top singular
+            directions; the base keeps the residual), "olora" (QR; the base keeps the residual),
+            "orthogonal" (B A = 0 from orthogonal halves; even r). To turn a trained PiSSA/OLoRA
+            adapter into a plain LoRA for the original base, save it with
+            ``save_pretrained(..., path_initial_model_for_weight_conversion=<folder of its initial save>)``.
         rank_pattern / alpha_pattern: per-module overrides, keyed by a regex matched against
             the end of the module name (e.g. ``{"value": 16}``).
         use_dora: weight-decomposed LoRA (DoRA, :mod:`peftlab.methods.lora.dora`): a trained
@@ -94,6 +101,7 @@ class LoraConfig(LayerConfig):
         "monteclora_config": None,
         "velora_config": None,
         "ensure_weight_tying": False,
+        "astra_config": None,
     }
 
     r: int = 8
@@ -118,11 +126,19 @@ class LoraConfig(LayerConfig):
             raise PeftConfigError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in ("none", "all", "lora_only"):
             raise PeftConfigError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise PeftConfigError(
-                f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
-            )
         self._check_rank_pattern()
+        lora_init.check_init(self.init_lora_weights, [self.r, *(self.rank_pattern or {}).values()])
+        if self.use_dora and lora_init.needs_base(self.init_lora_weights):
+            raise PeftConfigError(
+                f"LoraConfig: init_lora_weights={self.init_lora_weights!r} with use_dora=True is not implemented in peftlab; "
+                f"use one of them."
+            )
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and lora_init.changes_base(self.init_lora_weights):
+            warnings.warn(
+                "LoraConfig: with use_rslora and rank_pattern/alpha_pattern, a PiSSA/OLoRA adapter cannot be converted "
+                "to a plain LoRA on save (path_initial_model_for_weight_conversion); drop one of them if you need that.",
+                stacklevel=caller_stacklevel(),
+            )
 
     def _check_rank_pattern(self) -> None:
         for name in ("rank_pattern", "alpha_pattern"):
@@ -192,13 +208,45 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
             )
         in_features, out_features = BL.features(base)
         adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=transposed)
+        if lora_init.needs_base(config.init_lora_weights):
+            _init_from_base(adapter, base, config.init_lora_weights, module_name)
+            return adapter
     else:
         raise TargetModuleError(
             f"LoRA cannot adapt {module_name} ({type(base).__name__}); it adapts nn.Linear, Conv1D, "
             f"nn.Embedding and nn.Conv2d. Target that module's linear sublayers instead."
         )
-    adapter.reset(config.init_lora_weights)
+    init = config.init_lora_weights
+    if lora_init.needs_base(init):
+        if isinstance(adapter, LoraConv2d):
+            raise TargetModuleError(f"LoRA: init_lora_weights={init!r} works on linear layers only, and {module_name} is a Conv2d; "
+                                    f"exclude it or use init_lora_weights=True.")
+        warnings.warn(f"LoRA: init_lora_weights={init!r} applies to linear layers; embedding {module_name} gets the default init "
+                      f"(as in peft).", stacklevel=caller_stacklevel())
+        init = True
+    adapter.reset(init)
     return adapter
+
+
+def _init_from_base(adapter: LoraLinear, base: nn.Module, init: str, module_name: str) -> None:
+    """PiSSA, OLoRA or orthogonal factors for a linear ``base`` (see :mod:`peftlab.methods.lora.init`)."""
+    r = adapter.lora_A.out_features
+    if init == "orthogonal":
+        lora_a, lora_b = lora_init.orthogonal_factors(adapter.lora_A.in_features, adapter.lora_B.out_features, r)
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        adapter.start_from(lora_a.to(dtype), lora_b.to(dtype), take_from_base=False)  # peft rounds them to the base dtype
+        return
+    if init.startswith("pissa") and BL.is_quantized(base):
+        raise TargetModuleError(
+            f"LoRA: PiSSA cannot start from the 4-/8-bit weight of {module_name}; initialise it on the full-precision model, "
+            f"then quantize the residual model."
+        )
+    weight = BL.dense_weight(base).to(torch.float32)
+    if init == "olora":
+        lora_a, lora_b = lora_init.olora_factors(weight, r)
+    else:
+        lora_a, lora_b = lora_init.pissa_factors(weight, r, adapter.scaling, init)
+    adapter.start_from(lora_a, lora_b, take_from_base=True)
 
 
 register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS, extra_tensors=lora_bias_parameters, learning_rates=(3e-4, 1e-3, 3e-3)))
