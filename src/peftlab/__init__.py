@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.methods.prompt.prompt_tuning import PromptTuningConfig
     from peftlab.methods.prompt.prompt_tuning import PromptTuningInit
     from peftlab.methods.selective.selective import SelectiveConfig
+    from peftlab.methods.trainable_tokens.trainable_tokens import TrainableTokensConfig
     from peftlab.peft_model import PeftModel
     from peftlab.peft_model import get_peft_model
     from peftlab.peft_model import get_peft_model_state_dict
@@ -83,6 +84,7 @@ _LAZY: dict[str, str] = {
     "PromptTuningConfig": "peftlab.methods.prompt.prompt_tuning",
     "PromptTuningInit": "peftlab.methods.prompt.prompt_tuning",
     "SelectiveConfig": "peftlab.methods.selective.selective",
+    "TrainableTokensConfig": "peftlab.methods.trainable_tokens.trainable_tokens",
     "PeftModel": "peftlab.peft_model",
     "get_peft_model": "peftlab.peft_model",
     "get_peft_model_state_dict": "peftlab.peft_model",
@@ -157,6 +159,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "SelectiveConfig",
+    "TrainableTokensConfig",
     "QuantConfig",
     "QuantizationError",
     "TargetModuleError",

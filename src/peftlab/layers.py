@@ -62,6 +62,9 @@ class AdapterView(nn.Module):
     unsaved: ClassVar[tuple[str, ...]] = ()
     #: In-memory key -> on-disk key, where peft's file names differ from its module tree (DoRA).
     disk_keys: ClassVar[dict[str, str]] = {}
+    #: Merging into a weight another module shares would change that module too, so the layer gets its
+    #: own copy first; False for adapters whose merge is right for every sharer (trainable token rows).
+    merge_unties_shared_weight: ClassVar[bool] = True
 
     # ----- the view: tensors live in the layer's containers once attached --------------------
     def attach(self, layer: nn.Module, adapter_name: str) -> None:

@@ -51,6 +51,8 @@ class LayerTuner(Tuner):
         )
         if config.modules_to_save:
             surgery.wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        if spec.after_add is not None:
+            spec.after_add(self.model, config, adapter_name)
         # A wrapper created for the new adapter must still follow the model's active adapter.
         follow_active(self.model, active)
 
@@ -89,7 +91,7 @@ class LayerTuner(Tuner):
         layers = self._layers()
         if safe_merge:
             _check_merge_is_finite(layers, names)
-        _untie_merged_weights(self.model, [l for l in layers if any(n in l.adapters for n in names)])
+        _untie_merged_weights(self.model, [l for l in layers if any(n in l.adapters and l.adapters[n].merge_unties_shared_weight for n in names)])
         for layer in layers:
             layer.merge(names)
 

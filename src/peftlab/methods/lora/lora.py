@@ -26,6 +26,7 @@ from peftlab.layers import LayerWrapper, AdapterView, ModulesToSave
 import peftlab.methods.lora.init as lora_init
 from peftlab.methods.lora.dora import make_dora_adapter
 from peftlab.methods.lora.layers import LoraConv2d, LoraEmbedding, LoraLinear
+from peftlab.methods.trainable_tokens import TokenRows, add_token_rows, check_token_indices
 from peftlab.registry import MethodSpec, register
 from peftlab.targeting import pattern_value
 
@@ -80,6 +81,9 @@ class LoraConfig(LayerConfig):
             the end of the module name (e.g. ``{"value": 16}``).
         use_dora: weight-decomposed LoRA (DoRA, :mod:`peftlab.methods.lora.dora`): a trained
             per-row magnitude times the direction of ``W + s B A``; Linear and Conv1D only.
+        trainable_token_indices: also train these rows of the input embedding (a list of token ids),
+            or of named embeddings (``{"embed_tokens": [...]}``), without training the whole table
+            (:mod:`peftlab.methods.trainable_tokens`); a tied output head follows the trained rows.
     """
 
     peft_type = PeftType.LORA
@@ -91,7 +95,6 @@ class LoraConfig(LayerConfig):
         "corda_config": None,
         "megatron_config": None,
         "target_parameters": None,
-        "trainable_token_indices": None,
         "use_qalora": False,
         "alora_invocation_tokens": None,
         "arrow_config": None,
@@ -114,6 +117,7 @@ class LoraConfig(LayerConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +131,12 @@ class LoraConfig(LayerConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise PeftConfigError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}.")
         self._check_rank_pattern()
+        if isinstance(self.trainable_token_indices, dict):
+            self.trainable_token_indices = {
+                k: check_token_indices(f"LoraConfig: trainable_token_indices[{k!r}]", v) for k, v in self.trainable_token_indices.items()
+            }
+        elif self.trainable_token_indices is not None:
+            self.trainable_token_indices = check_token_indices("LoraConfig: trainable_token_indices", self.trainable_token_indices)
         lora_init.check_init(self.init_lora_weights, [self.r, *(self.rank_pattern or {}).values()])
         if self.use_dora and lora_init.needs_base(self.init_lora_weights):
             raise PeftConfigError(
@@ -175,6 +185,7 @@ def lora_bias_parameters(model: nn.Module, config: LoraConfig, adapter_name: str
         f"{name}.base_layer.bias": m.base_layer.bias
         for name, m in model.named_modules()
         if isinstance(m, LayerWrapper) and adapter_name in m.adapters and getattr(m.base_layer, "bias", None) is not None
+        and not isinstance(m.adapters[adapter_name], TokenRows)  # rows of trainable_token_indices: not a LoRA layer
     }
 
 
@@ -249,4 +260,10 @@ def _init_from_base(adapter: LoraLinear, base: nn.Module, init: str, module_name
     adapter.start_from(lora_a, lora_b, take_from_base=True)
 
 
-register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS, extra_tensors=lora_bias_parameters, learning_rates=(3e-4, 1e-3, 3e-3)))
+def _add_token_rows(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    if config.trainable_token_indices is not None:
+        add_token_rows(model, config.trainable_token_indices, adapter_name, skip=config.modules_to_save or ())
+
+
+register(MethodSpec(LoraConfig, make_lora_adapter, LORA_DEFAULT_TARGETS, extra_tensors=lora_bias_parameters, learning_rates=(3e-4, 1e-3, 3e-3),
+                    after_add=_add_token_rows))
