@@ -57,6 +57,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.auto import AutoPeftModelForSequenceClassification
     from peftlab.auto import AutoPeftModelForTokenClassification
     from peftlab.mapping import get_peft_config
+    from peftlab.merge_utils import dare_linear
+    from peftlab.merge_utils import dare_ties
+    from peftlab.merge_utils import magnitude_prune
+    from peftlab.merge_utils import task_arithmetic
+    from peftlab.merge_utils import ties
     from peftlab.mapping import inject_adapter_in_model
     from peftlab.mapping import load_peft_weights
     from peftlab.model_status import TunerLayerStatus
@@ -106,6 +111,11 @@ _LAZY: dict[str, str] = {
     "AutoPeftModelForSequenceClassification": "peftlab.auto",
     "AutoPeftModelForTokenClassification": "peftlab.auto",
     "get_peft_config": "peftlab.mapping",
+    "dare_linear": "peftlab.merge_utils",
+    "dare_ties": "peftlab.merge_utils",
+    "magnitude_prune": "peftlab.merge_utils",
+    "task_arithmetic": "peftlab.merge_utils",
+    "ties": "peftlab.merge_utils",
     "inject_adapter_in_model": "peftlab.mapping",
     "load_peft_weights": "peftlab.mapping",
     "TunerLayerStatus": "peftlab.model_status",
@@ -137,6 +147,11 @@ __all__ = [
     "get_layer_status",
     "get_model_status",
     "get_peft_config",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "task_arithmetic",
+    "ties",
     "inject_adapter_in_model",
     "load_peft_weights",
     "AdaLoraConfig",

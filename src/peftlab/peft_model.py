@@ -229,11 +229,15 @@ class PeftModel(nn.Module):
         self._mark_trainable()
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
-        """A new LoRA adapter from weighted existing ones: "linear", "cat" or "svd" (see :mod:`peftlab.weighted`)."""
+                             combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """A new LoRA adapter from weighted existing ones: "linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
+        "magnitude_prune" and their "*_svd" forms, as peft (see :mod:`peftlab.weighted`)."""
         from peftlab.weighted import add_weighted_adapter
 
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
+                             svd_driver, density, majority_sign_method)
 
     def get_layer_status(self) -> list[Any]:
         """Per adapted layer: active, merged, trainable and available adapters (see :mod:`peftlab.model_status`)."""
