@@ -206,3 +206,26 @@ def test_combination_keeps_no_rslora_scale():
     # one adapter, weight 1: B' A' = s B A up to the rounding of sqrt(s)^2 and of the two products
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
 
+
+
+@pytest.mark.parametrize("kind", ["linear", "cat", "svd", "ties"])
+def test_lora_bias_combines_like_peft(kind):
+    """The combination's bias is sum_i w_i s_i b_i, whatever the factors' combination (peft's rule)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_gpt2().eval()
+    models = []
+    for lib in (peft, peftlab):
+        kwargs = dict(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+        m = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(lora_bias=True, **kwargs))
+        m.add_adapter("b", lib.LoraConfig(**kwargs))
+        models.append(m)
+    models[1].load_state_dict(models[0].state_dict(), strict=True)
+    for m in models:
+        m.add_weighted_adapter(["default", "b"], [0.5, -1.5], "mix", combination_type=kind, density=0.5)
+    theirs, ours = (m.state_dict() for m in models)
+    bias_keys = [k for k in theirs if k.endswith("lora_B.mix.bias")]
+    assert bias_keys and ours[bias_keys[0]].shape == theirs[bias_keys[0]].shape
+    for key in bias_keys:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert models[1].peft_config["mix"].lora_bias

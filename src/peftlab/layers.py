@@ -180,6 +180,9 @@ class AdapterView(nn.Module):
     def on_discarded(self, base_layer: nn.Module) -> None:
         """Undo :meth:`on_installed` when a failed add is rolled back (not on a plain delete, as in peft)."""
 
+    def check_merge(self, base_layer: nn.Module) -> None:
+        """Raise if :meth:`merge_into` cannot work on ``base_layer``; asked of every layer before any merges."""
+
     def merge_into(self, base_layer: nn.Module) -> None:
         """Fold this adapter into ``base_layer``'s weights (in place)."""
         raise AdapterStateError(f"{type(self).__name__} cannot be merged into the base weights.")

@@ -80,6 +80,12 @@ def add_weighted_adapter(model: "PeftModel", adapters: Sequence[str], weights: S
         raise AdapterStateError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
     if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float)) or not 0 <= svd_clamp <= 1):
         raise AdapterStateError(f"svd_clamp is a quantile in [0, 1] (or None for no clamping), got {svd_clamp!r}.")
+    if any(c.lora_bias for c in configs) and any(
+        "lora_embedding_A" in w._modules and any(a in w.lora_embedding_A for a in adapters)
+        for _, w in iter_wrappers(model.get_base_model()) if isinstance(w, LayerWrapper)
+    ):
+        raise AdapterStateError("some of these adapters have lora_bias=True and some adapt an embedding, which takes no bias; "
+                                "combine them in separate groups.")
     for _, wrapper in iter_wrappers(model.get_base_model()):
         if isinstance(wrapper, ModulesToSave) and sum(a in wrapper.modules_to_save for a in adapters) > 1:
             raise AdapterStateError("these adapters each train their own copy of the same module (modules_to_save); "
@@ -98,6 +104,7 @@ def add_weighted_adapter(model: "PeftModel", adapters: Sequence[str], weights: S
     config = copy.deepcopy(configs[0])
     config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern = new_rank, new_rank, {}, {}
     config.use_rslora = False  # scaling alpha / r = 1: the sources' scalings are folded into the factors
+    config.lora_bias = any(c.lora_bias for c in configs)  # its bias: sum_i w_i s_i b_i
     config.trainable_token_indices = None  # as peft: the combination holds LoRA factors only
     if changes_base(config.init_lora_weights):  # its factors are overwritten: no PiSSA/OLoRA residual for it
         config.init_lora_weights = True
@@ -174,6 +181,13 @@ def _combine(layer: LayerWrapper, adapters: list[str], weights: list[float], new
         target_b.copy_(options.merge(kind, [_factors(layer, n)[1] for n, _ in present], weights_b).to(dtype))
     else:
         _combine_svd(layer, present, kind, rank, options, target_a, target_b)
+    new_bias = getattr(layer.lora_B[new], "bias", None) if "lora_B" in layer._modules else None
+    if new_bias is not None:  # lora_bias adds s * b to the output whatever the factors: the biases combine linearly
+        new_bias.zero_()
+        for n, w in present:
+            bias = layer.lora_B[n].bias
+            if bias is not None:
+                new_bias += w * layer.adapters[n].scaling * bias
 
 
 def _combine_svd(layer: LayerWrapper, present: list[tuple[str, float]], kind: str, rank: int, options: _Options,

@@ -89,6 +89,10 @@ class LayerTuner(Tuner):
 
     def merge(self, names: Sequence[str], configs: dict[str, "PeftConfig"], safe_merge: bool) -> None:
         layers = self._layers()
+        for layer in layers:  # a refusal leaves every layer unmerged
+            for name in names:
+                if name in layer.adapters and name not in layer.merged_adapters:
+                    layer.adapters[name].check_merge(layer.base_layer)
         if safe_merge:
             _check_merge_is_finite(layers, names)
         _untie_merged_weights(self.model, [l for l in layers if any(n in l.adapters and l.adapters[n].merge_unties_shared_weight for n in names)])

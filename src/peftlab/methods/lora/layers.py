@@ -18,7 +18,7 @@ from torch import nn
 from peftlab import base_layer as BL
 from peftlab import functional as Fn
 from peftlab import kernels
-from peftlab.errors import caller_stacklevel
+from peftlab.errors import AdapterStateError, caller_stacklevel
 from peftlab.layers import AdapterView
 
 InitMode = Literal[True, False, "gaussian"]
@@ -35,14 +35,18 @@ class LoraLinear(AdapterView):
     plain_low_rank: ClassVar[bool] = True
 
     def __init__(
-        self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, fan_in_fan_out: bool
+        self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, fan_in_fan_out: bool,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.lora_A = nn.Linear(in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, out_features, bias=False)
+        # lora_bias (peft): B gets a bias, so the update is s * (B A x + b); the fused paths know no bias.
+        self.lora_B = nn.Linear(r, out_features, bias=bias)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.fan_in_fan_out = fan_in_fan_out
+        if bias:
+            self.plain_low_rank = False
 
     def reset(self, init: InitMode) -> None:
         if init is False:
@@ -52,6 +56,8 @@ class LoraLinear(AdapterView):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
 
     def start_from(self, lora_a: torch.Tensor, lora_b: torch.Tensor, take_from_base: bool) -> None:
         """Start from the given factors (an init that reads the base, :mod:`peftlab.methods.lora.init`).
@@ -121,11 +127,30 @@ class LoraLinear(AdapterView):
         delta = Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
         return Fn.transpose_if(delta, self.fan_in_fan_out)
 
+    def check_merge(self, base_layer: nn.Module) -> None:
+        _check_bias_merge(self.lora_B.bias, base_layer)
+
     def merge_into(self, base_layer: nn.Module) -> None:
         BL.add_to_weight(base_layer, Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling))
+        _add_bias(base_layer, self.lora_B.bias, self.scaling)
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
         BL.add_to_weight(base_layer, -Fn.lora_linear_delta(self.lora_A.weight, self.lora_B.weight, self.scaling))
+        _add_bias(base_layer, self.lora_B.bias, -self.scaling)
+
+
+def _check_bias_merge(lora_bias: torch.Tensor | None, base_layer: nn.Module) -> None:
+    if lora_bias is not None and getattr(base_layer, "bias", None) is None:
+        raise AdapterStateError(
+            f"this LoRA has a bias (lora_bias=True) but its {type(base_layer).__name__} has none to merge it into; "
+            f"keep the adapter unmerged (nothing was merged)."
+        )
+
+
+def _add_bias(base_layer: nn.Module, lora_bias: torch.Tensor | None, scale: float) -> None:
+    """The bias term of lora_bias=True merged: ``b_base += scale * b``."""
+    if lora_bias is not None:
+        base_layer.bias.data += (lora_bias.detach() * scale).to(base_layer.bias.dtype)
 
 
 class LoraEmbedding(AdapterView):
@@ -172,12 +197,12 @@ class LoraEmbedding(AdapterView):
 class LoraConv2d(AdapterView):
     """LoRA for ``nn.Conv2d``: A is a conv with the base's kernel into r channels, B a 1x1 conv."""
 
-    def __init__(self, base: nn.Conv2d, r: int, scaling: float, dropout: float) -> None:
+    def __init__(self, base: nn.Conv2d, r: int, scaling: float, dropout: float, bias: bool = False) -> None:
         super().__init__()
         self.lora_A = nn.Conv2d(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, dilation=base.dilation, bias=False
         )
-        self.lora_B = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False)
+        self.lora_B = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=bias)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
 
@@ -189,6 +214,8 @@ class LoraConv2d(AdapterView):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
 
     def adapt_output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.weight.dtype)
@@ -197,8 +224,13 @@ class LoraConv2d(AdapterView):
     def delta_weight(self) -> torch.Tensor:
         return Fn.lora_conv2d_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
+    def check_merge(self, base_layer: nn.Module) -> None:
+        _check_bias_merge(self.lora_B.bias, base_layer)
+
     def merge_into(self, base_layer: nn.Module) -> None:
         BL.add_to_weight(base_layer, self.delta_weight())
+        _add_bias(base_layer, self.lora_B.bias, self.scaling)
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
         BL.add_to_weight(base_layer, -self.delta_weight())
+        _add_bias(base_layer, self.lora_B.bias, -self.scaling)

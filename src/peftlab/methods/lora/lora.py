@@ -81,6 +81,8 @@ class LoraConfig(LayerConfig):
             the end of the module name (e.g. ``{"value": 16}``).
         use_dora: weight-decomposed LoRA (DoRA, :mod:`peftlab.methods.lora.dora`): a trained
             per-row magnitude times the direction of ``W + s B A``; Linear and Conv1D only.
+        lora_bias: give B a bias too (trained, saved as ``lora_B.bias``): the update becomes ``s (B A x + b)``;
+            merging adds ``s b`` to the base layer's bias, so it needs one. Not on embeddings, nor with DoRA.
         trainable_token_indices: also train these rows of the input embedding (a list of token ids),
             or of named embeddings (``{"embed_tokens": [...]}``), without training the whole table
             (:mod:`peftlab.methods.trainable_tokens`); a tied output head follows the trained rows.
@@ -88,7 +90,6 @@ class LoraConfig(LayerConfig):
 
     peft_type = PeftType.LORA
     unsupported_peft_fields = {
-        "lora_bias": False,
         "layer_replication": None,
         "loftq_config": {},
         "eva_config": None,
@@ -118,6 +119,7 @@ class LoraConfig(LayerConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,6 +140,11 @@ class LoraConfig(LayerConfig):
         elif self.trainable_token_indices is not None:
             self.trainable_token_indices = check_token_indices("LoraConfig: trainable_token_indices", self.trainable_token_indices)
         lora_init.check_init(self.init_lora_weights, [self.r, *(self.rank_pattern or {}).values()])
+        if not isinstance(self.lora_bias, bool):
+            raise PeftConfigError(f"LoraConfig: lora_bias must be True or False, got {self.lora_bias!r}.")
+        if self.lora_bias and (self.use_dora or not isinstance(self.init_lora_weights, bool)):
+            raise PeftConfigError(f"LoraConfig: lora_bias=True works with plain LoRA and init_lora_weights True or False "
+                                  f"(as in peft), not with use_dora={self.use_dora}, init_lora_weights={self.init_lora_weights!r}.")
         if self.use_dora and lora_init.needs_base(self.init_lora_weights):
             raise PeftConfigError(
                 f"LoraConfig: init_lora_weights={self.init_lora_weights!r} with use_dora=True is not implemented in peftlab; "
@@ -203,12 +210,18 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
             )
         return make_dora_adapter(base, r, scaling, config, module_name)
     adapter: AdapterView
+    if config.lora_bias and getattr(base, "bias", None) is None:
+        warnings.warn(f"LoRA: lora_bias=True on {module_name}, which has no bias: the adapter trains a bias but cannot be "
+                      f"merged there.", stacklevel=caller_stacklevel())
     if isinstance(base, nn.Embedding):
+        if config.lora_bias:
+            raise TargetModuleError(f"LoRA: lora_bias=True does not work on embeddings ({module_name}), as in peft; "
+                                    f"exclude it or set lora_bias=False.")
         adapter = LoraEmbedding(base, r, scaling)
     elif isinstance(base, nn.Conv2d):
         if base.groups != 1:
             raise TargetModuleError(f"LoRA: {module_name} is a grouped Conv2d (groups={base.groups}); exclude it.")
-        adapter = LoraConv2d(base, r, scaling, config.lora_dropout)
+        adapter = LoraConv2d(base, r, scaling, config.lora_dropout, bias=config.lora_bias)
     elif BL.is_linear(base):
         transposed = BL.is_transposed(base)
         if transposed != config.fan_in_fan_out:
@@ -218,7 +231,8 @@ def make_lora_adapter(base: nn.Module, config: LoraConfig, adapter_name: str, mo
                 stacklevel=caller_stacklevel(),
             )
         in_features, out_features = BL.features(base)
-        adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=transposed)
+        adapter = LoraLinear(in_features, out_features, r, scaling, config.lora_dropout, fan_in_fan_out=transposed,
+                             bias=config.lora_bias)
         if lora_init.needs_base(config.init_lora_weights):
             _init_from_base(adapter, base, config.init_lora_weights, module_name)
             return adapter
