@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.methods.prompt.prompt_tuning import PromptTuningInit
     from peftlab.methods.selective.selective import SelectiveConfig
     from peftlab.methods.trainable_tokens.trainable_tokens import TrainableTokensConfig
+    from peftlab.methods.vera.vera import VeraConfig
     from peftlab.peft_model import PeftModel
     from peftlab.peft_model import get_peft_model
     from peftlab.peft_model import get_peft_model_state_dict
@@ -90,6 +91,7 @@ _LAZY: dict[str, str] = {
     "PromptTuningInit": "peftlab.methods.prompt.prompt_tuning",
     "SelectiveConfig": "peftlab.methods.selective.selective",
     "TrainableTokensConfig": "peftlab.methods.trainable_tokens.trainable_tokens",
+    "VeraConfig": "peftlab.methods.vera.vera",
     "PeftModel": "peftlab.peft_model",
     "get_peft_model": "peftlab.peft_model",
     "get_peft_model_state_dict": "peftlab.peft_model",
@@ -175,6 +177,7 @@ __all__ = [
     "PromptTuningInit",
     "SelectiveConfig",
     "TrainableTokensConfig",
+    "VeraConfig",
     "QuantConfig",
     "QuantizationError",
     "TargetModuleError",

@@ -48,6 +48,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     SELECTIVE = "SELECTIVE"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    VERA = "VERA"
 
 
 # Heads that task types train and save alongside the adapter, as Trainer users expect.

@@ -119,6 +119,7 @@ _BUILTIN_MODULES = (
     "peftlab.methods.selective",
     "peftlab.methods.prompt",
     "peftlab.methods.trainable_tokens",
+    "peftlab.methods.vera",
 )
 
 
