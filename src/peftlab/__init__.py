@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.methods.selective.selective import SelectiveConfig
     from peftlab.methods.trainable_tokens.trainable_tokens import TrainableTokensConfig
     from peftlab.methods.vera.vera import VeraConfig
+    from peftlab.methods.oft.oft import OFTConfig
     from peftlab.peft_model import PeftModel
     from peftlab.peft_model import get_peft_model
     from peftlab.peft_model import get_peft_model_state_dict
@@ -92,6 +93,7 @@ _LAZY: dict[str, str] = {
     "SelectiveConfig": "peftlab.methods.selective.selective",
     "TrainableTokensConfig": "peftlab.methods.trainable_tokens.trainable_tokens",
     "VeraConfig": "peftlab.methods.vera.vera",
+    "OFTConfig": "peftlab.methods.oft.oft",
     "PeftModel": "peftlab.peft_model",
     "get_peft_model": "peftlab.peft_model",
     "get_peft_model_state_dict": "peftlab.peft_model",
@@ -178,6 +180,7 @@ __all__ = [
     "SelectiveConfig",
     "TrainableTokensConfig",
     "VeraConfig",
+    "OFTConfig",
     "QuantConfig",
     "QuantizationError",
     "TargetModuleError",

@@ -49,6 +49,7 @@ class PeftType(str, enum.Enum):
     SELECTIVE = "SELECTIVE"
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     VERA = "VERA"
+    OFT = "OFT"
 
 
 # Heads that task types train and save alongside the adapter, as Trainer users expect.

@@ -120,6 +120,7 @@ _BUILTIN_MODULES = (
     "peftlab.methods.prompt",
     "peftlab.methods.trainable_tokens",
     "peftlab.methods.vera",
+    "peftlab.methods.oft",
 )
 
 
