@@ -54,7 +54,7 @@ def test_unknown_architecture_without_targets():
         get_peft_model(net, LoraConfig())
 
 
-@pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=-2), dict(r=2.5), dict(lora_dropout=1.5), dict(bias="some"), dict(init_lora_weights="pissa")])
+@pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=-2), dict(r=2.5), dict(lora_dropout=1.5), dict(bias="some"), dict(init_lora_weights="loftq")])
 def test_invalid_lora_config(kwargs):
     with pytest.raises(peftlab.PeftConfigError):
         LoraConfig(**kwargs)

@@ -38,6 +38,10 @@ METHODS = {
     "prefix_tuning": (lambda: peftlab.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), False),
     "p_tuning": (lambda: peftlab.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8), False),
     "selective": (lambda: peftlab.SelectiveConfig(task_type="CAUSAL_LM", layer_norm=True), False),
+    "vera": (lambda: peftlab.VeraConfig(task_type="CAUSAL_LM", r=8, target_modules=TARGETS), True),
+    "oft": (lambda: peftlab.OFTConfig(task_type="CAUSAL_LM", oft_block_size=8, target_modules=TARGETS), True),
+    # its rows live in the embedding, which stays unquantized: its merge is tested in test_trainable_tokens.py
+    "trainable_tokens": (lambda: peftlab.TrainableTokensConfig(task_type="CAUSAL_LM", token_indices=[3, 10, 56]), False),
 }
 PROMPT = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 

@@ -12,6 +12,7 @@ from peftlab import registry
 from peftlab.config import PeftType
 from peftlab.errors import PeftConfigError, QuantizationError
 from peftlab.quantization import QuantConfig, quantize_model
+from peftlab.methods.vera import VeraTuner
 from peftlab.tuners import LayerTuner, PromptTuner, SelectiveTuner, tuner_for
 from conftest import tiny_llama
 
@@ -38,7 +39,9 @@ def test_each_method_lives_in_a_family_package_the_registry_imports(key):
 def test_make_tuner_builds_the_tuner_kind(key):
     spec = registry.method_for(key)
     tuner = tuner_for(tiny_llama(), spec)
-    expected = PromptTuner if spec.make_model_adapter else LayerTuner if spec.make_adapter else SelectiveTuner
+    # methods with their own tuner name its kind here (VeRA: layer surgery plus shared projections)
+    custom = {"SELECTIVE": SelectiveTuner, "VERA": VeraTuner}
+    expected = PromptTuner if spec.make_model_adapter else LayerTuner if spec.make_adapter else custom[key]
     assert type(tuner) is expected
 
 

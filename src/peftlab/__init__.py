@@ -36,6 +36,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.methods.prompt.prompt_tuning import PromptTuningConfig
     from peftlab.methods.prompt.prompt_tuning import PromptTuningInit
     from peftlab.methods.selective.selective import SelectiveConfig
+    from peftlab.methods.trainable_tokens.trainable_tokens import TrainableTokensConfig
+    from peftlab.methods.vera.vera import VeraConfig
+    from peftlab.methods.oft.oft import OFTConfig
     from peftlab.peft_model import PeftModel
     from peftlab.peft_model import get_peft_model
     from peftlab.peft_model import get_peft_model_state_dict
@@ -58,6 +61,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.auto import AutoPeftModelForSequenceClassification
     from peftlab.auto import AutoPeftModelForTokenClassification
     from peftlab.mapping import get_peft_config
+    from peftlab.merge_utils import dare_linear
+    from peftlab.merge_utils import dare_ties
+    from peftlab.merge_utils import magnitude_prune
+    from peftlab.merge_utils import task_arithmetic
+    from peftlab.merge_utils import ties
     from peftlab.mapping import inject_adapter_in_model
     from peftlab.mapping import load_peft_weights
     from peftlab.model_status import TunerLayerStatus
@@ -73,6 +81,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from peftlab.peft_names import LoHaModel
     from peftlab.peft_names import LoKrModel
     from peftlab.peft_names import LoraModel
+    from peftlab.peft_names import OFTModel
+    from peftlab.peft_names import TrainableTokensModel
+    from peftlab.peft_names import VeraModel
     from peftlab.peft_names import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
     from peftlab.peft_names import PEFT_TYPE_TO_CONFIG_MAPPING
     from peftlab.peft_names import PEFT_TYPE_TO_TUNER_MAPPING
@@ -95,6 +106,9 @@ _LAZY: dict[str, str] = {
     "LoHaModel": "peftlab.peft_names",
     "LoKrModel": "peftlab.peft_names",
     "LoraModel": "peftlab.peft_names",
+    "OFTModel": "peftlab.peft_names",
+    "TrainableTokensModel": "peftlab.peft_names",
+    "VeraModel": "peftlab.peft_names",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "peftlab.peft_names",
     "PEFT_TYPE_TO_CONFIG_MAPPING": "peftlab.peft_names",
     "PEFT_TYPE_TO_TUNER_MAPPING": "peftlab.peft_names",
@@ -121,6 +135,9 @@ _LAZY: dict[str, str] = {
     "PromptTuningConfig": "peftlab.methods.prompt.prompt_tuning",
     "PromptTuningInit": "peftlab.methods.prompt.prompt_tuning",
     "SelectiveConfig": "peftlab.methods.selective.selective",
+    "TrainableTokensConfig": "peftlab.methods.trainable_tokens.trainable_tokens",
+    "VeraConfig": "peftlab.methods.vera.vera",
+    "OFTConfig": "peftlab.methods.oft.oft",
     "PeftModel": "peftlab.peft_model",
     "get_peft_model": "peftlab.peft_model",
     "get_peft_model_state_dict": "peftlab.peft_model",
@@ -142,6 +159,11 @@ _LAZY: dict[str, str] = {
     "AutoPeftModelForSequenceClassification": "peftlab.auto",
     "AutoPeftModelForTokenClassification": "peftlab.auto",
     "get_peft_config": "peftlab.mapping",
+    "dare_linear": "peftlab.merge_utils",
+    "dare_ties": "peftlab.merge_utils",
+    "magnitude_prune": "peftlab.merge_utils",
+    "task_arithmetic": "peftlab.merge_utils",
+    "ties": "peftlab.merge_utils",
     "inject_adapter_in_model": "peftlab.mapping",
     "load_peft_weights": "peftlab.mapping",
     "TunerLayerStatus": "peftlab.model_status",
@@ -173,6 +195,11 @@ __all__ = [
     "get_layer_status",
     "get_model_status",
     "get_peft_config",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "task_arithmetic",
+    "ties",
     "inject_adapter_in_model",
     "load_peft_weights",
     "AdaLoraConfig",
@@ -195,6 +222,9 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "SelectiveConfig",
+    "TrainableTokensConfig",
+    "VeraConfig",
+    "OFTConfig",
     "QuantConfig",
     "QuantizationError",
     "TargetModuleError",
@@ -211,6 +241,9 @@ __all__ = [
     "LoHaModel",
     "LoKrModel",
     "LoraModel",
+    "OFTModel",
+    "TrainableTokensModel",
+    "VeraModel",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",

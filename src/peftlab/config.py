@@ -47,6 +47,9 @@ class PeftType(str, enum.Enum):
     P_TUNING = "P_TUNING"
     BOTTLENECK = "BOTTLENECK"
     SELECTIVE = "SELECTIVE"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    VERA = "VERA"
+    OFT = "OFT"
 
 
 # Heads that task types train and save alongside the adapter, as Trainer users expect. As in peft

@@ -65,6 +65,9 @@ class AdapterView(nn.Module):
     #: Plain attributes the layer shows as ``{adapter name: value}``, as peft's layers keep them
     #: (``layer.scaling["default"]``, ``layer.r["default"]``).
     per_adapter: ClassVar[tuple[str, ...]] = ()
+    #: Merging into a weight another module shares would change that module too, so the layer gets its
+    #: own copy first; False for adapters whose merge is right for every sharer (trainable token rows).
+    merge_unties_shared_weight: ClassVar[bool] = True
 
     # ----- the view: tensors live in the layer's containers once attached --------------------
     def attach(self, layer: nn.Module, adapter_name: str) -> None:
@@ -170,6 +173,19 @@ class AdapterView(nn.Module):
         """
         return None
 
+    def on_installed(self, base_layer: nn.Module) -> None:
+        """Called once every adapter of an add is built and this one sits in its layer.
+
+        An init that moves part of the base weight into the adapter (PiSSA, OLoRA) writes the
+        base's new weight here, so a layer refused while building leaves the model untouched.
+        """
+
+    def on_discarded(self, base_layer: nn.Module) -> None:
+        """Undo :meth:`on_installed` when a failed add is rolled back (not on a plain delete, as in peft)."""
+
+    def check_merge(self, base_layer: nn.Module) -> None:
+        """Raise if :meth:`merge_into` cannot work on ``base_layer``; asked of every layer before any merges."""
+
     def merge_into(self, base_layer: nn.Module) -> None:
         """Fold this adapter into ``base_layer``'s weights (in place)."""
         raise AdapterStateError(f"{type(self).__name__} cannot be merged into the base weights.")
@@ -214,10 +230,14 @@ class LayerWrapper(nn.Module):
         adapter.attach(self, name)
         self.adapters[name] = adapter
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, undo_install: bool = False) -> None:
+        """Drop adapter ``name``; ``undo_install`` also gives the base back what the adapter's init took (a rollback)."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged; call unmerge_adapter() before deleting it.")
-        self.adapters.pop(name).detach_from(self)
+        adapter = self.adapters.pop(name)
+        if undo_install:
+            adapter.on_discarded(self.base_layer)
+        adapter.detach_from(self)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     # ----- merging --------------------------------------------------------------------------

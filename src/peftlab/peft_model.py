@@ -142,7 +142,7 @@ class PeftModel(PeftModelSurface, nn.Module):
 
     def _rollback(self, adapter_name: str, flags: dict[nn.Parameter, bool]) -> None:
         """Remove every part of ``adapter_name`` that exists and restore ``requires_grad`` flags."""
-        self.tuner.remove(adapter_name)
+        self.tuner.discard(adapter_name)
         self.peft_config.pop(adapter_name, None)
         self.optional_heads.pop(adapter_name, None)
         self.also_active = [n for n in self.also_active if n in self.peft_config]
@@ -255,11 +255,15 @@ class PeftModel(PeftModelSurface, nn.Module):
         self._mark_trainable()
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
-        """A new LoRA adapter from weighted existing ones: "linear", "cat" or "svd" (see :mod:`peftlab.weighted`)."""
+                             combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """A new LoRA adapter from weighted existing ones: "linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
+        "magnitude_prune" and their "*_svd" forms, as peft (see :mod:`peftlab.weighted`)."""
         from peftlab.weighted import add_weighted_adapter
 
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, svd_full_matrices,
+                             svd_driver, density, majority_sign_method)
 
     def get_layer_status(self) -> list[Any]:
         """Per adapted layer: active, merged, trainable and available adapters (see :mod:`peftlab.model_status`)."""
@@ -365,9 +369,14 @@ class PeftModel(PeftModelSurface, nn.Module):
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
         state_dict: dict[str, torch.Tensor] | None = None,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as peft does: "default" in the folder, others in sub-folders, plus a model card.
+
+        ``path_initial_model_for_weight_conversion`` (the folder a PiSSA/OLoRA adapter was saved to right
+        after its init) writes it as a plain LoRA for the original base instead
+        (:mod:`peftlab.methods.lora.conversion`).
 
         ``safe_serialization=False`` writes ``adapter_model.bin`` (pickle) instead of safetensors;
         ``is_main_process=False`` writes nothing (the other ranks of a distributed run);
@@ -389,6 +398,10 @@ class PeftModel(PeftModelSurface, nn.Module):
                 config = copy.deepcopy(self.peft_config[name])
                 config.inference_mode = True
                 tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
+                if path_initial_model_for_weight_conversion is not None:  # a refusal here leaves the folder as it was
+                    from peftlab.methods.lora.conversion import convert_to_plain_lora
+
+                    config, tensors = convert_to_plain_lora(config, tensors, path_initial_model_for_weight_conversion)
                 if safe_serialization:
                     checkpoint.save_adapter_weights(folder, tensors)
                 else:

@@ -60,8 +60,12 @@ AdaLoraModel = _tuner_name("AdaLoraModel", "ADALORA")
 IA3Model = _tuner_name("IA3Model", "IA3")
 LoHaModel = _tuner_name("LoHaModel", "LOHA")
 LoKrModel = _tuner_name("LoKrModel", "LOKR")
+VeraModel = _tuner_name("VeraModel", "VERA")
+OFTModel = _tuner_name("OFTModel", "OFT")
+TrainableTokensModel = _tuner_name("TrainableTokensModel", "TRAINABLE_TOKENS")
 
-TUNER_NAMES = {"LORA": LoraModel, "ADALORA": AdaLoraModel, "IA3": IA3Model, "LOHA": LoHaModel, "LOKR": LoKrModel}
+TUNER_NAMES = {"LORA": LoraModel, "ADALORA": AdaLoraModel, "IA3": IA3Model, "LOHA": LoHaModel, "LOKR": LoKrModel,
+               "VERA": VeraModel, "OFT": OFTModel, "TRAINABLE_TOKENS": TrainableTokensModel}
 
 
 class PeftWarning(UserWarning):

@@ -68,6 +68,9 @@ class MethodSpec:
             the workbench fills them from the optimizer step count.
         trainer_callbacks: "module:Class" names of transformers ``TrainerCallback`` classes the
             method needs in training (AdaLoRA's rank budget); imported only when a run trains.
+        after_add: (model, config, adapter name) -> None, run after the target layers are adapted: more
+            adapters the config asks for (LoRA's ``trainable_token_indices``, a tied output head
+            following trained embedding rows); whatever it adds is undone with the adapter.
         learning_rates: a sensible learning-rate grid to sweep for this method (the workbench's
             default sweep); methods differ by orders of magnitude, so one shared grid would
             judge some of them at a bad rate.
@@ -87,6 +90,7 @@ class MethodSpec:
     step_count_options: tuple[str, ...] = ()
     trainer_callbacks: tuple[str, ...] = ()
     learning_rates: tuple[float, ...] = ()
+    after_add: Callable[[nn.Module, "PeftConfig", str], None] | None = None
 
     def __post_init__(self) -> None:
         factories = (self.make_adapter, self.make_model_adapter)
@@ -114,6 +118,9 @@ _BUILTIN_MODULES = (
     "peftlab.methods.bottleneck",
     "peftlab.methods.selective",
     "peftlab.methods.prompt",
+    "peftlab.methods.trainable_tokens",
+    "peftlab.methods.vera",
+    "peftlab.methods.oft",
 )
 
 

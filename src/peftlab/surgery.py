@@ -58,6 +58,7 @@ def inject_adapter(
             module = LayerWrapper(module)
             replace_submodule(model, name, module)
         module.add(adapter_name, adapter)
+        adapter.on_installed(module.base_layer)
 
 
 def wrap_modules_to_save(model: nn.Module, names: Sequence[str], adapter_name: str) -> list[str]:
@@ -84,11 +85,14 @@ def _inside_wrapper(model: nn.Module, name: str) -> bool:
     return False
 
 
-def remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Delete one adapter everywhere; wrappers left with no adapter go back to plain layers."""
+def remove_adapter(model: nn.Module, adapter_name: str, undo_install: bool = False) -> None:
+    """Delete one adapter everywhere; wrappers left with no adapter go back to plain layers.
+
+    ``undo_install`` (a rollback) also gives base weights back what an adapter's init took (PiSSA).
+    """
     for name, wrapper in list(iter_wrappers(model)):
         if isinstance(wrapper, LayerWrapper) and adapter_name in wrapper.adapters:
-            wrapper.remove(adapter_name)
+            wrapper.remove(adapter_name, undo_install)
             if not wrapper.adapters:
                 replace_submodule(model, name, wrapper.base_layer)
         elif isinstance(wrapper, ModulesToSave) and adapter_name in wrapper.modules_to_save:

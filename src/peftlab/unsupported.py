@@ -28,7 +28,7 @@ _METHODS: dict[str, tuple[str, str]] = {
     "Cartridge": ("cartridges (trained KV prefixes)", "PrefixTuningConfig"),
     "Deft": ("DEFT", _LORA_FAMILY),
     "Delora": ("DeLoRA", "LoraConfig(use_dora=True)"),
-    "Eva": ("EVA initialisation", "LoraConfig(init_lora_weights=True or 'gaussian')"),
+    "Eva": ("EVA initialisation", "LoraConfig(init_lora_weights='pissa', 'olora', 'orthogonal', 'gaussian' or True)"),
     "FourierFT": ("FourierFT", _LORA_FAMILY),
     "Frod": ("FRoD", _LORA_FAMILY),
     "Glora": ("GLoRA", "LoraConfig"),
@@ -39,12 +39,11 @@ _METHODS: dict[str, tuple[str, str]] = {
     "LNTuning": ("LayerNorm tuning", "SelectiveConfig (trains chosen norm weights and biases in place)"),
     "Lily": ("Lily", _LORA_FAMILY),
     "LoftQ": ("LoftQ initialisation", "prepare_model_for_kbit_training + LoraConfig on the 4-bit base (QLoRA)"),
-    "LoraGA": ("LoRA-GA initialisation", "LoraConfig(init_lora_weights=True or 'gaussian')"),
+    "LoraGA": ("LoRA-GA initialisation", "LoraConfig(init_lora_weights='pissa', 'olora', 'orthogonal', 'gaussian' or True)"),
     "LoraRuntime": ("LoRA runtime options (ephemeral GPU offload)", "LoraConfig; adapters are built on the base layer's device"),
     "Miss": ("MiSS", _LORA_FAMILY),
     "Monteclora": ("MonteCLoRA", "LoraConfig"),
     "MultitaskPromptTuning": ("multitask prompt tuning", "one PromptTuningConfig adapter per task (add_adapter)"),
-    "OFT": ("OFT", "LoKrConfig or LoraConfig"),
     "OSF": ("OSF", _LORA_FAMILY),
     "Paca": ("PaCA", "LoraConfig"),
     "Peanut": ("PEANuT", _LORA_FAMILY),
@@ -57,11 +56,9 @@ _METHODS: dict[str, tuple[str, str]] = {
     "Shira": ("SHiRA", "SelectiveConfig (trains chosen weights sparsely in place)"),
     "Supertuning": ("supertuning", _LORA_FAMILY),
     "TinyLora": ("TinyLoRA", "LoraConfig with a small r"),
-    "TrainableTokens": ("trainable token rows", "LoraConfig(modules_to_save=['embed_tokens']) (trains the whole embedding)"),
     "UniLora": ("Uni-LoRA", "LoraConfig with a small r"),
     "VBLoRA": ("VB-LoRA", "LoraConfig with a small r"),
     "Velora": ("VeLoRA", "activation checkpointing (model.gradient_checkpointing_enable()) to save activation memory"),
-    "Vera": ("VeRA", "LoraConfig with a small r (VeRA's parameter budget is near r=1..4 LoRA)"),
     "WaveFT": ("WaveFT", _LORA_FAMILY),
     "XLora": ("X-LoRA (a mixture of LoRA experts)", "several LoRA adapters with set_adapter([...]) or mixed batches"),
 }
@@ -77,14 +74,14 @@ _OTHERS: dict[str, str] = {
     "save_as_lora": "peftlab converts no other method into LoRA; train a LoraConfig adapter.",
     "create_arrow_model": "peftlab has no Arrow routing; load several LoRA adapters and use a mixed batch (adapter_names=[...]).",
     "find_kappa_target_modules": "peftlab has no kappa-based target search; see `peftlab inspect MODEL` for what can be targeted.",
-    "get_eva_state_dict": "peftlab has no EVA initialisation; LoraConfig(init_lora_weights=True or 'gaussian').",
-    "initialize_lora_eva_weights": "peftlab has no EVA initialisation; LoraConfig(init_lora_weights=True or 'gaussian').",
+    "get_eva_state_dict": "peftlab has no EVA initialisation; LoraConfig(init_lora_weights='pissa', 'olora', 'orthogonal', 'gaussian' or True).",
+    "initialize_lora_eva_weights": "peftlab has no EVA initialisation; LoraConfig(init_lora_weights='pissa', 'olora', 'orthogonal', 'gaussian' or True).",
     "initialize_kv_prefix_from_past_key_values": "peftlab does not initialise prefixes from a cache; PrefixTuningConfig trains them from scratch.",
     "initialize_kv_prefix_from_text": "peftlab does not initialise prefixes from text; PromptTuningConfig(prompt_tuning_init='TEXT') does so for prompt tuning.",
     "prompt_embeddings_from_past_key_values": "peftlab does not convert caches into prompts; use PromptTuningConfig or PrefixTuningConfig.",
-    "preprocess_loraga": "peftlab has no LoRA-GA initialisation; LoraConfig(init_lora_weights=True or 'gaussian').",
+    "preprocess_loraga": "peftlab has no LoRA-GA initialisation; LoraConfig(init_lora_weights='pissa', 'olora', 'orthogonal', 'gaussian' or True).",
     "replace_lora_weights_loftq": "peftlab has no LoftQ; train LoRA on the 4-bit base (prepare_model_for_kbit_training + LoraConfig).",
-    "replace_lora_weights_pissa": "peftlab has no PiSSA initialisation; LoraConfig(init_lora_weights=True or 'gaussian').",
+    "replace_lora_weights_pissa": "PiSSA is an init here: LoraConfig(init_lora_weights='pissa' or 'pissa_niter_K') when the adapter is created.",
 }
 
 
@@ -130,7 +127,7 @@ def refusal_error(message: str, name: str) -> Exception:
 
 # Public attributes of peft's PeftModel, LoraModel (``base_model``) and LoRA layer that peftlab's
 # objects lack, with why and what to use; docs/peft_api.md lists them (tools/peft_api_doc.py).
-_INIT = "a LoRA initialisation peftlab does not implement (init_lora_weights True, False or 'gaussian')"
+_INIT = "peft's per-init layer methods; peftlab runs the init when the adapter is built (init_lora_weights: True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora', 'orthogonal')"
 _LAYER_INTERNALS = "peft's layer bookkeeping; a peftlab layer keeps each adapter as an object in layer.adapters"
 MISSING_ATTRIBUTES: dict[str, dict[str, str]] = {
     "PeftModel": {
@@ -141,7 +138,7 @@ MISSING_ATTRIBUTES: dict[str, dict[str, str]] = {
     },
     "LoraModel": {
         "inject_adapter": "use add_adapter() on the PeftModel, or inject_adapter_in_model()",
-        "subtract_mutated_init": "part of PiSSA/OLoRA conversion, which peftlab does not implement",
+        "subtract_mutated_init": "PiSSA/OLoRA conversion runs inside save_pretrained(path_initial_model_for_weight_conversion=...)",
         "supports_lora_conversion": "peftlab converts no method into LoRA",
         "target_module_mapping": "default targets per architecture live in peftlab.targeting; `peftlab inspect MODEL` lists them",
         "targeted_parameter_names": "peftlab has no target_parameters (LoRA on bare nn.Parameters)",
@@ -159,7 +156,6 @@ MISSING_ATTRIBUTES: dict[str, dict[str, str]] = {
         "get_base_weight": "use get_base_layer().weight",
         "set_base_weight": "merging writes the base weight; use merge_adapter() / unmerge_adapter()",
         "is_target_conv_1d_layer": "use fan_in_fan_out (True for GPT-2's Conv1D)",
-        "lora_bias": "lora_bias is not implemented (a saved adapter that sets it is refused)",
         "lora_embedding_A": "present on adapted nn.Embedding layers only",
         "lora_embedding_B": "present on adapted nn.Embedding layers only",
         "lora_magnitude_vector": "present on DoRA layers only",

@@ -28,6 +28,19 @@ BERT = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear")
 GPT2 = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)  # wte: tied, see below
 LLAMA = dict(task_type="CAUSAL_LM", r=3, lora_alpha=5, target_modules="all-linear", rank_pattern={"v_proj": 2}, use_rslora=True)
 CONV = dict(r=2, lora_alpha=3, target_modules=["conv", "lin", "emb"])
+LORA_BIAS_CONV = dict(r=2, lora_alpha=3, target_modules=["conv", "lin"], lora_bias=True)  # embeddings take no lora_bias
+# Inits that read the base weight (tests/methods/test_lora_init.py has their own checks): the factors
+# start non-zero, so the rows perturb them to get an adapter that changes the output.
+PISSA = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="pissa")
+OLORA = dict(GPT2, init_lora_weights="olora")
+ORTHOGONAL = dict(PISSA, init_lora_weights="orthogonal", target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def _init_rows(kwargs):
+    """(ours, theirs) factories for an init that is its own identity: the same config either way."""
+    import peft
+
+    return (lambda identity: LoraConfig(**kwargs)), (lambda: peft.LoraConfig(**kwargs))
 
 T5 = dict(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=["q", "v", "wo"])
 
@@ -37,6 +50,11 @@ CASES = {
     "llama-rslora-pattern": Case(tiny_llama, text_inputs, _ours(**LLAMA), _peft(**LLAMA)),
     "convnet": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV)),
     "t5-seq2seq": Case(tiny_t5, seq2seq_inputs, _ours(**T5), _peft(**T5)),
+    "llama-pissa": Case(tiny_llama, text_inputs, *_init_rows(PISSA), perturb=True),
+    "gpt2-olora": Case(tiny_gpt2, text_inputs, *_init_rows(OLORA), perturb=True),
+    "llama-orthogonal": Case(tiny_llama, text_inputs, *_init_rows(ORTHOGONAL), perturb=True),
+    "gpt2-lora-bias": Case(tiny_gpt2, text_inputs, _ours(**GPT2, lora_bias=True), _peft(**GPT2, lora_bias=True)),
+    "convnet-lora-bias": Case(ConvNet, conv_inputs, _ours(**LORA_BIAS_CONV), _peft(**LORA_BIAS_CONV)),
 }
 globals().update(contract_tests(CASES))
 
@@ -218,3 +236,41 @@ def test_gradients_reach_only_adapters():
     out.loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n for n in with_grad)
+
+
+def test_lora_bias_forward_and_merge_by_hand():
+    """lora_bias=True: out = W x + b + s (B A x + b_B); merging adds s b_B to the base bias."""
+    torch.manual_seed(0)
+    net = TwoLinear()
+    x = torch.randn(2, 5)
+    w, bias = net.a.weight.detach().clone(), net.a.bias.detach().clone()
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=6, target_modules=["a"], lora_bias=True, init_lora_weights=False))
+    adapter = model.get_base_model().a.adapters["default"]
+    a, b, b_b = adapter.lora_A.weight.detach(), adapter.lora_B.weight.detach(), adapter.lora_B.bias.detach()
+    assert adapter.lora_B.bias.requires_grad
+    hidden = x @ w.T + bias + (x @ a.T @ b.T + b_b) * 3.0
+    expected = net.b(torch.relu(hidden))
+    torch.testing.assert_close(model(x), expected)
+    model.merge_adapter()
+    torch.testing.assert_close(model.get_base_model().a.base_layer.bias, bias + 3.0 * b_b)
+    torch.testing.assert_close(model(x), expected)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model.get_base_model().a.base_layer.bias, bias)
+
+
+def test_lora_bias_refusals():
+    with pytest.raises(peftlab.PeftConfigError, match="lora_bias"):
+        LoraConfig(lora_bias=True, use_dora=True)
+    with pytest.raises(peftlab.PeftConfigError, match="lora_bias"):
+        LoraConfig(lora_bias=True, init_lora_weights="gaussian")
+    with pytest.raises(peftlab.TargetModuleError, match="embeddings"):
+        get_peft_model(ConvNet(), LoraConfig(r=2, target_modules=["lin", "emb"], lora_bias=True))
+    # a layer without a bias: the adapter trains, but a merge is refused before any layer changes
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="no bias"):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(peftlab.AdapterStateError, match="no bias|has none"):
+        model.merge_adapter()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(w.merged_adapters for _, w in peftlab.layers.iter_wrappers(model.get_base_model()))

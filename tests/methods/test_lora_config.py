@@ -33,7 +33,7 @@ from conftest import tiny_bert_cls, tiny_gpt2
         (dict(lora_dropout=True), "LoraConfig: lora_dropout must be in [0, 1), got True."),
         (dict(lora_dropout="0.1"), "LoraConfig: lora_dropout must be in [0, 1), got '0.1'."),
         (dict(bias="some"), "LoraConfig: bias must be 'none', 'all' or 'lora_only', got 'some'."),
-        (dict(init_lora_weights="pissa"), "LoraConfig: init_lora_weights must be True, False or 'gaussian', got 'pissa'."),
+        (dict(init_lora_weights="loftq"), "LoraConfig: init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' or 'orthogonal', got 'loftq'."),
         (dict(rank_pattern=[("q", 2)]), "LoraConfig: rank_pattern must be a dict of module-name regex -> value, got [('q', 2)]."),
         (dict(alpha_pattern=3), "LoraConfig: alpha_pattern must be a dict of module-name regex -> value, got 3."),
         (dict(rank_pattern={"(": 2}), "LoraConfig: pattern key '(' is not a valid regular expression (missing ), unterminated subpattern at position 0)."),

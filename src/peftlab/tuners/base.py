@@ -57,6 +57,10 @@ class Tuner(PeftTunerSurface, nn.Module):
         """Delete every trace of ``adapter_name`` (also after a failed :meth:`add`)."""
         raise NotImplementedError
 
+    def discard(self, adapter_name: str) -> None:
+        """Undo a failed add: :meth:`remove`, plus whatever the add changed in the base model."""
+        self.remove(adapter_name)
+
     def activate(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one forward uses."""
         raise NotImplementedError

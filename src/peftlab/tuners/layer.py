@@ -11,7 +11,7 @@ import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from peftlab import limits, mixed_batch, quantization, surgery, targeting
 from peftlab.errors import AdapterStateError, caller_stacklevel
-from peftlab.layers import BASE_ROW, LayerWrapper, iter_wrappers
+from peftlab.layers import BASE_ROW, AdapterView, LayerWrapper, iter_wrappers
 from peftlab.tuners.base import Tuner, check_modules_to_save, follow_active, wrapper_tensors, wrappers_disabled
 
 if TYPE_CHECKING:
@@ -50,18 +50,27 @@ class LayerTuner(Tuner):
             method=type(config).__name__,
         )
         check_modules_to_save(self.model, config)
-        surgery.inject_adapter(
-            self.model, names, adapter_name, lambda base, name: spec.make_adapter(base, config, adapter_name, name)
-        )
+        surgery.inject_adapter(self.model, names, adapter_name, self.adapter_factory(config, adapter_name, names))
         if config.modules_to_save:
             surgery.wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
+        if spec.after_add is not None:
+            spec.after_add(self.model, config, adapter_name)
         # A wrapper created for the new adapter must still follow the model's active adapter.
         follow_active(self.model, active)
+
+    def adapter_factory(self, config: "PeftConfig", adapter_name: str, names: list[str]) -> Callable[[nn.Module, str], AdapterView]:
+        """(base layer, module path) -> the new adapter for it; a subclass may first build state all
+        the adapter's layers share (VeRA's projections)."""
+        spec = self.__dict__["_spec"]
+        return lambda base, name: spec.make_adapter(base, config, adapter_name, name)
 
     def remove(self, adapter_name: str) -> None:
         surgery.remove_adapter(self.model, adapter_name)
 
     several_active = True
+
+    def discard(self, adapter_name: str) -> None:
+        surgery.remove_adapter(self.model, adapter_name, undo_install=True)
 
     def activate(self, adapter_name: str | Sequence[str]) -> None:
         follow_active(self.model, adapter_name)
@@ -90,9 +99,13 @@ class LayerTuner(Tuner):
 
     def merge(self, names: Sequence[str], configs: dict[str, "PeftConfig"], safe_merge: bool) -> None:
         layers = self._layers()
+        for layer in layers:  # a refusal leaves every layer unmerged
+            for name in names:
+                if name in layer.adapters and name not in layer.merged_adapters:
+                    layer.adapters[name].check_merge(layer.base_layer)
         if safe_merge:
             _check_merge_is_finite(layers, names)
-        _untie_merged_weights(self.model, [l for l in layers if any(n in l.adapters for n in names)])
+        _untie_merged_weights(self.model, [l for l in layers if any(n in l.adapters and l.adapters[n].merge_unties_shared_weight for n in names)])
         for layer in layers:
             layer.merge_adapters(names)
 

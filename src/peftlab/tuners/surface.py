@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # The prefix peft gives each method's parameter names (``lora_A`` -> "lora_"), by peft type.
 PARAMETER_PREFIX = {"LORA": "lora_", "ADALORA": "lora_", "IA3": "ia3_", "LOHA": "hada_", "LOKR": "lokr_",
                     "BOTTLENECK": "adapter_", "PROMPT_TUNING": "prompt_", "PREFIX_TUNING": "prefix_",
-                    "P_TUNING": "prompt_", "SELECTIVE": ""}
+                    "P_TUNING": "prompt_", "SELECTIVE": "", "VERA": "vera_lambda_", "OFT": "oft_", "TRAINABLE_TOKENS": "trainable_tokens_"}
 
 
 class PeftTunerSurface:

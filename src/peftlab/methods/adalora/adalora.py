@@ -117,6 +117,9 @@ class AdaLoraConfig(LoraConfig):
         super().__post_init__()  # LoRA's checks, then rank_pattern against init_r
         if self.use_dora:
             raise PeftConfigError(f"{name}: use_dora=True is not available for AdaLoRA; use LoraConfig(use_dora=True).")
+        if self.trainable_token_indices is not None or self.lora_bias or self.init_lora_weights not in (True, False, "gaussian"):
+            raise PeftConfigError(f"{name}: trainable_token_indices, lora_bias and init_lora_weights={self.init_lora_weights!r} are "
+                                  f"LoraConfig options peftlab does not offer for AdaLoRA; use LoraConfig.")
         if self.r != 8:
             warnings.warn(f"{name}: r is not used by AdaLoRA; set the starting rank with init_r.", stacklevel=3)
         if self.use_rslora or self.alpha_pattern:
