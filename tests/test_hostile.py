@@ -272,6 +272,8 @@ def _size_config(field: str, value: float) -> PeftConfig:
         "encoder_num_layers": lambda: peftlab.PromptEncoderConfig(**prompt, encoder_num_layers=value),
         "bottleneck_size": lambda: peftlab.BottleneckConfig(bottleneck_size=value),
         "reduction_factor": lambda: peftlab.BottleneckConfig(reduction_factor=value),
+        "oft_block_size": lambda: peftlab.OFTConfig(r=0, oft_block_size=value),
+        "num_cayley_neumann_terms": lambda: peftlab.OFTConfig(num_cayley_neumann_terms=value),
     }
     return builders[field]()
 
@@ -279,7 +281,9 @@ def _size_config(field: str, value: float) -> PeftConfig:
 # Integer and float fields of the configs that size no tensor (schedules, scales, dropouts, selections).
 NOT_SIZES = {"layers_to_transform", "lora_alpha", "alpha", "lora_dropout", "rank_dropout", "module_dropout", "adapter_dropout",
              "encoder_dropout", "alpha_pattern", "rank_pattern", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
-             "total_step", "decompose_factor", "last_n_layers"}
+             "total_step", "decompose_factor", "last_n_layers",
+             # VeRA's initial d, OFT's COFT eps, VeRA's projection seed, dropouts; token indices are checked against the vocabulary
+             "d_initial", "eps", "projection_prng_key", "vera_dropout", "token_indices", "trainable_token_indices"}
 
 
 def test_every_numeric_config_field_is_a_bounded_size_or_named_as_not_one():

@@ -39,10 +39,10 @@ def test_no_implemented_name_is_refused():
 
 
 def test_a_refused_name_says_what_to_use_on_import_and_on_attribute_access():
-    with pytest.raises(ImportError, match="does not implement VeRA.*use LoraConfig"):
-        exec("from peftlab import VeraConfig", {})  # (as source: the import-graph test reads imports statically)
-    with pytest.raises(AttributeError, match="does not implement OFT"):
-        peftlab.OFTConfig  # noqa: B018
+    with pytest.raises(ImportError, match="does not implement FourierFT.*use LoRA"):
+        exec("from peftlab import FourierFTConfig", {})  # (as source: the import-graph test reads imports statically)
+    with pytest.raises(AttributeError, match="does not implement BOFT"):
+        peftlab.BOFTConfig  # noqa: B018
     assert not hasattr(peftlab, "XLoraModel") and getattr(peftlab, "LNTuningConfig", None) is None
     with pytest.raises(AttributeError, match="no attribute 'NotAPeftName'"):
         peftlab.NotAPeftName  # noqa: B018

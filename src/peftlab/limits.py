@@ -72,6 +72,8 @@ CONFIG_SIZES: dict[str, tuple[float, float]] = {
     # width = output size / reduction_factor: 1/16 makes the "bottleneck" 16 times the layer, 2**17 leaves
     # less than one unit of every layer in use
     "reduction_factor": (2**-4, 2**17),
+    "oft_block_size": (1, 2**17),  # OFT's rotation block width (a block is width x width)
+    "num_cayley_neumann_terms": (1, 2**8),  # matrix products per forward of every OFT layer
 }
 
 
