@@ -115,3 +115,26 @@ def test_train_on_a_terminal_draws_one_live_line_and_no_trainer_dicts(tmp_path, 
     assert "lora: step 32/32 (100%)" in screen  # kept at the end: 2 epochs x 64 rows / 4
     assert "lora: epoch 1, eval accuracy" in screen and "lora: epoch 2, eval accuracy" in screen
     assert "{'loss'" not in screen and "{'eval_loss'" not in screen
+
+
+def test_the_callback_clears_its_evaluation_line_after_the_test_pass():
+    from types import SimpleNamespace
+
+    from peftlab.lab.console import progress_callback
+
+    out = io.StringIO()
+    callback = progress_callback("lora", 8, "dev", live=True, stream=out)
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=2, global_step=0, epoch=None)
+    callback.on_train_begin(None, state, None)
+    for step in (1, 2):
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+    callback.on_train_end(None, state, None)
+    kept = out.getvalue()
+    assert kept.endswith("\n") and kept.rsplit("\r", 1)[-1].startswith("lora: step 2/2 (100%)")  # the last step stays
+    for _ in range(3):  # the held-out test pass after training (Trainer.predict)
+        callback.on_prediction_step(None, state, None, eval_dataloader=[0, 1, 2])
+    assert "evaluating, batch" in out.getvalue()[len(kept):]
+    callback.on_predict(None, state, None)
+    after = out.getvalue()[len(kept):]
+    assert after.endswith("\r") and after.rstrip("\r").rsplit("\r", 1)[-1].strip() == ""  # blanked: the next print starts clean

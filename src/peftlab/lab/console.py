@@ -179,6 +179,11 @@ def progress_callback(name: str, examples_per_step: int, eval_name: str, live: b
             epoch = f"epoch {state.epoch:.3g}" if state.epoch is not None else f"step {state.global_step}"
             self.line.message(f"{name}: {epoch}, {eval_name} " + ", ".join(shown))
 
+        def on_predict(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001
+            self._eval_batches = 0  # the held-out test pass: its numbers are the run's result line
+            if self.line is not None:
+                self.line.clear()
+
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if self.line is not None:
                 self.line.finish(state.global_step)
