@@ -92,7 +92,7 @@ def test_train_on_a_terminal_draws_one_live_line_and_no_trainer_dicts(tmp_path, 
     proc = subprocess.Popen([sys.executable, "-m", "peftlab", "train", "--method", "lora", "--option", "target_modules=[query]",
                              "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--batch-size", "4",
                              "--epochs", "2", "--cpu", "--output-dir", str(tmp_path / "out")],
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, env=env)
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     chunks, deadline = [], time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -110,11 +110,12 @@ def test_train_on_a_terminal_draws_one_live_line_and_no_trainer_dicts(tmp_path, 
     proc.wait(timeout=60)
     os.close(master)
     screen = b"".join(chunks).decode("utf-8", "replace")
-    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == 0, screen[-2000:]
     assert "\rlora: step" in screen and "examples/s" in screen  # drawn in place
     assert "lora: step 32/32 (100%)" in screen  # kept at the end: 2 epochs x 64 rows / 4
     assert "lora: epoch 1, eval accuracy" in screen and "lora: epoch 2, eval accuracy" in screen
     assert "{'loss'" not in screen and "{'eval_loss'" not in screen
+    assert "Loading weights" not in screen and "it/s]" not in screen  # no third-party bars pushing the lines up
 
 
 def test_the_callback_clears_its_evaluation_line_after_the_test_pass():
