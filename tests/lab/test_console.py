@@ -114,6 +114,7 @@ def test_train_on_a_terminal_draws_one_live_line_and_no_trainer_dicts(tmp_path, 
     assert "\rlora: step" in screen and "examples/s" in screen  # drawn in place
     assert "lora: step 32/32 (100%)" in screen  # kept at the end: 2 epochs x 64 rows / 4
     assert "lora: epoch 1, eval accuracy" in screen and "lora: epoch 2, eval accuracy" in screen
+    assert screen.index("lora: step 32/32 (100%)") < screen.index("lora: epoch 2, eval accuracy")  # in the order they happen
     assert "{'loss'" not in screen and "{'eval_loss'" not in screen
     assert "Loading weights" not in screen and "it/s]" not in screen  # no third-party bars pushing the lines up
 

@@ -88,7 +88,10 @@ class RunLine:
         if loss is not None:
             self.loss = loss
         if self.live:
-            if now - self._drawn >= LIVE_REFRESH_SECONDS or step >= self.total:
+            if step >= self.total:  # kept on screen, before the last evaluation's line
+                self.message(self.text(step))
+                self._logged_step = step
+            elif now - self._drawn >= LIVE_REFRESH_SECONDS:
                 self._draw(self.text(step))
                 self._drawn = now
             return
@@ -99,8 +102,8 @@ class RunLine:
             self._logged_step, self._logged_at = step, now
 
     def finish(self, step: int) -> None:
-        """The run's last line, kept on screen (a plain log has it already when the last step was logged)."""
-        if self.live or self._logged_step != step:
+        """The run's last line, kept on screen (unless the last step printed it already)."""
+        if self._logged_step != step:
             self.message(self.text(step))
             self._logged_step = step
 
