@@ -92,7 +92,7 @@ def test_train_on_a_terminal_draws_one_live_line_and_no_trainer_dicts(tmp_path, 
     proc = subprocess.Popen([sys.executable, "-m", "peftlab", "train", "--method", "lora", "--option", "target_modules=[query]",
                              "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--batch-size", "4",
                              "--epochs", "2", "--cpu", "--output-dir", str(tmp_path / "out")],
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, env=env)
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     chunks, deadline = [], time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -110,8 +110,33 @@ def test_train_on_a_terminal_draws_one_live_line_and_no_trainer_dicts(tmp_path, 
     proc.wait(timeout=60)
     os.close(master)
     screen = b"".join(chunks).decode("utf-8", "replace")
-    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == 0, screen[-2000:]
     assert "\rlora: step" in screen and "examples/s" in screen  # drawn in place
     assert "lora: step 32/32 (100%)" in screen  # kept at the end: 2 epochs x 64 rows / 4
     assert "lora: epoch 1, eval accuracy" in screen and "lora: epoch 2, eval accuracy" in screen
+    assert screen.index("lora: step 32/32 (100%)") < screen.index("lora: epoch 2, eval accuracy")  # in the order they happen
     assert "{'loss'" not in screen and "{'eval_loss'" not in screen
+    assert "Loading weights" not in screen and "it/s]" not in screen  # no third-party bars pushing the lines up
+
+
+def test_the_callback_clears_its_evaluation_line_after_the_test_pass():
+    from types import SimpleNamespace
+
+    from peftlab.lab.console import progress_callback
+
+    out = io.StringIO()
+    callback = progress_callback("lora", 8, "dev", live=True, stream=out)
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=2, global_step=0, epoch=None)
+    callback.on_train_begin(None, state, None)
+    for step in (1, 2):
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+    callback.on_train_end(None, state, None)
+    kept = out.getvalue()
+    assert kept.endswith("\n") and kept.rsplit("\r", 1)[-1].startswith("lora: step 2/2 (100%)")  # the last step stays
+    for _ in range(3):  # the held-out test pass after training (Trainer.predict)
+        callback.on_prediction_step(None, state, None, eval_dataloader=[0, 1, 2])
+    assert "evaluating, batch" in out.getvalue()[len(kept):]
+    callback.on_predict(None, state, None)
+    after = out.getvalue()[len(kept):]
+    assert after.endswith("\r") and after.rstrip("\r").rsplit("\r", 1)[-1].strip() == ""  # blanked: the next print starts clean

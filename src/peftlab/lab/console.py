@@ -88,7 +88,10 @@ class RunLine:
         if loss is not None:
             self.loss = loss
         if self.live:
-            if now - self._drawn >= LIVE_REFRESH_SECONDS or step >= self.total:
+            if step >= self.total:  # kept on screen, before the last evaluation's line
+                self.message(self.text(step))
+                self._logged_step = step
+            elif now - self._drawn >= LIVE_REFRESH_SECONDS:
                 self._draw(self.text(step))
                 self._drawn = now
             return
@@ -99,8 +102,8 @@ class RunLine:
             self._logged_step, self._logged_at = step, now
 
     def finish(self, step: int) -> None:
-        """The run's last line, kept on screen (a plain log has it already when the last step was logged)."""
-        if self.live or self._logged_step != step:
+        """The run's last line, kept on screen (unless the last step printed it already)."""
+        if self._logged_step != step:
             self.message(self.text(step))
             self._logged_step = step
 
@@ -178,6 +181,11 @@ def progress_callback(name: str, examples_per_step: int, eval_name: str, live: b
                      if isinstance(metrics.get(key), (int, float))]
             epoch = f"epoch {state.epoch:.3g}" if state.epoch is not None else f"step {state.global_step}"
             self.line.message(f"{name}: {epoch}, {eval_name} " + ", ".join(shown))
+
+        def on_predict(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001
+            self._eval_batches = 0  # the held-out test pass: its numbers are the run's result line
+            if self.line is not None:
+                self.line.clear()
 
         def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if self.line is not None:

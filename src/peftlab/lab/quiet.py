@@ -3,8 +3,8 @@
 transformers logs a LOAD REPORT for every classifier head it initialises (expected when
 fine-tuning) and bitsandbytes warns about an optional CPU kernel package even when nothing is
 quantized. Both go through ``logging``; this sets their levels. Progress bars of model loading
-are turned off when stderr is not a terminal (the Trainer's follow ``--no-progress``, which the
-CLI sets then). The choice travels to the
+are turned off too (on a terminal ``-v`` keeps them); the Trainer's progress is drawn by
+:mod:`peftlab.lab.console`. The choice travels to the
 worker processes of ``peftlab compare`` in ``PEFTLAB_VERBOSE``.
 """
 
@@ -26,7 +26,9 @@ def apply(verbose_flag: bool | None = None) -> None:
     """Set the loggers for this process (and, through the environment, its children)."""
     if verbose_flag is not None:
         os.environ[VERBOSE_ENV] = "1" if verbose_flag else "0"
-    if not sys.stderr.isatty():  # weight-loading and download bars (huggingface_hub / transformers) in a log
+    # Weight-loading and download bars (huggingface_hub / transformers): noise in a log, and on a
+    # terminal they push the runs' own progress lines (peftlab.lab.console) up the screen; -v keeps them.
+    if not sys.stderr.isatty() or not verbose():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if verbose():
         if os.environ.get(_SET_BY_US) == "1":  # undo what an earlier, quiet apply() did in this process
