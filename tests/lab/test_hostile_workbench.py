@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -270,7 +271,7 @@ def test_best_on_dev_files_are_written_atomically(tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 2)
     state = types.SimpleNamespace(epoch=1.0)
     best.on_evaluate(None, state, None, model=model, metrics={"eval_accuracy": 0.5, "eval_loss": 1.0})
-    assert written == [best.score_path] and json.loads(open(best.score_path).read())["accuracy"] == 0.5
+    assert written == [best.score_path] and json.loads(Path(best.score_path).read_text())["accuracy"] == 0.5
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(best.path), os.path.basename(best.score_path)])
 
 
