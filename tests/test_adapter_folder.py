@@ -227,3 +227,32 @@ def test_staging_folder_taken_by_another_saves_clean_up_is_replaced(tmp_path, mo
     adapter_folder.save_folder(tmp_path / "adapter", lambda staging: Path(staging, "weights.bin").write_bytes(b"new"))
     assert taken and (tmp_path / "adapter" / "weights.bin").read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_saving_into_the_current_folder_is_whole_too(tmp_path, monkeypatch):
+    """It used to be written file by file (12 of 30 kills tore it): now staged and swapped like any save,
+    and the process continues in the new version at the same path."""
+    folder = tmp_path / "adapter"
+    model = get_peft_model(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"]))
+    model.save_pretrained(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.chdir(folder)
+
+    def die(staging: str) -> None:
+        Path(staging, "adapter_config.json").write_text("{}")  # half a save, then a crash
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        adapter_folder.save_folder(folder, die)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "file by file" warning any more
+        model.save_pretrained(".")
+    assert os.getcwd() == str(folder) and Path("adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    PeftModel.from_pretrained(tiny_bert_cls(), ".")
+

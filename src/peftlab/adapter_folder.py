@@ -59,12 +59,13 @@ def save_folder(target: str | os.PathLike, write: Callable[[str], None], carry_o
     """
     target = os.path.realpath(os.fspath(target))
     parent, base = os.path.split(target)
-    if not base or _holds_cwd(target):
-        # Swapping the current folder would leave this process inside the deleted old version.
-        warnings.warn(f"saving into the current folder {target} file by file; a save into a sub-folder is atomic "
-                      f"as a whole.", stacklevel=3)
+    if not base:  # the root folder has no parent to stage beside it
+        warnings.warn(f"saving into {target} file by file; a save into a sub-folder is atomic as a whole.", stacklevel=3)
         write(target)
         return
+    # Swapping the folder this process works in leaves it inside the old version (deleted below):
+    # it steps into the new version at the same path right after the swap.
+    cwd = os.getcwd() if _holds_cwd(target) else None
     os.makedirs(parent, exist_ok=True)
     remove_leftovers(target)
     staging, lock_fd = _new_staging(parent, base)
@@ -76,6 +77,8 @@ def save_folder(target: str | os.PathLike, write: Callable[[str], None], carry_o
                 os.chmod(staging, os.stat(target).st_mode & 0o7777)
         _fsync_tree(staging)
         _swap_in(staging, target)
+        if cwd is not None:
+            os.chdir(cwd if os.path.isdir(cwd) else target)
         _fsync_dir(parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after a swap: the old version

@@ -296,3 +296,11 @@ def test_a_second_study_into_a_locked_folder_is_refused_naming_the_first(tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_compare_checks_max_length_against_the_model_before_anything_is_written(tmp_path, tiny_model_dir, toy_data_dir, capsys):
+    out = tmp_path / "out"
+    code = main(["compare", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out),
+                 "--methods", "lora", "--max-length", "1000000", "--no-progress", "--cpu"])
+    _one_line_exit_2(capsys, code, "data.max_length=1000000 is more than model")
+    assert not out.exists()

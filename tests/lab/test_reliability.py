@@ -233,3 +233,38 @@ def test_divergence_rule():
     assert "divergence rule" in divergence(101.0, 0.69)
     assert divergence(1e-2, 1e-6) is None  # a tiny first loss does not make noise look like divergence
     assert divergence(900.0, 10.0) is None and divergence(1001.0, 10.0) is not None
+
+
+@pytest.mark.parametrize("save", [["--save-steps", "4"], []], ids=["every-4-steps", "every-epoch"])
+def test_resume_from_every_checkpoint_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch, save):
+    """Epoch boundaries included: a checkpoint taken at an epoch's last step comes before that epoch's
+    evaluation, which must not change what training does next (dropout on, so the random state matters)."""
+    import shutil
+
+    from peftlab.lab import runner
+
+    monkeypatch.setattr(runner, "KEPT_CHECKPOINTS", None)  # keep every checkpoint of the reference run
+    args = ["--method", "lora", "--option", "r=4", "--option", "lora_dropout=0.1", "--option", "target_modules=[query,value]",
+            "--epochs", "3", "--batch-size", "8", "--lr", "0.01", "--no-progress", "--cpu", "--seed", "3", "--keep-checkpoints", *save]
+
+    def train(out, *extra):
+        assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir), "--output-dir", str(out), *args,
+                     *extra]) == 0
+
+    train(tmp_path / "ref")
+    reference = _adapter(tmp_path / "ref")
+    checkpoints = sorted((tmp_path / "ref" / "runs" / "lora" / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    steps = [int(p.name.split("-")[1]) for p in checkpoints]
+    assert 8 in steps and 16 in steps  # 64 rows / 8 = 8 steps per epoch: the epoch boundaries are among them
+    for checkpoint in checkpoints[:-1]:
+        out = tmp_path / f"from-{checkpoint.name}"
+        shutil.copytree(tmp_path / "ref", out)
+        kept = out / "runs" / "lora"
+        shutil.rmtree(kept / "adapter")
+        for later in (kept / "checkpoints").iterdir():
+            if int(later.name.split("-")[1]) > int(checkpoint.name.split("-")[1]):
+                shutil.rmtree(later)
+        train(out, "--resume")
+        resumed = _adapter(out)
+        for key in reference:  # same operations in the same order on the same CPU: bit for bit
+            assert torch.equal(resumed[key], reference[key]), (checkpoint.name, key)

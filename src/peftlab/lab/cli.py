@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("\npeftlab: interrupted (Ctrl-C); what was saved is kept: result.json says interrupted, and the same "
-              "command with --resume continues a run from its last checkpoint.", file=sys.stderr)
+        print("\npeftlab: interrupted (Ctrl-C); what was saved is kept: a run that had started training says so in its "
+              "result.json, and the same command with --resume continues it from its last checkpoint.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except PeftlabError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held

@@ -35,6 +35,9 @@ from peftlab.lab.setup import Prepared, parameter_counts
 RUN_SPEC_NAME = "run.json"
 
 
+KEPT_CHECKPOINTS = 2  # the newest checkpoints kept while training (each holds the model and optimizer state)
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -174,7 +177,7 @@ def _make_trainer(run: RunConfig, prep: Prepared, output_dir: str, extra_callbac
         eval_strategy="epoch" if len(prep.eval_set) else "no",  # no rows to evaluate: train_causal without eval_rows
         save_strategy="steps" if cfg.save_steps else "epoch",
         save_steps=cfg.save_steps or 500,
-        save_total_limit=2,
+        save_total_limit=KEPT_CHECKPOINTS,
         logging_strategy="steps",
         logging_steps=max(1, min(cfg.logging_steps, steps_per_epoch)),
         report_to=[],

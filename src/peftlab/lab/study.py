@@ -85,6 +85,7 @@ def validate(runs: list[RunConfig]) -> None:
 
     seen: set[str] = set()
     for run in runs:
+        _check_positions(run)
         causal = run.task == "causal_lm"
         build_config(run.method, run.options, TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS)
         quant_config(run)
@@ -97,6 +98,30 @@ def validate(runs: list[RunConfig]) -> None:
                     template_for(run.data.label_names, splits.num_labels, run.data.prompt)
                 except PeftConfigError as exc:
                     raise WorkbenchError(f"run {run.name}: {exc}") from None
+
+
+def _check_positions(run: RunConfig) -> None:
+    """data.max_length against a local model folder's positions, read from its config.json (no model
+    loaded); other models are checked when the run loads them (setup.Prepared)."""
+    import types
+
+    from peftlab.errors import WorkbenchError
+    from peftlab.lab.experiment import DataConfig
+    from peftlab.lab.setup import usable_positions
+
+    path = os.path.join(run.model, "config.json")
+    if run.data.max_length == DataConfig.max_length or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+        text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+        positions = usable_positions(types.SimpleNamespace(**text))
+    except (OSError, ValueError, TypeError):
+        return  # an unreadable config is reported when the run loads the model
+    if positions is not None and run.data.max_length > positions:
+        raise WorkbenchError(f"run {run.name}: data.max_length={run.data.max_length} is more than model {run.model!r} reads "
+                             f"({positions} positions); use --max-length {positions} or less.")
 
 
 def run_in_subprocess(run: RunConfig, folder: str) -> RunResult:

@@ -96,10 +96,15 @@ class LabTrainer(Trainer):
         return loss
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().evaluation_loop(*args, **kwargs)
-        if self.model_metrics is not None:
-            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-            output.metrics.update({f"{prefix}_{k}": v for k, v in self.model_metrics(self.model).items()})
+        # Evaluation leaves the random state as it found it (its DataLoader draws a seed from the global
+        # generator): training then does not depend on when it was evaluated, so a run resumed from a
+        # checkpoint taken just before an epoch's evaluation continues exactly as the uninterrupted one.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            output = super().evaluation_loop(*args, **kwargs)
+            if self.model_metrics is not None:
+                prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+                output.metrics.update({f"{prefix}_{k}": v for k, v in self.model_metrics(self.model).items()})
         return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
