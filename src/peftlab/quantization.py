@@ -8,7 +8,7 @@ adapters on top. The adapters see the base layer as an ordinary ``nn.Linear`` su
 LoRA's forward needs no special case; only merging needs to know how to write into packed
 weights, which lives here.
 
-Works on CPU with bitsandbytes >= 0.45 (forward and backward through the frozen weights).
+Works on CPU with bitsandbytes >= 0.47 (forward and backward through the frozen weights, NF4 and FP4).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from peftlab import activation_checkpointing
 from peftlab.errors import QuantizationError
 from peftlab.release_memory import trim_heap
 
-INSTALL_HINT = "install it with `pip install peftlab[quant]` (bitsandbytes>=0.45)"
+INSTALL_HINT = "install it with `pip install peftlab[quant]` (bitsandbytes>=0.47)"
 # Module names never quantized by default: the output head is small next to its activations
 # and feeds the loss directly, so QLoRA keeps it in full precision.
 DEFAULT_SKIP = ("lm_head", "score", "classifier")

@@ -114,7 +114,9 @@ def test_an_evaluation_does_not_cut_the_gradients_of_a_4bit_base(tmp_path):
     base = _load_4bit(tmp_path / "base")
     down = base.model.layers[1].mlp.down_proj  # not adapted: gradients must still pass through it
     weight = down.weight
-    weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    repack = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)  # absent before bitsandbytes repacked on CPU
+    if repack is not None:
+        weight.data, weight.quant_state = repack(weight.data, weight.quant_state)
     model = get_peft_model(base, _lora())
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(not m.support_avx512bf16_for_cpu for m in layers)

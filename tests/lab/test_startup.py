@@ -61,7 +61,7 @@ def test_missing_packages_are_named_with_the_pip_line(monkeypatch, tmp_path, tin
     quantized = build_experiment({"model": "m", "data": {"dataset": str(toy_data_dir)},
                                   "runs": [{"method": "lora", "model": {"name": "m", "quantize": "4bit"}}]}).runs
     monkeypatch.setattr(preflight, "installed", lambda module: False)
-    with pytest.raises(WorkbenchError, match=r"bitsandbytes \(run lora: a 4bit base\).*pip install 'matplotlib>=3.7' 'bitsandbytes>=0.45'"):
+    with pytest.raises(WorkbenchError, match=r"bitsandbytes \(run lora: a 4bit base\).*pip install 'matplotlib>=3.7' 'bitsandbytes>=0.47'"):
         preflight.check_packages(quantized)
 
 

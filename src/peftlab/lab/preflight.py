@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # import name -> the requirement pip needs (as in pyproject.toml's extras)
 REQUIREMENTS = {
     "matplotlib": "matplotlib>=3.7",
-    "bitsandbytes": "bitsandbytes>=0.45",
+    "bitsandbytes": "bitsandbytes>=0.47",
     "gguf": "gguf>=0.10",
     "datasets": "datasets>=2.14",
 }
