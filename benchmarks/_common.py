@@ -199,10 +199,11 @@ def _git_commit() -> str | None:
         return None
 
 
-def write_results(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (atomically)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_results(name: str, payload: dict, directory: Path | None = None) -> Path:
+    """Write ``<directory>/<name>.json`` (default ``benchmarks/results/``, atomically)."""
+    directory = RESULTS if directory is None else Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     payload = {"benchmark": name, "environment": environment(), "loadavg_end": os.getloadavg(), **payload}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=float))

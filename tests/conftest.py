@@ -202,3 +202,24 @@ def peft_at_least(version: str):
     from packaging.version import Version
 
     return peft if Version(peft.__version__) >= Version(version) else None
+
+
+# ----- CUDA -------------------------------------------------------------------------------------
+def cuda_test_device() -> torch.device:
+    """The device the ``cuda``-marked tests run on: CUDA, or the CPU when ``PEFTLAB_TEST_DEVICE=cpu``.
+
+    The CPU setting is a dry run: every line of a CUDA test but the CUDA calls themselves runs on a
+    machine without a GPU (tools/gpu_check.sh --dry-run), so the tests are known to be sound
+    before a GPU is there to run them.
+    """
+    return torch.device("cpu" if os.environ.get("PEFTLAB_TEST_DEVICE", "") == "cpu" else "cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``cuda``-marked tests, with the reason, where torch sees no CUDA device (unless dry-running on CPU)."""
+    if cuda_test_device().type == "cpu" or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False (PEFTLAB_TEST_DEVICE=cpu dry-runs it on the CPU)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

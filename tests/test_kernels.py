@@ -36,7 +36,7 @@ def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torc
     """Output, and gradients of a fixed loss wrt the input and every trainable parameter."""
     x = x.detach().clone().requires_grad_(True)
     out = model(x)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     (out * weights).sum().backward()
     grads = {"x": x.grad}
     grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -124,7 +124,7 @@ def abs_magnitudes(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
             p.abs_()
     x = x.detach().double().abs().requires_grad_(True)
     out = magnitudes(x)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out).abs()).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out).abs()).sum().backward()
     grads = {"x": x.grad, **{n: p.grad for n, p in magnitudes.named_parameters() if p.requires_grad}}
     return {"out": out.detach(), **grads}
 

@@ -61,6 +61,14 @@ def plain_forced() -> bool:
     return os.environ.get("PEFTLAB_PLAIN", "") == "1"
 
 
+def compiling() -> bool:
+    """True while ``torch.compile`` traces: the dropout masks' seed is a host integer (one draw from
+    torch's CPU generator) and the CPU words come from numpy, so a fused node with dropout would
+    break the graph at every adapted layer (tests/cuda/test_cuda_compile.py). The readable path's
+    ``nn.Dropout`` compiles into the graph instead; without dropout the fused node is traced as is."""
+    return torch.compiler.is_compiling()
+
+
 def fast_base(base: nn.Module) -> bool:
     """Whether ``base`` is a plain, frozen Linear / Conv1D the fast path may bypass.
 
@@ -386,7 +394,7 @@ def lora_linear(base: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     layer and both adapter matmuls (casts outside the fused node, so gradients reach the fp32
     adapter weights through them).
     """
-    if plain_forced() or not fast_base(base):
+    if plain_forced() or not fast_base(base) or (training and dropout > 0 and compiling()):
         return None
     weight, bias = base.weight, base.bias
     if x.device != weight.device:
@@ -454,7 +462,7 @@ def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
                training: bool) -> torch.Tensor | None:
     """The adapter term with dropout through :class:`LoraDeltaFunction`, or None when the stock
     modules should compute it (no dropout in effect, autocast, mixed dtypes, ``PEFTLAB_PLAIN=1``)."""
-    if not training or dropout <= 0 or plain_forced() or x.dim() == 0:
+    if not training or dropout <= 0 or plain_forced() or x.dim() == 0 or compiling():
         return None
     if torch.is_autocast_enabled(x.device.type) or not (x.dtype == lora_a.dtype == lora_b.dtype):
         return None

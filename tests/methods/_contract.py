@@ -4,6 +4,9 @@ them over its own table of (tiny model x config) rows.
 A row is ``Case(build, inputs, ours, theirs)``: a base-model builder, an input maker and two
 config factories, ``ours(identity: bool)`` for peftlab and ``theirs()`` for Hugging Face peft
 (random, non-identity init) or None when peft has no counterpart.
+
+Each check takes an optional ``device`` (default: the CPU, where models are built); tests/cuda/
+runs the same checks on CUDA.
 """
 
 from __future__ import annotations
@@ -36,6 +39,17 @@ def conv_inputs() -> dict[str, torch.Tensor]:
     return {"x": torch.randn(2, 3, 6, 6, generator=g), "ids": torch.randint(0, 20, (2, 4), generator=g)}
 
 
+def inputs_on(case: Case, device: torch.device | None) -> dict:
+    """The case's inputs, moved to ``device`` when one is given."""
+    inputs = case.inputs()
+    return inputs if device is None else {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def built_on(case: Case, device: torch.device | None) -> nn.Module:
+    base = case.build()
+    return base if device is None else base.to(device)
+
+
 def run(model: nn.Module, inputs: dict) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -47,12 +61,12 @@ def perturb_trainable(model: nn.Module, seed: int = 5) -> None:
     with torch.no_grad():
         for _, param in model.named_parameters():
             if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=g) * 0.1)
+                param.add_(torch.randn(param.shape, generator=g).to(param.device) * 0.1)
 
 
-def base_and_model(case: Case, identity: bool, seed: int = 1) -> tuple[nn.Module, nn.Module]:
+def base_and_model(case: Case, identity: bool, seed: int = 1, device: torch.device | None = None) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    base = case.build()
+    base = built_on(case, device)
     torch.manual_seed(seed)
     model = peftlab.get_peft_model(copy.deepcopy(base), case.ours(identity))
     if case.perturb and not identity:
@@ -60,15 +74,15 @@ def base_and_model(case: Case, identity: bool, seed: int = 1) -> tuple[nn.Module
     return base, model
 
 
-def check_identity_at_init(case: Case) -> None:
-    base, model = base_and_model(case, identity=True)
-    inputs = case.inputs()
+def check_identity_at_init(case: Case, device: torch.device | None = None) -> None:
+    base, model = base_and_model(case, identity=True, device=device)
+    inputs = inputs_on(case, device)
     torch.testing.assert_close(run(model, inputs), run(base, inputs), atol=1e-6, rtol=0)
 
 
-def check_merge_unmerge(case: Case) -> None:
-    base, model = base_and_model(case, identity=False)
-    inputs = case.inputs()
+def check_merge_unmerge(case: Case, device: torch.device | None = None) -> None:
+    base, model = base_and_model(case, identity=False, device=device)
+    inputs = inputs_on(case, device)
     unmerged = run(model, inputs)
     assert not torch.allclose(unmerged, run(base, inputs), atol=1e-4), "random init must change the output"
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -82,18 +96,18 @@ def check_merge_unmerge(case: Case) -> None:
     torch.testing.assert_close(run(merged, inputs), unmerged, atol=1e-5, rtol=1e-5)
 
 
-def check_save_load_roundtrip(case: Case, tmp_path) -> None:
-    base, model = base_and_model(case, identity=False)
-    inputs = case.inputs()
+def check_save_load_roundtrip(case: Case, tmp_path, device: torch.device | None = None) -> None:
+    base, model = base_and_model(case, identity=False, device=device)
+    inputs = inputs_on(case, device)
     expected = run(model, inputs)
     model.save_pretrained(tmp_path)
     loaded = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(run(loaded, inputs), expected, atol=1e-6, rtol=1e-6)
 
 
-def check_only_adapter_parameters_change(case: Case) -> None:
-    base, model = base_and_model(case, identity=True)
-    inputs = case.inputs()
+def check_only_adapter_parameters_change(case: Case, device: torch.device | None = None) -> None:
+    base, model = base_and_model(case, identity=True, device=device)
+    inputs = inputs_on(case, device)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".default." in n + "." for n in trainable), sorted(trainable)[:5]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -110,30 +124,30 @@ def check_only_adapter_parameters_change(case: Case) -> None:
     assert any(".default." in n + "." and ".modules_to_save." not in n for n in changed)
 
 
-def check_peft_to_peftlab(case: Case, tmp_path) -> None:
+def check_peft_to_peftlab(case: Case, tmp_path, device: torch.device | None = None) -> None:
     peft = peft_oracle()
 
     torch.manual_seed(0)
-    base = case.build()
+    base = built_on(case, device)
     torch.manual_seed(1)
     theirs = peft.get_peft_model(copy.deepcopy(base), case.theirs())
     if case.perturb:
         perturb_trainable(theirs)
     theirs.save_pretrained(tmp_path)
     ours = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    inputs = case.inputs()
+    inputs = inputs_on(case, device)
     expected = run(theirs, inputs)
     assert not torch.allclose(expected, run(base, inputs), atol=1e-4), "adapter must change the output"
     torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
-def check_peftlab_to_peft(case: Case, tmp_path) -> None:
+def check_peftlab_to_peft(case: Case, tmp_path, device: torch.device | None = None) -> None:
     peft = peft_oracle()
 
-    base, ours = base_and_model(case, identity=False, seed=2)
+    base, ours = base_and_model(case, identity=False, seed=2, device=device)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    inputs = case.inputs()
+    inputs = inputs_on(case, device)
     expected = run(ours, inputs)
     assert not torch.allclose(expected, run(base, inputs), atol=1e-4)
     torch.testing.assert_close(run(theirs, inputs), expected, atol=1e-5, rtol=1e-5)

@@ -107,17 +107,17 @@ def perturb_trainable(model: nn.Module, seed: int = 11, heads_only: bool = False
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.requires_grad and not (heads_only and name.startswith("prompt_encoder.")):
-                param.add_(torch.randn(param.shape, generator=g) * 0.5)
+                param.add_(torch.randn(param.shape, generator=g).to(param.device) * 0.5)
 
 
 def _heads(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in saved.items() if k != PROMPT_KEY}
 
 
-def own_model(case: PromptCase, seed: int = 1) -> tuple[nn.Module, nn.Module]:
-    """(base, peftlab model) without peft, prompt rows and heads moved off their init values."""
+def own_model(case: PromptCase, seed: int = 1, device: torch.device | None = None) -> tuple[nn.Module, nn.Module]:
+    """(base, peftlab model) without peft, prompt rows and heads moved off their init values (on ``device`` if given)."""
     torch.manual_seed(0)
-    base = case.build()
+    base = case.build() if device is None else case.build().to(device)
     torch.manual_seed(seed)
     ours = peftlab.get_peft_model(copy.deepcopy(base), case.ours())
     perturb_trainable(ours)
@@ -325,9 +325,15 @@ def check_generate_matches_greedy_by_forward(case: PromptCase) -> None:
     assert torch.equal(generate(ours, inputs), expected), (generate(ours, inputs), expected)
 
 
-def check_save_load_roundtrip(case: PromptCase, tmp_path) -> None:
-    base, ours = own_model(case)
+def inputs_on(case: PromptCase, device: torch.device | None) -> dict:
+    """The case's inputs, moved to ``device`` when one is given (tests/cuda/ runs these checks on CUDA)."""
     inputs = case.inputs()
+    return inputs if device is None else {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def check_save_load_roundtrip(case: PromptCase, tmp_path, device: torch.device | None = None) -> None:
+    base, ours = own_model(case, device=device)
+    inputs = inputs_on(case, device)
     ours.save_pretrained(tmp_path)
     for trainable in (False, True):
         loaded = peftlab.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=trainable)
@@ -339,16 +345,16 @@ def check_save_load_roundtrip(case: PromptCase, tmp_path) -> None:
             torch.testing.assert_close(read_back[key], value, rtol=0, atol=0, msg=key)
 
 
-def check_only_prompt_and_head_train(case: PromptCase) -> None:
+def check_only_prompt_and_head_train(case: PromptCase, device: torch.device | None = None) -> None:
     torch.manual_seed(0)
-    model = peftlab.get_peft_model(case.build(), case.ours())
+    model = peftlab.get_peft_model(case.build() if device is None else case.build().to(device), case.ours())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("prompt_encoder.default.") for n in trainable)
     assert all(n.startswith("prompt_encoder.default.") or ".modules_to_save.default." in n for n in trainable), sorted(trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     model.train()
-    inputs = case.inputs()
+    inputs = inputs_on(case, device)
     for _ in range(3):
         loss = main_output(model(**inputs)).float().pow(2).mean()
         loss.backward()
