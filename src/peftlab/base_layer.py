@@ -12,7 +12,9 @@ pack it into bytes (their ``weight.shape`` is not the matrix's), ``nn.Conv2d`` k
 * :func:`dense_weight` — that weight as a dense tensor of at least fp32 (dequantized, un-transposed);
 * :func:`add_to_weight` / :func:`write_weight` — merges: a delta or a new weight in the logical
   layout, written back in the layer's own storage (transposed for Conv1D, re-packed for 4-/8-bit,
-  which is lossy; see :mod:`peftlab.quantization`).
+  which is lossy; see :mod:`peftlab.quantization`);
+* :func:`settle_fan_in_fan_out` — whether the weight is stored (in, out), correcting a config's
+  ``fan_in_fan_out`` that says otherwise (as peft does, with a warning).
 """
 
 from __future__ import annotations
