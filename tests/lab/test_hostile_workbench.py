@@ -304,3 +304,30 @@ def test_compare_checks_max_length_against_the_model_before_anything_is_written(
                  "--methods", "lora", "--max-length", "1000000", "--no-progress", "--cpu"])
     _one_line_exit_2(capsys, code, "data.max_length=1000000 is more than model")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_worker_starts_prints_no_traceback(tmp_path, tiny_model_dir, toy_data_dir):
+    """Ctrl-C during the worker's imports (its first seconds) ends it quietly as well."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab", "compare", "--model", str(tiny_model_dir), "--dataset", str(toy_data_dir),
+                             "--output-dir", str(out), "--methods", "lora", "--no-progress", "--cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    spec = out / "runs" / "lora" / "run.json"
+    deadline = time.monotonic() + 120
+    while not spec.exists() and time.monotonic() < deadline:  # the worker has just been started
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]

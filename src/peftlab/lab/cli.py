@@ -230,7 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  f"{f' ({len(torn)} cut short by a kill: {torn})' if torn else ''}; "
                                  f"start the run without --resume.")
     prepared = Prepared(run)  # raises on bad input before anything is written
-    study.lock(experiment.output_dir)  # held until exit: a second study into this folder is refused
+    if is_main_process():  # under torchrun, process 0 holds it for all
+        study.lock(experiment.output_dir)  # held until exit: a second study into this folder is refused
     result = execute(run, folder, resume=args.resume, prepared=prepared)
     if is_main_process():
         experiment.runs = [run]

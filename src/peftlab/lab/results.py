@@ -103,16 +103,17 @@ _JSON_TYPES = {float: (int, float), int: (int,), str: (str,), bool: (bool,), lis
 
 def _checked(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` if each has its field's type (None only where the field allows it)."""
+    import types
     import typing
 
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         hint = hints[key]
-        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         allowed: tuple[type, ...] = ()
         for arg in args:
             allowed += (type(None),) if arg is type(None) else _JSON_TYPES.get(typing.get_origin(arg) or arg, ())
-        bad_bool = isinstance(value, bool) and bool not in args and value is not None
+        bad_bool = isinstance(value, bool) and bool not in args  # JSON true is not a number
         if allowed and (not isinstance(value, allowed) or bad_bool):
             raise TypeError(f"{key!r} holds {type(value).__name__} {value!r:.40}, expected {' or '.join(sorted({t.__name__ for t in allowed}))}")
     return values

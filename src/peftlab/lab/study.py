@@ -25,6 +25,15 @@ from peftlab.lab.results import FAILED, RunResult, load_run, save_run, save_stud
 from peftlab.lab.runner import RUN_SPEC_NAME
 
 
+# python -m peftlab.lab.runner, except that a Ctrl-C while the worker still imports torch and transformers
+# (seconds) ends it quietly too: the study's process reports the interruption in one line.
+_WORKER_BOOT = """import sys
+try:
+    from peftlab.lab.runner import worker_main
+except KeyboardInterrupt:
+    sys.exit(130)
+sys.exit(worker_main(sys.argv[1:]))
+"""
 INTERRUPT_GRACE_SECONDS = 60  # a worker saves its result after Ctrl-C; a checkpoint being written may need a while
 
 
@@ -135,7 +144,7 @@ def run_in_subprocess(run: RunConfig, folder: str) -> RunResult:
     # The worker must import this very peftlab (a source checkout may not be the installed one).
     src = os.path.dirname(os.path.dirname(os.path.abspath(peftlab.__file__)))
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen([sys.executable, "-m", "peftlab.lab.runner", folder], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT, folder], env=env)
     try:
         proc.wait()
     except KeyboardInterrupt:
