@@ -40,7 +40,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.directory)
     tests = tests_summary(out / "tests.xml")
-    benches = [json.loads(p.read_text()) for p in sorted(out.glob("causal_*.json"))]
+    benches = sorted((json.loads(p.read_text()) for p in out.glob("causal_*.json")), key=lambda b: (b["precision"], b["seq"]))
     lines = ["# GPU check", ""]
     gpu = benches[0]["gpu"]["name"] if benches else "(no benchmark)"
     lines.append(f"Card: **{gpu}**. Tests: " + (

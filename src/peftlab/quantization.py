@@ -126,7 +126,9 @@ def block_size_for(in_features: int) -> int:
 def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     """A bitsandbytes layer holding ``linear``'s weight quantized (bias kept in full precision)."""
     bnb = require_bitsandbytes()
-    weight = linear.weight.detach().to(torch.float32)
+    # From the CPU: bitsandbytes' Int8Params quantizes in .to(device) only data that is on the CPU
+    # (a weight already on the GPU would stay fp32); Params4bit quantizes from anywhere.
+    weight = linear.weight.detach().to(device="cpu", dtype=torch.float32)
     has_bias = linear.bias is not None
     device = linear.weight.device
     if config.bits == 4:

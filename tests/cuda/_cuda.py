@@ -14,10 +14,13 @@ import torch
 
 from conftest import cuda_test_device
 
-# The contract tables (tests/methods/test_<method>.py) import their helpers as top-level modules.
+# The contract tables (tests/methods/test_<method>.py) and the workbench fixtures (tests/lab/_labutil.py)
+# import their helpers as top-level modules.
 METHODS_DIR = str(Path(__file__).resolve().parents[1] / "methods")
-if METHODS_DIR not in sys.path:
-    sys.path.insert(0, METHODS_DIR)
+LAB_DIR = str(Path(__file__).resolve().parents[1] / "lab")
+for folder in (METHODS_DIR, LAB_DIR):
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ def test_no_graph_break_inside_peftlab(device, dropout):
     assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
 
 
+@pytest.mark.slow  # compiles forward and backward (inductor: tens of seconds); --quick leaves it out
 def test_compiled_step_equals_eager_float64(device):
     """Without dropout the compiled and eager steps run the same float64 arithmetic, up to the order of
     sums the compiler picks: loss and gradients agree to 1e-10 (a few hundred terms of size <~ 10)."""
@@ -73,6 +74,7 @@ def test_compiled_step_equals_eager_float64(device):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_training_with_dropout_learns(device, autocast):
     """A compiled model with dropout trains in one graph (fullgraph=True refuses any break): the loss falls."""

@@ -74,6 +74,7 @@ def test_only_adapter_parameters_change(row, device):
     check_only_adapter_parameters_change(LAYER[row][0], device)
 
 
+@pytest.mark.slow  # the peft oracle's import and models; --quick leaves the parity rows out
 @pytest.mark.parametrize("row", PEFT_ROWS)
 def test_peft_checkpoint_loads_in_peftlab(row, device, tmp_path):
     pytest.importorskip("peft")
@@ -82,6 +83,7 @@ def test_peft_checkpoint_loads_in_peftlab(row, device, tmp_path):
     check_peft_to_peftlab(LAYER[row][0], tmp_path, device)
 
 
+@pytest.mark.slow  # the peft oracle's import and models; --quick leaves the parity rows out
 @pytest.mark.parametrize("row", PEFT_ROWS)
 def test_peftlab_checkpoint_loads_in_peft(row, device, tmp_path):
     pytest.importorskip("peft")

@@ -235,3 +235,25 @@ def test_dora_trains_on_the_device(device, autocast):
     for name, param in trainable.items():
         assert param.dtype == torch.float32 and param.grad is not None and torch.isfinite(param.grad).all(), name
         assert param.grad.abs().sum() > 0, name
+
+
+def test_under_autocast_the_delta_node_and_the_mixed_kernel_leave_it_to_the_stock_modules(device):
+    """Under the device's autocast the delta node (beside a hooked base) and the mixed-batch kernel step
+    aside: autocast runs the stock modules in bf16, and each mixed row equals its adapter alone."""
+    model = hooked_lora_net(0.3).to(device=device, dtype=torch.float32).train()
+    x = torch.randn(4, 12, device=device, requires_grad=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and DELTA_NODE not in _graph_names(out)
+    torch.manual_seed(0)
+    mixed = peftlab.get_peft_model(tiny_bert_cls(), peftlab.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                                   adapter_name="a")
+    mixed.add_adapter("b", peftlab.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    mixed = mixed.to(device).eval()
+    inputs = on(device, text_inputs(batch=4))
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        rows = main_output(mixed(**inputs, adapter_names=["a", "b", "a", "__base__"]))
+        mixed.set_adapter("b")
+        alone = main_output(mixed(**{k: v[1:2] for k, v in inputs.items()}))
+    # the same bf16 computation on one row or in the batch: equal up to bf16 rounding of a few layers' outputs
+    torch.testing.assert_close(rows[1:2].float(), alone.float(), rtol=0.05, atol=0.05)
