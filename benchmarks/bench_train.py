@@ -24,23 +24,25 @@ CONFIGS: dict[str, dict] = {
     "lora_qv_d0.1": dict(kind="lora", r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.1),
     "lora_all_d0": dict(kind="lora", r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0),
     "lora_all_d0.1": dict(kind="lora", r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.1),
-    "ia3": dict(kind="ia3"),
+    "ia3": dict(kind="IA3Config"),
+    # issue 26's methods and LoRA options (PiSSA trains exactly as LoRA: the init only sets the factors)
+    "lora_bias_qv": dict(kind="lora", r=8, lora_alpha=16, target_modules=["query", "value"], lora_bias=True),
+    "trainable_tokens": dict(kind="TrainableTokensConfig", token_indices=list(range(100, 132))),
+    "vera_qv": dict(kind="VeraConfig", r=256, target_modules=["query", "value"]),
+    "oft_qv": dict(kind="OFTConfig", oft_block_size=32, target_modules=["query", "value"]),
 }
 
 
 def build(lib: str, base: torch.nn.Module, spec: dict) -> torch.nn.Module:
+    """The variant's PeftModel in ``lib``: a LoraConfig, or the config class ``kind`` names (same arguments in both)."""
     spec = dict(spec)
     kind = spec.pop("kind")
     if kind == "lora":
         config = C.peft_lora_config(lib, **spec)
-    elif lib == "peft":
-        import peft
-
-        config = peft.IA3Config(task_type="SEQ_CLS")
     else:
-        import peftlab
+        import importlib
 
-        config = peftlab.IA3Config(task_type="SEQ_CLS")
+        config = getattr(importlib.import_module(lib), kind)(task_type="SEQ_CLS", **spec)
     return C.get_peft_model(lib, copy.deepcopy(base), config)
 
 

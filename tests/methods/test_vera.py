@@ -88,6 +88,9 @@ def test_projections_equal_peft_and_are_saved_as_peft_saves_them(tmp_path):
     theirs_file, ours_file = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("theirs", "ours"))
     assert {k: v.shape for k, v in ours_file.items()} == {k: v.shape for k, v in theirs_file.items()}
     assert torch.equal(ours_file["base_model.vera_A"], theirs_file["base_model.vera_A"])
+    import json
+
+    assert "exclude_modules" not in json.loads((tmp_path / "ours" / "adapter_config.json").read_text())  # peft's VeraConfig lacks it
 
 
 def test_saved_projections_are_what_a_load_uses(tmp_path):

@@ -58,6 +58,7 @@ class VeraConfig(LayerConfig):
     """
 
     peft_type = PeftType.VERA
+    peftlab_only_fields = ("exclude_modules",)  # peft's VeraConfig lacks it: left out of the JSON while unset
 
     r: int = 256
     projection_prng_key: int = 0
