@@ -59,8 +59,8 @@ study() {
         say "no local copy of SST-2 (\$PEFTLAB_DATA, shared/data beside the checkout, cache): it will come from the hub once"
         run "$VENV/bin/python" -m pip install --quiet -e ".[dev,hub]"
     fi
-    # Measured: 2 min 44 s on a quiet 2-core CPU (docs/workbench.md), 23 min with the cores shared (README).
-    say "training full fine-tuning, LoRA and IA3 on SST-2 (about 3 minutes on a quiet 2-core CPU, much longer on busy cores; add --dry-run for this machine's estimate)"
+    # Measured: 9 min 57 s on 2 cores that one other job shared (README: Workbench); --dry-run estimates this machine's.
+    say "training full fine-tuning, LoRA and IA3 on SST-2, three seeds each, choices on a dev split (about 10 minutes on a 2-core CPU; add --dry-run for this machine's estimate)"
     run "$VENV/bin/python" -m peftlab compare examples/minilm_sst2_compare.yaml --cpu "$@"
 }
 
