@@ -38,9 +38,13 @@ ORTHOGONAL = dict(PISSA, init_lora_weights="orthogonal", target_modules=["q_proj
 
 def _init_rows(kwargs):
     """(ours, theirs) factories for an init that is its own identity: the same config either way."""
-    import peft
 
-    return (lambda identity: LoraConfig(**kwargs)), (lambda: peft.LoraConfig(**kwargs))
+    def theirs():
+        import peft  # (when the row runs: the module must collect without peft)
+
+        return peft.LoraConfig(**kwargs)
+
+    return (lambda identity: LoraConfig(**kwargs)), theirs
 
 T5 = dict(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, target_modules=["q", "v", "wo"])
 

@@ -29,7 +29,11 @@ def apply(verbose_flag: bool | None = None) -> None:
     # Weight-loading and download bars (huggingface_hub / transformers): noise in a log, and on a
     # terminal they push the runs' own progress lines (peftlab.lab.console) up the screen; -v keeps them.
     if not sys.stderr.isatty() or not verbose():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+        if "transformers" in sys.modules:  # imported already (an earlier command in this process): switch it off there
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     if verbose():
         if os.environ.get(_SET_BY_US) == "1":  # undo what an earlier, quiet apply() did in this process
             os.environ.pop("TRANSFORMERS_VERBOSITY", None)

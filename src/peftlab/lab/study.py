@@ -26,11 +26,15 @@ from peftlab.lab.runner import RUN_SPEC_NAME
 
 
 # python -m peftlab.lab.runner, except that a Ctrl-C while the worker still imports torch and transformers
-# (seconds) ends it quietly too: the study's process reports the interruption in one line.
-_WORKER_BOOT = """import sys
-try:
-    from peftlab.lab.runner import worker_main
-except KeyboardInterrupt:
+# (seconds) ends it quietly too: the study's process reports the interruption in one line. During the
+# imports Ctrl-C is only noted: a KeyboardInterrupt raised inside torch's C++ loader aborts the process
+# with a C++ message ("terminate called after throwing ... KeyboardInterrupt") that no except clause sees.
+_WORKER_BOOT = """import signal, sys
+interrupted = []
+signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+from peftlab.lab.runner import worker_main
+signal.signal(signal.SIGINT, signal.default_int_handler)
+if interrupted:
     sys.exit(130)
 sys.exit(worker_main(sys.argv[1:]))
 """
