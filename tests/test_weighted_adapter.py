@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import text_inputs, tiny_gpt2, tiny_llama
+from conftest import peft_at_least, text_inputs, tiny_gpt2, tiny_llama
 import peftlab
 from peftlab import AdapterStateError
 
@@ -211,7 +211,10 @@ def test_combination_keeps_no_rslora_scale():
 @pytest.mark.parametrize("kind", ["linear", "cat", "svd", "ties"])
 def test_lora_bias_combines_like_peft(kind):
     """The combination's bias is sum_i w_i s_i b_i, whatever the factors' combination (peft's rule)."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
+    peft = peft_at_least("0.22")
+    if peft is None:
+        pytest.skip("peft < 0.22 does not combine lora_bias in add_weighted_adapter; the oracle is peft >= 0.22")
     torch.manual_seed(0)
     base = tiny_gpt2().eval()
     models = []

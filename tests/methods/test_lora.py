@@ -55,7 +55,8 @@ CASES = {
     "convnet": Case(ConvNet, conv_inputs, _ours(**CONV), _peft(**CONV)),
     "t5-seq2seq": Case(tiny_t5, seq2seq_inputs, _ours(**T5), _peft(**T5)),
     "llama-pissa": Case(tiny_llama, text_inputs, *_init_rows(PISSA), perturb=True),
-    "gpt2-olora": Case(tiny_gpt2, text_inputs, *_init_rows(OLORA), perturb=True),
+    # peft < 0.22 builds OLoRA factors for GPT-2's Conv1D from the transposed weight (shapes swapped)
+    "gpt2-olora": Case(tiny_gpt2, text_inputs, *_init_rows(OLORA), perturb=True, peft_min="0.22"),
     "llama-orthogonal": Case(tiny_llama, text_inputs, *_init_rows(ORTHOGONAL), perturb=True),
     "gpt2-lora-bias": Case(tiny_gpt2, text_inputs, _ours(**GPT2, lora_bias=True), _peft(**GPT2, lora_bias=True)),
     "convnet-lora-bias": Case(ConvNet, conv_inputs, _ours(**LORA_BIAS_CONV), _peft(**LORA_BIAS_CONV)),

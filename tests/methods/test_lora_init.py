@@ -17,7 +17,7 @@ import torch
 
 import peftlab
 from peftlab import LoraConfig, PeftConfigError, TargetModuleError, get_peft_model
-from conftest import ConvNet, main_output, text_inputs, tiny_gpt2, tiny_llama
+from conftest import ConvNet, main_output, peft_at_least, text_inputs, tiny_gpt2, tiny_llama
 
 EPS = torch.finfo(torch.float32).eps
 INITS = ["pissa", "pissa_niter_2", "olora", "orthogonal"]
@@ -49,6 +49,8 @@ def _run(model, inputs):
 def _pair(init: str, model: str, seed: int = 3):
     """(base, peft model, peftlab model) built from the same base with the same seed."""
     peft = pytest.importorskip("peft")
+    if init == "olora" and model == "gpt2" and peft_at_least("0.22") is None:
+        pytest.skip("peft < 0.22 builds OLoRA factors for GPT-2's Conv1D from the transposed weight (shapes swapped); the oracle is peft >= 0.22")
     build, kwargs = MODELS[model]
     torch.manual_seed(0)
     base = build().eval()
