@@ -20,6 +20,7 @@ import torch
 
 from peftlab.errors import WorkbenchError
 from peftlab.lab import named_data
+from peftlab.lab import environ
 from peftlab.lab.experiment import DataConfig
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -347,9 +348,7 @@ def read_file(path: str) -> list[dict[str, Any]]:
 
 
 def _read_hub(cfg: DataConfig) -> dict[str, list[dict[str, Any]]]:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ) not in ("0", "", "false", "False")
+    offline = environ.offline("data")
     try:
         import datasets
     except ImportError:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import WorkbenchError
+from peftlab.lab import environ
 
 DATA_ENV = "PEFTLAB_DATA"
 FORMAT = 'one JSON object per line, {"text": str, "label": int}, in train.jsonl / validation.jsonl / test.jsonl'
@@ -133,10 +134,6 @@ def resolve(dataset: str) -> str:
     return str(target / rest) if rest else str(target)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(var, "0") not in ("0", "", "false", "False") for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _from_hub(source: HubSource) -> tuple[dict[str, list[dict[str, Any]]] | None, str]:
     """Rows per split mapped to text/label, or (None, why not)."""
     try:
@@ -147,7 +144,7 @@ def _from_hub(source: HubSource) -> tuple[dict[str, list[dict[str, Any]]] | None
         loaded = datasets.load_dataset(source.path, source.subset)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; the message is what matters
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return None, (first + (" (HF_HUB_OFFLINE is set)" if _offline() else ""))
+        return None, (first + (" (HF_HUB_OFFLINE is set)" if environ.offline("data") else ""))
     rows: dict[str, list[dict[str, Any]]] = {}
     for ours, theirs in source.splits.items():
         if theirs not in loaded:

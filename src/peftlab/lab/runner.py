@@ -26,6 +26,7 @@ import torch
 
 from peftlab.errors import PeftlabError, WorkbenchError
 from peftlab.lab import measure, selection
+from peftlab.lab import environ
 from peftlab.lab.checkpoints import CHECKPOINTS, COMPLETE_MARK, last_checkpoint, torn_checkpoints
 from peftlab.lab.experiment import RunConfig
 from peftlab.lab.methods import trainer_callbacks
@@ -38,12 +39,8 @@ RUN_SPEC_NAME = "run.json"
 KEPT_CHECKPOINTS = 2  # the newest checkpoints kept while training (each holds the model and optimizer state)
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+world_size = environ.world_size  # (imported by name elsewhere in the workbench)
+is_main_process = environ.is_main_process
 
 
 def execute(run: RunConfig, run_dir: str, *, resume: bool = False, prepared: Prepared | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftlab.lab import environ
 from peftlab.lab.results import RunResult
 
 BEST_FILE = "best-on-dev{rank}.pt"
@@ -24,8 +25,8 @@ BEST_FILE = "best-on-dev{rank}.pt"
 def best_path(folder: str) -> str:
     """One file per DDP process: each keeps (identical) tensors of its own, so no process reads a
     file another is still writing."""
-    rank = os.environ.get("RANK", "0")
-    return os.path.join(folder, BEST_FILE.format(rank="" if rank == "0" else f".rank{rank}"))
+    rank = environ.rank()
+    return os.path.join(folder, BEST_FILE.format(rank="" if rank == 0 else f".rank{rank}"))
 
 
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

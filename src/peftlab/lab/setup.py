@@ -17,6 +17,7 @@ import torch
 
 from peftlab.errors import PeftlabError, WorkbenchError
 from peftlab.lab import tasks
+from peftlab.lab import environ
 from peftlab.lab.data import Encoded, Splits, load_splits
 from peftlab.lab.experiment import DataConfig, RunConfig, TrainConfig
 from peftlab.lab.methods import build_config, waits_for_step_count
@@ -57,7 +58,7 @@ def optimizer_steps(train: TrainConfig, n_train: int) -> int:
     """Optimizer steps the Trainer will take (as it counts them), for step-scheduled methods."""
     if train.max_steps > 0:
         return train.max_steps
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = environ.world_size()
     batches = math.ceil(n_train / (train.batch_size * world))
     per_epoch = max(batches // train.gradient_accumulation_steps, 1)
     return math.ceil(train.epochs * per_epoch)
