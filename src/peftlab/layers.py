@@ -337,10 +337,8 @@ class LayerWrapper(nn.Module):
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Make ``adapter_names`` the active adapters of this layer (their parameters trainable, as peft)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name, adapter in self.adapters.items():
-            for tensor in adapter.held_tensors().values():  # (not the unsaved bookkeeping ones, e.g. AdaLoRA's ranknum)
-                if isinstance(tensor, nn.Parameter):
-                    tensor.requires_grad_(name in names)
+        for name in self.adapters:
+            self.set_requires_grad(name, name in names)
         self.active_adapters = names
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -371,6 +369,7 @@ class LayerWrapper(nn.Module):
         return view.delta_weight()
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Training of these adapters' tensors in this layer on or off (not the unsaved bookkeeping ones, e.g. AdaLoRA's ranknum)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             for tensor in self.adapters[name].held_tensors().values():

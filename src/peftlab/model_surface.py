@@ -64,9 +64,7 @@ class PeftModelSurface:
         if unknown:
             raise AdapterStateError(f"unknown adapters {unknown}; known: {sorted(self.peft_config)}.")  # type: ignore[attr-defined]
         for name in names:
-            for tensor in self.tuner.trainable_tensors(name, self.peft_config[name]):  # type: ignore[attr-defined]
-                if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
-                    tensor.requires_grad_(requires_grad)
+            self.tuner.set_adapter_trainable(name, self.peft_config[name], requires_grad)  # type: ignore[attr-defined]
 
     def _prompt_module(self, adapter_name: str | None) -> Any:
         from peftlab.tuners import PromptTuner

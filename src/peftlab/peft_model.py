@@ -78,8 +78,12 @@ class PeftModel(PeftModelSurface, nn.Module):
         return self.__dict__["_tuner"]
 
     # ----- construction -----------------------------------------------------------------------
-    def _resolved(self, config: PeftConfig) -> PeftConfig:
-        """A copy of ``config`` with model-dependent defaults filled in."""
+    def _resolved(self, config: PeftConfig) -> tuple[PeftConfig, list[str]]:
+        """A copy of ``config`` with model-dependent defaults filled in, and the task heads it added.
+
+        Heads the config did not name (e.g. pre_classifier in an adapter saved before peft 0.22
+        trained it) may be missing from a saved file: they then keep the base weights, as in peft.
+        """
         model = self.get_base_model()
         spec = method_for(config.peft_type)
         if not spec.supports_quantized and quantization.is_quantized_model(model):
@@ -95,14 +99,12 @@ class PeftModel(PeftModelSurface, nn.Module):
         if spec.resolve_config is not None:
             config = spec.resolve_config(config, model)
         heads = [h for h in CLASSIFIER_HEAD_NAMES.get(config.task_type, ()) if has_module(model, h)]
+        added = [h for h in heads if h not in (config.modules_to_save or [])]
         if heads:
-            # Heads the config did not name (e.g. pre_classifier in an adapter saved before peft 0.22
-            # trained it) may be missing from a saved file: they then keep the base weights, as in peft.
-            self.__dict__["_heads_just_added"] = [h for h in heads if h not in (config.modules_to_save or [])]
             config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        return config
+        return config, added
 
     def _check_new(self, adapter_name: str, config: PeftConfig) -> None:
         if not isinstance(config, PeftConfig):
@@ -125,13 +127,12 @@ class PeftModel(PeftModelSurface, nn.Module):
         self._check_new(adapter_name, config)
         flags = {p: p.requires_grad for p in self.get_base_model().parameters()}
         try:
-            self.__dict__["_heads_just_added"] = []
-            resolved = self._resolved(config)
+            resolved, added_heads = self._resolved(config)
             self.tuner.add(adapter_name, resolved, self.active_adapter)
             if self.also_active:  # wrappers built for the new adapter follow every active adapter
                 self.tuner.activate(self.active_adapters)
             self.peft_config[adapter_name] = resolved
-            self.optional_heads[adapter_name] = self.__dict__.pop("_heads_just_added")
+            self.optional_heads[adapter_name] = added_heads
             if weights is not None:
                 set_peft_model_state_dict(self, weights, adapter_name)
             self._mark_trainable()
@@ -173,7 +174,7 @@ class PeftModel(PeftModelSurface, nn.Module):
         self.tuner.mark_trainable(self.active_adapter, self.peft_config[self.active_adapter])
         for name in self.also_active:
             if not self.peft_config[name].inference_mode:
-                self.set_requires_grad(name, True)
+                self.tuner.set_adapter_trainable(name, self.peft_config[name], True)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; 4-bit packed weights count as two values per byte."""

@@ -97,11 +97,14 @@ class Tuner(PeftTunerSurface, nn.Module):
         """Freeze everything, then unfreeze adapter ``adapter_name`` unless it is for inference."""
         for param in self.parameters():
             param.requires_grad_(False)
-        if config.inference_mode:
-            return
+        if not config.inference_mode:
+            self.set_adapter_trainable(adapter_name, config, True)
+
+    def set_adapter_trainable(self, adapter_name: str, config: "PeftConfig", requires_grad: bool) -> None:
+        """Switch training of adapter ``adapter_name``'s own tensors on or off, leaving every other flag as it is."""
         for tensor in self.trainable_tensors(adapter_name, config):
             if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
-                tensor.requires_grad_(True)
+                tensor.requires_grad_(requires_grad)
 
     def trainable_tensors(self, adapter_name: str, config: "PeftConfig") -> list[torch.Tensor]:
         return list(self.adapter_tensors(adapter_name, config).values())
