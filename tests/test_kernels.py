@@ -526,6 +526,23 @@ def test_fused_node_keeps_no_input_sized_tensor_but_x(dropout):
     assert x.grad is not None
 
 
+def count_mask_draws(monkeypatch) -> dict[str, int]:
+    """Count the calls of the two dropout-mask kernels (drop positions, keep mask) from now on."""
+    calls = {"positions": 0, "keep": 0}
+    real = {"positions": kernels.drop_positions, "keep": kernels.keep_mask}
+
+    def counted(kind: str):
+        def draw(*args, **kwargs):
+            calls[kind] += 1
+            return real[kind](*args, **kwargs)
+
+        return draw
+
+    monkeypatch.setattr(kernels, "drop_positions", counted("positions"))
+    monkeypatch.setattr(kernels, "keep_mask", counted("keep"))
+    return calls
+
+
 @pytest.mark.parametrize("hooked", [False, True])  # the fused node, and the delta node beside a hooked base
 @pytest.mark.parametrize(("p", "keep_draws"), [(0.05, 0), (0.3, 2)])  # drop positions; a keep mask
 def test_drop_positions_are_drawn_once_and_kept_for_backward(monkeypatch, hooked, p, keep_draws):
@@ -533,19 +550,7 @@ def test_drop_positions_are_drawn_once_and_kept_for_backward(monkeypatch, hooked
     in backward; a keep mask (1 byte per element) is still drawn again from its seed."""
     model = hooked_lora_net(p) if hooked else lora_net(dropout=p)
     model.train()
-    calls = {"positions": 0, "keep": 0}
-    real_positions, real_keep = kernels.drop_positions, kernels.keep_mask
-
-    def count_positions(*args, **kwargs):
-        calls["positions"] += 1
-        return real_positions(*args, **kwargs)
-
-    def count_keep(*args, **kwargs):
-        calls["keep"] += 1
-        return real_keep(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "drop_positions", count_positions)
-    monkeypatch.setattr(kernels, "keep_mask", count_keep)
+    calls = count_mask_draws(monkeypatch)
     x = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

@@ -30,6 +30,7 @@ from test_kernels import (
     FUSED_NODE,
     _graph_names,
     abs_magnitudes,
+    count_mask_draws,
     hooked_lora_net,
     layer,
     lora_net,
@@ -140,19 +141,7 @@ def test_masks_are_drawn_again_exactly_in_backward(monkeypatch, device, hooked, 
     model = (hooked_lora_net(p) if hooked else lora_net(dropout=p)).to(device)
     model.train()
     sparse = device.type == "cpu" and p <= 0.05  # the dry run on CPU takes the positions path for small p
-    calls = {"positions": 0, "keep": 0}
-    real_positions, real_keep = kernels.drop_positions, kernels.keep_mask
-
-    def count_positions(*args, **kwargs):
-        calls["positions"] += 1
-        return real_positions(*args, **kwargs)
-
-    def count_keep(*args, **kwargs):
-        calls["keep"] += 1
-        return real_keep(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "drop_positions", count_positions)
-    monkeypatch.setattr(kernels, "keep_mask", count_keep)
+    calls = count_mask_draws(monkeypatch)
     wrapped = layer(model)
     adapter = wrapped.adapters["default"]
     x = torch.randn(3, 5, 12, dtype=torch.float64, device=device)
