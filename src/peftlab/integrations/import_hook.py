@@ -45,11 +45,12 @@ class AfterImport(importlib.abc.MetaPathFinder):
         self.callback = callback
         self._finding = threading.local()
 
-    def _wanted(self, fullname: str) -> bool:
+    def wanted(self, fullname: str) -> bool:
+        """A module this hook watches: a package named by a prefix, or a module inside it."""
         return any(fullname == p.rstrip(".") or fullname.startswith(p) for p in self.prefixes)
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if not self._wanted(fullname) or getattr(self._finding, "name", None) == fullname:
+        if not self.wanted(fullname) or getattr(self._finding, "name", None) == fullname:
             return None
         self._finding.name = fullname
         try:

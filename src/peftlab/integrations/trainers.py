@@ -97,7 +97,7 @@ def enable_trainer_support() -> None:
     # before this call (transformers.trainer, trl's trainers) and those imported after it.
     for name, module in list(sys.modules.items()):
         # (a module still running its own code is patched by the hook once it has finished)
-        if module is not None and _is_ecosystem(name) and not getattr(getattr(module, "__spec__", None), "_initializing", False):
+        if module is not None and _WATCHER.wanted(name) and not getattr(getattr(module, "__spec__", None), "_initializing", False):
             _patch_module(module)
     _WATCHER.install()
 
@@ -130,10 +130,6 @@ def enable_when_used() -> None:
     _WATCHER.install()
 
 
-def _is_ecosystem(name: str) -> bool:
-    return name.startswith(_ECOSYSTEM_PREFIXES) or name in ("transformers", "accelerate", "trl")
-
-
 def _replace(owner: Any, attr: str, value: Any) -> None:
     _replaced.append((owner, attr, owner.__dict__.get(attr)))
     setattr(owner, attr, value)
@@ -158,7 +154,7 @@ def _after_import(module: ModuleType) -> None:
         enable_trainer_support()
 
 
-_WATCHER = AfterImport(("transformers.", "accelerate.", "trl"), _after_import)
+_WATCHER = AfterImport(_ECOSYSTEM_PREFIXES, _after_import)
 
 
 def _widened(original: Callable[..., bool]) -> Callable[..., bool]:

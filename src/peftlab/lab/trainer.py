@@ -110,10 +110,9 @@ class LabTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the model; a peftlab model as its state dict with one name per storage.
 
-        The Trainer saves a model class it does not know (a peftlab model unless
-        :func:`peftlab.integrations.enable_trainer_support` was called) as its full state dict, which
-        safetensors refuses when weights are tied; this writes the same files (weights, the
-        collator's tokenizer, the training arguments) with one name per storage.
+        The workbench's checkpoints hold the full state dict (trainer support would otherwise make the
+        Trainer save the adapter folder), which safetensors refuses when weights are tied; this writes
+        the same files (weights, the collator's tokenizer, the training arguments) with one name per storage.
         """
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not is_peftlab_model(model) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
