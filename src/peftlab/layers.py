@@ -403,15 +403,17 @@ class LayerWrapper(nn.Module):
             view.scaling = lora_scaling(view.r, view.lora_alpha, view.use_rslora) if scale is None else view.scaling / scale
 
     def __getattr__(self, name: str) -> Any:
+        # read_through's order with the per-adapter values in between (and nn.Module's lookup tried once).
         try:
             return nn.Module.__getattr__(self, name)
         except AttributeError:
-            pass
+            if name == "base_layer":  # missing mid-__init__: no recursion
+                raise
         adapters = self.__dict__.get("adapters", {})
         values = {n: a.__dict__[name] for n, a in adapters.items() if name in type(a).per_adapter and name in a.__dict__}
         if values:
             return values
-        return read_through(self, name, "base_layer")  # layer.weight, layer.in_features, ...
+        return getattr(self.base_layer, name)  # layer.weight, layer.in_features, ...
 
 
 class ModulesToSave(nn.Module):
